@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs, from Debian's archive, everything rvmm needs to build its guest artifacts and run
+# its tests on a fresh Debian 12 machine. Run as root; safe to run again.
+set -euo pipefail
+
+packages=(
+    # guest kernel build
+    linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils
+    # guest root filesystems and their inspection in tests
+    busybox-static e2fsprogs
+    # the reference VMM for side-by-side comparisons
+    qemu-system-x86
+)
+
+echo "==> apt-get update"
+apt-get update -q
+echo "==> installing: ${packages[*]}"
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${packages[@]}"

@@ -1,0 +1,230 @@
+//! Puts a kernel, initrd, command line and the boot tables into guest memory and says where
+//! the vCPUs start.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use linux_loader::loader::{self, BzImage, Cmdline, Elf, KernelLoader, KernelLoaderResult};
+use rvmm_firmware::boot_params::{write_boot_params, BootParamsConfig};
+use rvmm_firmware::{gdt, layout, mptable, paging};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::vstate::vcpu::BootState;
+
+/// The 64-bit entry point of a bzImage's protected-mode kernel sits this far into it.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+const ELF_MAGIC: [u8; 4] = *b"\x7fELF";
+/// "HdrS" at offset 0x202 marks a bzImage (Linux boot protocol ≥ 2.00).
+const BZIMAGE_MAGIC_OFFSET: u64 = 0x202;
+const BZIMAGE_MAGIC: [u8; 4] = *b"HdrS";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("cannot read {}", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kernel {}: neither an ELF vmlinux nor a bzImage", .0.display())]
+    UnknownFormat(PathBuf),
+    #[error("kernel {}: cannot load it", .path.display())]
+    Load {
+        path: PathBuf,
+        #[source]
+        source: loader::Error,
+    },
+    #[error("initrd {} ({size} bytes) does not fit in guest memory", .path.display())]
+    InitrdTooLarge { path: PathBuf, size: u64 },
+    #[error("kernel command line")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    #[error("cannot write the command line into guest memory")]
+    WriteCmdline(#[source] loader::Error),
+    #[error("boot parameters")]
+    BootParams(#[source] rvmm_firmware::boot_params::BootParamsError),
+    #[error("MP table")]
+    Mptable(#[source] rvmm_firmware::mptable::MptableError),
+    #[error("boot GDT")]
+    Gdt(#[source] rvmm_firmware::gdt::GdtError),
+    #[error("boot page tables")]
+    Paging(#[source] rvmm_firmware::paging::PagingError),
+}
+
+/// What to boot and how many processors to announce.
+pub struct BootConfig<'a> {
+    pub kernel: &'a Path,
+    pub initrd: Option<&'a Path>,
+    pub cmdline: &'a str,
+    pub vcpus: u8,
+    pub mem_size: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum KernelFormat {
+    Elf,
+    BzImage,
+}
+
+/// Loads everything into `mem` and returns the vCPUs' boot state.
+pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<BootState, BootError> {
+    let read_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BootError::Read { path, source }
+    };
+    let mut kernel = File::open(cfg.kernel).map_err(read_err(cfg.kernel))?;
+    let format = detect_format(&mut kernel).map_err(read_err(cfg.kernel))?;
+    let format = format.ok_or_else(|| BootError::UnknownFormat(cfg.kernel.to_path_buf()))?;
+    let loaded = load_kernel(mem, &mut kernel, &format).map_err(|source| BootError::Load {
+        path: cfg.kernel.to_path_buf(),
+        source,
+    })?;
+    let entry = match format {
+        KernelFormat::Elf => loaded.kernel_load.0,
+        KernelFormat::BzImage => loaded.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
+    };
+
+    let initrd = match cfg.initrd {
+        Some(path) => Some(load_initrd(mem, path, GuestAddress(loaded.kernel_end))?),
+        None => None,
+    };
+
+    let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_LEN).map_err(BootError::Cmdline)?;
+    cmdline
+        .insert_str(cfg.cmdline)
+        .map_err(BootError::Cmdline)?;
+    let cmdline_addr = GuestAddress(layout::CMDLINE_ADDR);
+    loader::load_cmdline(mem, cmdline_addr, &cmdline).map_err(BootError::WriteCmdline)?;
+    let cmdline_size = cmdline
+        .as_cstring()
+        .map_err(BootError::Cmdline)?
+        .as_bytes_with_nul()
+        .len();
+
+    let params = BootParamsConfig {
+        cmdline_addr,
+        cmdline_size,
+        initrd,
+        setup_header: loaded.setup_header,
+        mem_size: cfg.mem_size,
+    };
+    write_boot_params(mem, &params).map_err(BootError::BootParams)?;
+    mptable::write_mptable(mem, cfg.vcpus).map_err(BootError::Mptable)?;
+    let segments = gdt::write_boot_gdt(mem).map_err(BootError::Gdt)?;
+    let cr3 = paging::write_identity_page_tables(mem).map_err(BootError::Paging)?;
+    Ok(BootState {
+        entry,
+        stack: layout::BOOT_STACK_POINTER,
+        zero_page: layout::ZERO_PAGE_ADDR,
+        cr3,
+        segments,
+    })
+}
+
+/// Tells the two supported formats apart by their magic numbers.
+fn detect_format(file: &mut File) -> std::io::Result<Option<KernelFormat>> {
+    let mut magic = [0u8; 4];
+    file.seek(SeekFrom::Start(0))?;
+    if file.read_exact(&mut magic).is_ok() && magic == ELF_MAGIC {
+        return Ok(Some(KernelFormat::Elf));
+    }
+    file.seek(SeekFrom::Start(BZIMAGE_MAGIC_OFFSET))?;
+    if file.read_exact(&mut magic).is_ok() && magic == BZIMAGE_MAGIC {
+        return Ok(Some(KernelFormat::BzImage));
+    }
+    Ok(None)
+}
+
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    kernel: &mut File,
+    format: &KernelFormat,
+) -> Result<KernelLoaderResult, loader::Error> {
+    let himem = Some(GuestAddress(layout::HIMEM_START));
+    match format {
+        KernelFormat::Elf => Elf::load(mem, None, kernel, himem),
+        KernelFormat::BzImage => BzImage::load(mem, None, kernel, himem),
+    }
+}
+
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    kernel_end: GuestAddress,
+) -> Result<(GuestAddress, usize), BootError> {
+    let read_err = |source| BootError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(path).map_err(read_err)?;
+    let size = file.metadata().map_err(read_err)?.len();
+    let too_large = || BootError::InitrdTooLarge {
+        path: path.to_path_buf(),
+        size,
+    };
+    let len = usize::try_from(size).map_err(|_| too_large())?;
+    let addr = layout::initrd_addr(mem, kernel_end, len).map_err(|_| too_large())?;
+    mem.read_exact_volatile_from(addr, &mut file, len)
+        .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
+    Ok((addr, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::tempfile::TempFile;
+
+    fn file_with(bytes: &[u8]) -> (TempFile, File) {
+        let t = TempFile::new().unwrap();
+        std::fs::write(t.as_path(), bytes).unwrap();
+        let f = File::open(t.as_path()).unwrap();
+        (t, f)
+    }
+
+    #[test]
+    fn detects_formats() {
+        let (_t, mut f) = file_with(b"\x7fELF\x02\x01\x01");
+        assert_eq!(detect_format(&mut f).unwrap(), Some(KernelFormat::Elf));
+        let mut bz = vec![0u8; 0x400];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        let (_t, mut f) = file_with(&bz);
+        assert_eq!(detect_format(&mut f).unwrap(), Some(KernelFormat::BzImage));
+        let (_t, mut f) = file_with(b"garbage");
+        assert_eq!(detect_format(&mut f).unwrap(), None);
+    }
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap()
+    }
+
+    #[test]
+    fn refuses_garbage_kernels() {
+        let (t, _) = file_with(&[0x42; 4096]);
+        let cfg = BootConfig {
+            kernel: t.as_path(),
+            initrd: None,
+            cmdline: "console=ttyS0",
+            vcpus: 1,
+            mem_size: 64 << 20,
+        };
+        let err = load(&mem(), &cfg).unwrap_err();
+        assert!(matches!(err, BootError::UnknownFormat(_)), "{err}");
+        // An ELF header that is not a loadable x86-64 kernel.
+        let (t, _) = file_with(b"\x7fELF\x01\x01\x01\0\0\0\0\0\0\0\0\0");
+        let cfg = BootConfig {
+            kernel: t.as_path(),
+            ..cfg
+        };
+        assert!(matches!(
+            load(&mem(), &cfg).unwrap_err(),
+            BootError::Load { .. }
+        ));
+    }
+
+    #[test]
+    fn initrd_larger_than_memory_is_refused() {
+        let (t, _) = file_with(&vec![0u8; 65 << 20]);
+        let err = load_initrd(&mem(), t.as_path(), GuestAddress(0x200_0000)).unwrap_err();
+        assert!(matches!(err, BootError::InitrdTooLarge { .. }), "{err}");
+    }
+}

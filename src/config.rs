@@ -1,0 +1,223 @@
+//! Command line → validated [`VmConfig`]. Every bad input is refused here with one line.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, ValueEnum};
+
+/// Largest guest the layout supports without more memory slots (1 TiB).
+const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// rvmm sizes its MP table and APIC ids for at most this many vCPUs.
+const MAX_VCPUS: u8 = 32;
+/// Room the kernel needs below its own load address plus a usable heap.
+const MIN_MEMORY_MIB: u64 = 16;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--cpus must be between 1 and {MAX_VCPUS}, got {0}")]
+    Cpus(u8),
+    #[error("--memory must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, got {0}")]
+    Memory(u64),
+    #[error("{what} {path}: {reason}")]
+    File {
+        what: &'static str,
+        path: String,
+        reason: String,
+    },
+    #[error("--cmdline is too long ({0} bytes, at most {max})", max = rvmm_firmware::layout::CMDLINE_MAX_LEN - 1)]
+    CmdlineTooLong(usize),
+}
+
+/// Which CPU features the guest sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CpuTemplate {
+    /// Everything KVM supports on this host.
+    Host,
+    /// A conservative x86-64 feature set (no XSAVE/AVX, POPCNT, RDRAND, SMEP/SMAP, PCID, …).
+    Baseline,
+}
+
+/// Where the guest console lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ConsoleKind {
+    /// The COM1 8250 UART (ttyS0).
+    Serial,
+    /// No console device: guest output is discarded.
+    None,
+}
+
+/// rvmm — boot a Linux guest on KVM.
+#[derive(Debug, Parser)]
+#[command(name = "rvmm", version, about, long_about = None)]
+pub struct Cli {
+    /// Guest kernel: an ELF vmlinux or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initial ramdisk loaded next to the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (replaces the default).
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 128)]
+    pub memory: u64,
+    /// CPU features shown to the guest; defaults to `baseline` on an emulating (nested) KVM,
+    /// `host` otherwise.
+    #[arg(long, value_enum)]
+    pub cpu_template: Option<CpuTemplate>,
+    /// Guest console device.
+    #[arg(long, value_enum, default_value = "serial")]
+    pub console: ConsoleKind,
+}
+
+/// The kernel command line used when `--cmdline` is not given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux";
+
+/// A validated VM description: what [`crate::vmm::Vmm::build`] needs and nothing else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    /// `None`: choose from the host (see [`crate::vstate::kvm::KvmHost`]).
+    pub cpu_template: Option<CpuTemplate>,
+    pub console: ConsoleKind,
+}
+
+impl VmConfig {
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+impl TryFrom<Cli> for VmConfig {
+    type Error = ConfigError;
+
+    fn try_from(cli: Cli) -> Result<Self, ConfigError> {
+        if cli.cpus == 0 || cli.cpus > MAX_VCPUS {
+            return Err(ConfigError::Cpus(cli.cpus));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&cli.memory) {
+            return Err(ConfigError::Memory(cli.memory));
+        }
+        check_regular_file("kernel", &cli.kernel)?;
+        if let Some(initrd) = &cli.initrd {
+            check_regular_file("initrd", initrd)?;
+        }
+        if cli.cmdline.len() >= rvmm_firmware::layout::CMDLINE_MAX_LEN {
+            return Err(ConfigError::CmdlineTooLong(cli.cmdline.len()));
+        }
+        Ok(VmConfig {
+            kernel: cli.kernel,
+            initrd: cli.initrd,
+            cmdline: cli.cmdline,
+            vcpus: cli.cpus,
+            memory_mib: cli.memory,
+            cpu_template: cli.cpu_template,
+            console: cli.console,
+        })
+    }
+}
+
+/// Refuses what can never be a kernel or initrd before any VM state exists.
+fn check_regular_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let err = |reason: String| ConfigError::File {
+        what,
+        path: path.display().to_string(),
+        reason,
+    };
+    let meta = fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    if meta.len() == 0 {
+        return Err(err("file is empty".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::tempfile::TempFile;
+
+    fn parse(args: &[&str]) -> Result<VmConfig, ConfigError> {
+        let cli = Cli::try_parse_from(std::iter::once("rvmm").chain(args.iter().copied()))
+            .expect("clap accepts the arguments");
+        VmConfig::try_from(cli)
+    }
+
+    fn kernel_file() -> TempFile {
+        let f = TempFile::new().unwrap();
+        std::fs::write(f.as_path(), b"\x7fELF").unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults() {
+        let k = kernel_file();
+        let cfg = parse(&["--kernel", k.as_path().to_str().unwrap()]).unwrap();
+        assert_eq!(cfg.vcpus, 1);
+        assert_eq!(cfg.memory_mib, 128);
+        assert_eq!(cfg.memory_bytes(), 128 << 20);
+        assert!(cfg.cmdline.contains("console=ttyS0"));
+        assert_eq!(cfg.cpu_template, None);
+        assert_eq!(cfg.console, ConsoleKind::Serial);
+    }
+
+    #[test]
+    fn refuses_bad_counts() {
+        let k = kernel_file();
+        let k = k.as_path().to_str().unwrap();
+        assert_eq!(
+            parse(&["--kernel", k, "--cpus", "0"]),
+            Err(ConfigError::Cpus(0))
+        );
+        assert_eq!(
+            parse(&["--kernel", k, "--cpus", "33"]),
+            Err(ConfigError::Cpus(33))
+        );
+        assert_eq!(
+            parse(&["--kernel", k, "--memory", "0"]),
+            Err(ConfigError::Memory(0))
+        );
+        assert_eq!(
+            parse(&["--kernel", k, "--memory", "99999999"]),
+            Err(ConfigError::Memory(99_999_999))
+        );
+    }
+
+    #[test]
+    fn refuses_bad_files() {
+        let missing = parse(&["--kernel", "/nonexistent/vmlinux"]).unwrap_err();
+        assert!(missing.to_string().starts_with("kernel /nonexistent/vmlinux:"));
+        let dir = parse(&["--kernel", "/tmp"]).unwrap_err();
+        assert!(dir.to_string().ends_with("not a regular file"));
+        let empty = TempFile::new().unwrap();
+        let err = parse(&["--kernel", empty.as_path().to_str().unwrap()]).unwrap_err();
+        assert!(err.to_string().ends_with("file is empty"));
+        let k = kernel_file();
+        let err = parse(&[
+            "--kernel",
+            k.as_path().to_str().unwrap(),
+            "--initrd",
+            "/nonexistent",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().starts_with("initrd /nonexistent:"));
+    }
+
+    #[test]
+    fn refuses_long_cmdline() {
+        let k = kernel_file();
+        let long = "x".repeat(5000);
+        let err = parse(&["--kernel", k.as_path().to_str().unwrap(), "--cmdline", &long]);
+        assert_eq!(err, Err(ConfigError::CmdlineTooLong(5000)));
+    }
+}

@@ -1,0 +1,43 @@
+//! Raw terminal mode for an interactive console, restored on every way out.
+
+use std::io::IsTerminal;
+use std::os::fd::AsRawFd;
+
+/// While alive, stdin (when it is a terminal) passes every key to the guest unprocessed: no
+/// line editing, no echo, and Ctrl-C goes to the guest rather than killing rvmm. The saved
+/// settings come back on drop: normal exit, error return or unwinding.
+pub struct RawTerminal {
+    saved: Option<libc::termios>,
+}
+
+impl RawTerminal {
+    pub fn enter() -> Self {
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return RawTerminal { saved: None };
+        }
+        let fd = stdin.as_raw_fd();
+        // SAFETY: termios is plain data; zeroed is a valid value that tcgetattr overwrites.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `fd` is stdin and `saved` a valid termios to fill.
+        if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+            return RawTerminal { saved: None };
+        }
+        let mut raw = saved;
+        raw.c_lflag &= !(libc::ICANON | libc::ECHO | libc::ISIG);
+        // SAFETY: `fd` is stdin and `raw` a valid termios.
+        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
+            return RawTerminal { saved: None };
+        }
+        RawTerminal { saved: Some(saved) }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.saved {
+            // SAFETY: restores the settings read from this same descriptor in `enter`.
+            unsafe { libc::tcsetattr(std::io::stdin().as_raw_fd(), libc::TCSANOW, saved) };
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! Builds a VM from a [`VmConfig`] and runs it until the guest resets, powers off, fails, or
+//! rvmm is asked to stop by a signal.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use rvmm_devices::bus::Bus;
+use rvmm_devices::legacy::serial::SerialInput;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot::{self, BootConfig, BootError};
+use crate::config::{CpuTemplate, VmConfig};
+use crate::device_manager::{attach_legacy, DeviceError, LegacyDevices};
+use crate::event_loop::DeviceLoop;
+use crate::exit::Buses;
+use crate::signals::{ControlWait, SignalError, Wake};
+use crate::vstate::cpuid;
+use crate::vstate::kvm::{KvmError, KvmHost};
+use crate::vstate::memory::{create_guest_memory, MemoryError};
+use crate::vstate::vcpu::{Outcome, RunContext, Vcpu, VcpuError, VcpuHandle};
+use crate::vstate::vm::{Vm, VmError};
+
+/// How long stopping may take before rvmm gives up on a vCPU thread and exits anyway.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+const KICK_INTERVAL: Duration = Duration::from_millis(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Signal(#[from] SignalError),
+    #[error("cannot read the host's supported CPUID")]
+    Cpuid(#[source] kvm_ioctls::Error),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot connect stdin to the serial console")]
+    SerialInput(#[source] rvmm_devices::legacy::serial::SerialError),
+    #[error("cannot start the device event loop")]
+    EventLoop(#[source] std::io::Error),
+    #[error("cannot set up the event manager")]
+    EventManager(#[source] event_manager::Error),
+    #[error("{0}")]
+    Guest(String),
+}
+
+/// How the VM ended, for the process exit status.
+#[derive(Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest reset or powered off: a normal end.
+    Guest,
+    /// rvmm was told to stop by a signal.
+    Signal(i32),
+}
+
+/// A VM ready to run: memory loaded, vCPUs configured, devices attached.
+pub struct Vmm {
+    // Kept alive for the life of the VM: KVM maps this memory into the guest.
+    _mem: GuestMemoryMmap,
+    _vm: Vm,
+    vcpus: Vec<Vcpu>,
+    buses: Arc<Buses>,
+    legacy: LegacyDevices,
+    event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+}
+
+impl Vmm {
+    pub fn build(cfg: &VmConfig) -> Result<Self, VmmError> {
+        let host = KvmHost::open()?;
+        let template = cfg.cpu_template.unwrap_or(if host.emulated {
+            CpuTemplate::Baseline
+        } else {
+            CpuTemplate::Host
+        });
+        if host.emulated {
+            log::warn!(
+                "this host's KVM emulates guest kernel code (nested kvm_pvm): guests will be \
+                 slow; using the {} CPU template",
+                template_name(template)
+            );
+        }
+        let vm = Vm::new(&host.kvm)?;
+        let mem = create_guest_memory(cfg.memory_bytes())?;
+        vm.register_memory(&host.kvm, &mem)?;
+        let boot_state = boot::load(
+            &mem,
+            &BootConfig {
+                kernel: &cfg.kernel,
+                initrd: cfg.initrd.as_deref(),
+                cmdline: &cfg.cmdline,
+                vcpus: cfg.vcpus,
+                mem_size: cfg.memory_bytes(),
+            },
+        )?;
+
+        let supported = host
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmmError::Cpuid)?;
+        let mut base = supported.as_slice().to_vec();
+        cpuid::apply_template(&mut base, template);
+        let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+        for id in 0..cfg.vcpus {
+            let mut entries = base.clone();
+            cpuid::set_topology(&mut entries, id, cfg.vcpus);
+            let cpuid = kvm_bindings::CpuId::from_entries(&entries)
+                .map_err(|_| VmmError::Guest("CPUID has too many entries".into()))?;
+            let vcpu = Vcpu::new(&vm, id)?;
+            vcpu.configure(&cpuid, &boot_state)?;
+            vcpus.push(vcpu);
+        }
+
+        let mut pio = Bus::new();
+        let legacy = attach_legacy(&vm, &mut pio, cfg.console)?;
+        let event_manager = EventManager::new().map_err(VmmError::EventManager)?;
+        Ok(Vmm {
+            _mem: mem,
+            _vm: vm,
+            vcpus,
+            buses: Arc::new(Buses {
+                pio,
+                mmio: Bus::new(),
+            }),
+            legacy,
+            event_manager,
+        })
+    }
+
+    /// Runs the guest to its end. The calling thread waits for the end; vCPUs and devices
+    /// run on their own threads.
+    pub fn run(mut self) -> Result<VmExit, VmmError> {
+        let control = ControlWait::new(&self.legacy.reset_evt)?;
+        if let Some(serial) = &self.legacy.serial {
+            let stdin = dup_stdin().map_err(VmmError::EventFd)?;
+            let input = SerialInput::new(serial.clone(), stdin).map_err(VmmError::SerialInput)?;
+            self.event_manager
+                .add_subscriber(Arc::new(Mutex::new(input)));
+        }
+        let device_loop = DeviceLoop::start(self.event_manager).map_err(VmmError::EventLoop)?;
+
+        let exit_evt = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?);
+        let ctx = RunContext {
+            buses: self.buses.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+            outcome: Arc::new(Mutex::new(None)),
+            exit_evt: exit_evt.clone(),
+        };
+        let mut handles = Vec::new();
+        let mut started = Ok(());
+        for vcpu in self.vcpus.drain(..) {
+            match vcpu.start(ctx.clone()) {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    started = Err(e);
+                    break;
+                }
+            }
+        }
+        let wake = match started {
+            Ok(()) => control.wait(&exit_evt)?,
+            Err(_) => Wake::VcpuExit,
+        };
+        stop_vcpus(&ctx.stop, handles);
+        device_loop.stop();
+        started?;
+
+        match wake {
+            Wake::Reset => Ok(VmExit::Guest),
+            Wake::Signal(signo) => Ok(VmExit::Signal(signo)),
+            Wake::VcpuExit => {
+                let outcome = ctx.outcome.lock().unwrap_or_else(|p| p.into_inner()).take();
+                match outcome {
+                    Some(Outcome::Error(msg)) => Err(VmmError::Guest(msg)),
+                    Some(Outcome::Reset | Outcome::Shutdown) | None => Ok(VmExit::Guest),
+                }
+            }
+        }
+    }
+}
+
+/// Sets the stop flag and kicks every vCPU out of KVM_RUN until its thread ends.
+fn stop_vcpus(stop: &AtomicBool, handles: Vec<VcpuHandle>) {
+    stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while handles.iter().any(|h| !h.is_finished()) {
+        if Instant::now() > deadline {
+            log::error!("a vCPU did not stop within {STOP_TIMEOUT:?}");
+            return;
+        }
+        for h in handles.iter().filter(|h| !h.is_finished()) {
+            h.kick();
+        }
+        std::thread::sleep(KICK_INTERVAL);
+    }
+    handles.into_iter().for_each(VcpuHandle::join);
+}
+
+/// A separate handle on stdin, owned by the serial input handler.
+fn dup_stdin() -> std::io::Result<File> {
+    // SAFETY: dup() of fd 0 has no memory-safety preconditions; the result is checked.
+    let fd = unsafe { libc::dup(std::io::stdin().as_raw_fd()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+fn template_name(template: CpuTemplate) -> &'static str {
+    match template {
+        CpuTemplate::Host => "host",
+        CpuTemplate::Baseline => "baseline",
+    }
+}

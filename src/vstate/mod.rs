@@ -1,0 +1,7 @@
+//! Everything that talks to KVM.
+
+pub mod cpuid;
+pub mod kvm;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

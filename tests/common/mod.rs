@@ -1,0 +1,211 @@
+//! The end-to-end fixture: start the real `rvmm` binary, read its console line by line, and
+//! assert on what the guest prints.
+
+#![allow(dead_code)] // each test binary uses a different part of the fixture
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub type TestResult<T = ()> = Result<T, String>;
+
+/// True when tests that need /dev/kvm can run. Without KVM they skip with a message, unless
+/// RVMM_REQUIRE_KVM=1 (CI), where a missing KVM is a failure.
+pub fn kvm_or_skip(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        if std::env::var("RVMM_REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("{test}: /dev/kvm is unavailable but RVMM_REQUIRE_KVM=1");
+        }
+        eprintln!("SKIPPED {test}: /dev/kvm is unavailable");
+    }
+    ok
+}
+
+/// The emulating nested KVM of some CI machines: guest kernels are slow and guest userspace
+/// cannot make system calls.
+pub fn kvm_is_emulated() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Where resources/build-guest.sh put the guest kernel and images.
+pub fn guest_artifacts(test: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("RVMM_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
+            cache.join("rvmm/guest")
+        });
+    if dir.join("vmlinux").is_file() {
+        return Some(dir);
+    }
+    if std::env::var("RVMM_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!(
+            "{test}: no guest artifacts in {} (run resources/build-guest.sh)",
+            dir.display()
+        );
+    }
+    eprintln!("SKIPPED {test}: no guest artifacts in {}", dir.display());
+    None
+}
+
+/// A running rvmm with its console captured.
+pub struct TestVm {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+    started: Instant,
+}
+
+impl TestVm {
+    /// Starts `rvmm ARGS…` with stdin closed.
+    pub fn boot<I, S>(args: I) -> TestResult<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rvmm"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start rvmm: {e}"))?;
+        let (tx, lines) = channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).split(b'\n') {
+                let Ok(line) = line else { break };
+                let line = String::from_utf8_lossy(&line).trim_end().to_string();
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err_pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = String::new();
+            let _ = err_pipe.read_to_string(&mut buf);
+            sink.lock().unwrap().push_str(&buf);
+        });
+        Ok(TestVm {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+            started: Instant::now(),
+        })
+    }
+
+    /// Waits for a console line containing `needle`; returns it with the time since launch.
+    pub fn expect_line_within(&mut self, needle: &str, limit: Duration) -> TestResult<String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        eprintln!("[{:6.1}s] {line}", self.started.elapsed().as_secs_f64());
+                        return Ok(line);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(self.failure(&format!("no line with {needle:?} in {limit:?}")))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(self.failure(&format!("rvmm ended before {needle:?}")))
+                }
+            }
+        }
+    }
+
+    pub fn expect_line(&mut self, needle: &str) -> TestResult<String> {
+        self.expect_line_within(needle, Duration::from_secs(30))
+    }
+
+    /// Waits for rvmm to exit; kills it when it takes longer than `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> TestResult<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().map_err(|e| e.to_string())? {
+                // Collect the rest of the console for later assertions and messages.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(line);
+                }
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return Err(self.failure(&format!("rvmm still running after {limit:?}")));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Every console line read so far.
+    pub fn console(&self) -> &[String] {
+        &self.seen
+    }
+
+    pub fn stderr(&self) -> String {
+        std::thread::sleep(Duration::from_millis(50));
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn signal(&self, signo: i32) {
+        // SAFETY: plain kill(2) of our own child process.
+        unsafe { libc::kill(self.child.id() as i32, signo) };
+    }
+
+    fn failure(&self, what: &str) -> String {
+        let tail: Vec<&String> = self.seen.iter().rev().take(25).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().map(String::as_str).collect();
+        format!(
+            "{what}\n--- last console lines ---\n{}\n--- stderr ---\n{}",
+            tail.join("\n"),
+            self.stderr()
+        )
+    }
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Assembles a tiny 64-bit guest from `tests/guests/NAME.S` into an ELF the loader accepts
+/// (linked at 2 MiB, above the kernel load floor).
+pub fn tiny_guest(name: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/guests")
+        .join(format!("{name}.S"));
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.elf"));
+    let status = Command::new("cc")
+        .args(["-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none"])
+        .args(["-Wl,-Ttext=0x200000", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("cc (from build-essential) assembles the tiny guests");
+    assert!(status.success(), "assembling {}", src.display());
+    out
+}
