@@ -24,6 +24,10 @@ pub enum ConfigError {
         path: String,
         reason: String,
     },
+    #[error("--disk {spec}: {reason}")]
+    DiskSpec { spec: String, reason: String },
+    #[error("disk {0} is given twice")]
+    DuplicateDisk(String),
     #[error("--cmdline is too long ({0} bytes, at most {max})", max = rvmm_firmware::layout::CMDLINE_MAX_LEN - 1)]
     CmdlineTooLong(usize),
 }
@@ -72,6 +76,57 @@ pub struct Cli {
     /// Guest console device.
     #[arg(long, value_enum, default_value = "serial")]
     pub console: ConsoleKind,
+    /// Root filesystem image: becomes /dev/vda, and `root=/dev/vda rw` is added to the
+    /// command line.
+    #[arg(long, value_name = "PATH")]
+    pub rootfs: Option<PathBuf>,
+    /// An extra virtio disk (vdb, vdc, … in order): PATH[,ro][,serial=ID]. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    pub disk: Vec<String>,
+}
+
+/// One virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// What the guest reads as the disk's ID (GET_ID, /sys/block/vdX/serial).
+    pub serial: Option<String>,
+}
+
+/// The longest serial virtio-blk can report (VIRTIO_BLK_ID_BYTES).
+const MAX_DISK_SERIAL: usize = 20;
+
+impl std::str::FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    fn from_str(spec: &str) -> Result<Self, ConfigError> {
+        let bad = |reason: &str| ConfigError::DiskSpec {
+            spec: spec.to_string(),
+            reason: reason.to_string(),
+        };
+        let mut parts = spec.split(',');
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or(bad("no path"))?;
+        let mut disk = DiskConfig {
+            path: PathBuf::from(path),
+            read_only: false,
+            serial: None,
+        };
+        for opt in parts {
+            match opt.split_once('=') {
+                None if opt == "ro" => disk.read_only = true,
+                Some(("serial", id)) if !id.is_empty() && id.len() <= MAX_DISK_SERIAL => {
+                    disk.serial = Some(id.to_string())
+                }
+                Some(("serial", _)) => return Err(bad("serial must be 1 to 20 bytes")),
+                _ => return Err(bad(&format!("unknown option {opt:?}"))),
+            }
+        }
+        Ok(disk)
+    }
 }
 
 /// The kernel command line used when `--cmdline` is not given.
@@ -88,6 +143,8 @@ pub struct VmConfig {
     /// `None`: choose from the host (see [`crate::vstate::kvm::KvmHost`]).
     pub cpu_template: Option<CpuTemplate>,
     pub console: ConsoleKind,
+    /// Virtio disks in guest order: the root filesystem first when there is one.
+    pub disks: Vec<DiskConfig>,
 }
 
 impl VmConfig {
@@ -110,19 +167,53 @@ impl TryFrom<Cli> for VmConfig {
         if let Some(initrd) = &cli.initrd {
             check_regular_file("initrd", initrd)?;
         }
-        if cli.cmdline.len() >= rvmm_firmware::layout::CMDLINE_MAX_LEN {
-            return Err(ConfigError::CmdlineTooLong(cli.cmdline.len()));
+        let mut cmdline = cli.cmdline;
+        let mut disks = Vec::new();
+        if let Some(rootfs) = cli.rootfs {
+            disks.push(DiskConfig {
+                path: rootfs,
+                read_only: false,
+                serial: None,
+            });
+            cmdline.push_str(" root=/dev/vda rw");
+        }
+        for spec in &cli.disk {
+            disks.push(spec.parse()?);
+        }
+        check_disks(&disks)?;
+        if cmdline.len() >= rvmm_firmware::layout::CMDLINE_MAX_LEN {
+            return Err(ConfigError::CmdlineTooLong(cmdline.len()));
         }
         Ok(VmConfig {
             kernel: cli.kernel,
             initrd: cli.initrd,
-            cmdline: cli.cmdline,
+            cmdline,
             vcpus: cli.cpus,
             memory_mib: cli.memory,
             cpu_template: cli.cpu_template,
             console: cli.console,
+            disks,
         })
     }
+}
+
+/// Every disk must be a non-empty regular file, and none may appear twice: two virtio disks
+/// on one image would corrupt it.
+fn check_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
+    let mut seen = Vec::new();
+    for disk in disks {
+        check_regular_file("disk", &disk.path)?;
+        let id = fs::canonicalize(&disk.path).map_err(|e| ConfigError::File {
+            what: "disk",
+            path: disk.path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        if seen.contains(&id) {
+            return Err(ConfigError::DuplicateDisk(disk.path.display().to_string()));
+        }
+        seen.push(id);
+    }
+    Ok(())
 }
 
 /// Refuses what can never be a kernel or initrd before any VM state exists.
@@ -169,6 +260,70 @@ mod tests {
         assert!(cfg.cmdline.contains("console=ttyS0"));
         assert_eq!(cfg.cpu_template, None);
         assert_eq!(cfg.console, ConsoleKind::Serial);
+        assert!(cfg.disks.is_empty());
+    }
+
+    #[test]
+    fn disk_specs() {
+        let d: DiskConfig = "/img,ro,serial=abc".parse().unwrap();
+        assert_eq!(
+            d,
+            DiskConfig {
+                path: "/img".into(),
+                read_only: true,
+                serial: Some("abc".into())
+            }
+        );
+        let d: DiskConfig = "/img".parse().unwrap();
+        assert!(!d.read_only && d.serial.is_none());
+        for bad in [
+            "",
+            ",ro",
+            "/img,rw",
+            "/img,serial=",
+            "/img,serial=123456789012345678901",
+        ] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn rootfs_is_vda_and_sets_root() {
+        let k = kernel_file();
+        let root = kernel_file();
+        let extra = kernel_file();
+        let extra_spec = format!("{},ro,serial=data1", extra.as_path().display());
+        let cfg = parse(&[
+            "--kernel",
+            k.as_path().to_str().unwrap(),
+            "--rootfs",
+            root.as_path().to_str().unwrap(),
+            "--disk",
+            &extra_spec,
+        ])
+        .unwrap();
+        assert!(cfg.cmdline.ends_with(" root=/dev/vda rw"));
+        assert_eq!(cfg.disks.len(), 2);
+        assert_eq!(cfg.disks[0].path, root.as_path());
+        assert!(cfg.disks[1].read_only);
+    }
+
+    #[test]
+    fn refuses_a_disk_given_twice() {
+        let k = kernel_file();
+        let root = kernel_file();
+        let root = root.as_path().to_str().unwrap();
+        let err = parse(&[
+            "--kernel",
+            k.as_path().to_str().unwrap(),
+            "--rootfs",
+            root,
+            "--disk",
+            root,
+        ]);
+        assert_eq!(err, Err(ConfigError::DuplicateDisk(root.to_string())));
+        let err = parse(&["--kernel", k.as_path().to_str().unwrap(), "--disk", "/tmp"]);
+        assert!(err.unwrap_err().to_string().ends_with("not a regular file"));
     }
 
     #[test]
@@ -196,7 +351,9 @@ mod tests {
     #[test]
     fn refuses_bad_files() {
         let missing = parse(&["--kernel", "/nonexistent/vmlinux"]).unwrap_err();
-        assert!(missing.to_string().starts_with("kernel /nonexistent/vmlinux:"));
+        assert!(missing
+            .to_string()
+            .starts_with("kernel /nonexistent/vmlinux:"));
         let dir = parse(&["--kernel", "/tmp"]).unwrap_err();
         assert!(dir.to_string().ends_with("not a regular file"));
         let empty = TempFile::new().unwrap();
@@ -217,7 +374,12 @@ mod tests {
     fn refuses_long_cmdline() {
         let k = kernel_file();
         let long = "x".repeat(5000);
-        let err = parse(&["--kernel", k.as_path().to_str().unwrap(), "--cmdline", &long]);
+        let err = parse(&[
+            "--kernel",
+            k.as_path().to_str().unwrap(),
+            "--cmdline",
+            &long,
+        ]);
         assert_eq!(err, Err(ConfigError::CmdlineTooLong(5000)));
     }
 }

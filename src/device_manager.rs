@@ -4,12 +4,20 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use event_manager::{MutEventSubscriber, SubscriberOps};
 use rvmm_devices::bus::{Bus, BusError};
+use rvmm_devices::interrupt::EventFdInterrupt;
 use rvmm_devices::legacy::i8042::I8042;
 use rvmm_devices::legacy::serial::Serial;
+use rvmm_devices::virtio::block::{Block, BlockConfig, BlockError};
+use rvmm_devices::virtio::mmio::{MmioError, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use rvmm_devices::virtio::VirtioDevice;
+use rvmm_firmware::layout;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::ConsoleKind;
+use crate::config::{ConsoleKind, DiskConfig};
+use crate::event_loop::DeviceEventManager;
 use crate::vstate::vm::{Vm, VmError};
 
 /// PC I/O ports and the IO-APIC pin of COM1.
@@ -27,6 +35,18 @@ pub enum DeviceError {
     Bus(#[source] BusError),
     #[error("cannot wire a device interrupt")]
     Interrupt(#[source] VmError),
+    #[error("cannot register a queue notification")]
+    Notify(#[source] VmError),
+    #[error("virtio transport")]
+    Transport(#[source] MmioError),
+    #[error("disk {path}")]
+    Disk {
+        path: String,
+        #[source]
+        source: BlockError,
+    },
+    #[error("too many virtio devices: at most {0}")]
+    TooManyDevices(u32),
 }
 
 /// The legacy PC devices every guest gets.
@@ -81,4 +101,135 @@ pub fn attach_legacy(
         ConsoleKind::None => None,
     };
     Ok(LegacyDevices { serial, reset_evt })
+}
+
+/// Where one virtio-mmio device lives: its register window and IO-APIC pin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioSlot {
+    pub addr: u64,
+    pub irq: u32,
+}
+
+impl VirtioSlot {
+    /// The command-line entry that announces the device to a guest without ACPI.
+    pub fn cmdline_entry(&self) -> String {
+        format!("virtio_mmio.device=4K@{:#x}:{}", self.addr, self.irq)
+    }
+}
+
+/// Hands out one window and one interrupt pin per virtio device, in order.
+#[derive(Debug, Default)]
+pub struct VirtioSlots {
+    used: u32,
+}
+
+impl VirtioSlots {
+    /// Devices fit as long as there are free IO-APIC pins; the MMIO window is far larger.
+    pub const MAX: u32 = layout::IRQ_MAX - layout::IRQ_BASE + 1;
+
+    pub fn allocate(&mut self) -> Result<VirtioSlot, DeviceError> {
+        if self.used >= Self::MAX {
+            return Err(DeviceError::TooManyDevices(Self::MAX));
+        }
+        let slot = VirtioSlot {
+            addr: layout::VIRTIO_MMIO_BASE + u64::from(self.used) * layout::VIRTIO_MMIO_SIZE,
+            irq: layout::IRQ_BASE + self.used,
+        };
+        self.used += 1;
+        Ok(slot)
+    }
+}
+
+/// Everything a virtio device gets attached to.
+pub struct VirtioContext<'a> {
+    pub vm: &'a Vm,
+    pub mem: &'a GuestMemoryMmap,
+    pub mmio: &'a mut Bus,
+    pub event_manager: &'a mut DeviceEventManager,
+    pub slots: &'a mut VirtioSlots,
+}
+
+/// Puts `device` behind a virtio-mmio transport: register window on the MMIO bus, queue
+/// notifications as ioeventfds (no exit to userspace), its interrupt as an irqfd, and its
+/// queue handling on the device event loop.
+pub fn attach_virtio<D>(
+    ctx: &mut VirtioContext,
+    device: Arc<Mutex<D>>,
+) -> Result<VirtioSlot, DeviceError>
+where
+    D: VirtioDevice + MutEventSubscriber + 'static,
+{
+    let slot = ctx.slots.allocate()?;
+    let irq = Arc::new(EventFdInterrupt::new().map_err(DeviceError::EventFd)?);
+    ctx.vm
+        .register_irqfd(irq.eventfd(), slot.irq)
+        .map_err(DeviceError::Interrupt)?;
+    let transport =
+        MmioTransport::new(ctx.mem.clone(), device.clone(), irq).map_err(DeviceError::Transport)?;
+    for (evt, queue) in transport.queue_notify_events() {
+        ctx.vm
+            .register_mmio_ioeventfd(evt, slot.addr + QUEUE_NOTIFY_OFFSET, queue)
+            .map_err(DeviceError::Notify)?;
+    }
+    ctx.mmio
+        .insert(Arc::new(Mutex::new(transport)), slot.addr, MMIO_WINDOW_SIZE)
+        .map_err(DeviceError::Bus)?;
+    ctx.event_manager.add_subscriber(device);
+    Ok(slot)
+}
+
+/// Attaches the disks in order (vda, vdb, …) and returns their command-line entries.
+pub fn attach_disks(
+    ctx: &mut VirtioContext,
+    disks: &[DiskConfig],
+) -> Result<Vec<String>, DeviceError> {
+    let mut entries = Vec::with_capacity(disks.len());
+    for disk in disks {
+        let block = Block::new(BlockConfig {
+            path: disk.path.clone(),
+            read_only: disk.read_only,
+            serial: disk.serial.clone(),
+        })
+        .map_err(|source| DeviceError::Disk {
+            path: disk.path.display().to_string(),
+            source,
+        })?;
+        let slot = attach_virtio(ctx, Arc::new(Mutex::new(block)))?;
+        entries.push(slot.cmdline_entry());
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_consecutive_and_bounded() {
+        let mut slots = VirtioSlots::default();
+        let first = slots.allocate().unwrap();
+        assert_eq!(
+            first,
+            VirtioSlot {
+                addr: 0xd000_0000,
+                irq: 5
+            }
+        );
+        assert_eq!(first.cmdline_entry(), "virtio_mmio.device=4K@0xd0000000:5");
+        let second = slots.allocate().unwrap();
+        assert_eq!(
+            second,
+            VirtioSlot {
+                addr: 0xd000_1000,
+                irq: 6
+            }
+        );
+        for _ in 2..VirtioSlots::MAX {
+            slots.allocate().unwrap();
+        }
+        assert!(matches!(
+            slots.allocate(),
+            Err(DeviceError::TooManyDevices(19))
+        ));
+    }
 }

@@ -16,14 +16,16 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootConfig, BootError};
 use crate::config::{CpuTemplate, VmConfig};
-use crate::device_manager::{attach_legacy, DeviceError, LegacyDevices};
+use crate::device_manager::{
+    attach_disks, attach_legacy, DeviceError, LegacyDevices, VirtioContext, VirtioSlots,
+};
 use crate::event_loop::DeviceLoop;
 use crate::exit::Buses;
 use crate::signals::{ControlWait, SignalError, Wake};
 use crate::vstate::cpuid;
 use crate::vstate::kvm::{KvmError, KvmHost};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
-use crate::vstate::vcpu::{Outcome, RunContext, Vcpu, VcpuError, VcpuHandle};
+use crate::vstate::vcpu::{BootState, Outcome, RunContext, Vcpu, VcpuError, VcpuHandle};
 use crate::vstate::vm::{Vm, VmError};
 
 /// How long stopping may take before rvmm gives up on a vCPU thread and exits anyway.
@@ -48,6 +50,8 @@ pub enum VmmError {
     Signal(#[from] SignalError),
     #[error("cannot read the host's supported CPUID")]
     Cpuid(#[source] kvm_ioctls::Error),
+    #[error("the guest CPUID has more entries than KVM accepts")]
+    CpuidTooLarge,
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
     #[error("cannot connect stdin to the serial console")]
@@ -98,45 +102,46 @@ impl Vmm {
         let vm = Vm::new(&host.kvm)?;
         let mem = create_guest_memory(cfg.memory_bytes())?;
         vm.register_memory(&host.kvm, &mem)?;
+
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+        let legacy = attach_legacy(&vm, &mut pio, cfg.console)?;
+        let mut event_manager = EventManager::new().map_err(VmmError::EventManager)?;
+        let mut slots = VirtioSlots::default();
+        let mut virtio = VirtioContext {
+            vm: &vm,
+            mem: &mem,
+            mmio: &mut mmio,
+            event_manager: &mut event_manager,
+            slots: &mut slots,
+        };
+        let mut cmdline = cfg.cmdline.clone();
+        if host.emulated && template == CpuTemplate::Baseline {
+            cmdline.push(' ');
+            cmdline.push_str(cpuid::BASELINE_KERNEL_PARAMS);
+        }
+        for entry in attach_disks(&mut virtio, &cfg.disks)? {
+            cmdline.push(' ');
+            cmdline.push_str(&entry);
+        }
+
         let boot_state = boot::load(
             &mem,
             &BootConfig {
                 kernel: &cfg.kernel,
                 initrd: cfg.initrd.as_deref(),
-                cmdline: &cfg.cmdline,
+                cmdline: &cmdline,
                 vcpus: cfg.vcpus,
                 mem_size: cfg.memory_bytes(),
             },
         )?;
 
-        let supported = host
-            .kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(VmmError::Cpuid)?;
-        let mut base = supported.as_slice().to_vec();
-        cpuid::apply_template(&mut base, template);
-        let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
-        for id in 0..cfg.vcpus {
-            let mut entries = base.clone();
-            cpuid::set_topology(&mut entries, id, cfg.vcpus);
-            let cpuid = kvm_bindings::CpuId::from_entries(&entries)
-                .map_err(|_| VmmError::Guest("CPUID has too many entries".into()))?;
-            let vcpu = Vcpu::new(&vm, id)?;
-            vcpu.configure(&cpuid, &boot_state)?;
-            vcpus.push(vcpu);
-        }
-
-        let mut pio = Bus::new();
-        let legacy = attach_legacy(&vm, &mut pio, cfg.console)?;
-        let event_manager = EventManager::new().map_err(VmmError::EventManager)?;
+        let vcpus = create_vcpus(&host, &vm, template, cfg.vcpus, &boot_state)?;
         Ok(Vmm {
             _mem: mem,
             _vm: vm,
             vcpus,
-            buses: Arc::new(Buses {
-                pio,
-                mmio: Bus::new(),
-            }),
+            buses: Arc::new(Buses { pio, mmio }),
             legacy,
             event_manager,
         })
@@ -192,6 +197,33 @@ impl Vmm {
             }
         }
     }
+}
+
+/// One vCPU per `count`, each with the template's CPUID and its own topology ids.
+fn create_vcpus(
+    host: &KvmHost,
+    vm: &Vm,
+    template: CpuTemplate,
+    count: u8,
+    boot_state: &BootState,
+) -> Result<Vec<Vcpu>, VmmError> {
+    let supported = host
+        .kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(VmmError::Cpuid)?;
+    let mut base = supported.as_slice().to_vec();
+    cpuid::apply_template(&mut base, template);
+    let mut vcpus = Vec::with_capacity(usize::from(count));
+    for id in 0..count {
+        let mut entries = base.clone();
+        cpuid::set_topology(&mut entries, id, count);
+        let cpuid =
+            kvm_bindings::CpuId::from_entries(&entries).map_err(|_| VmmError::CpuidTooLarge)?;
+        let vcpu = Vcpu::new(vm, id)?;
+        vcpu.configure(&cpuid, boot_state)?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
 }
 
 /// Sets the stop flag and kicks every vCPU out of KVM_RUN until its thread ends.

@@ -35,40 +35,40 @@ const fn feat(leaf: u32, subleaf: u32, reg: Reg, bit: u8) -> Feature {
 /// because emulating KVMs cannot run them (XRSTOR, POPCNT, CLAC, CMPXCHG16B were each seen to
 /// kill a guest with an emulation failure on such a host).
 const BASELINE_HIDDEN: &[Feature] = &[
-    feat(1, 0, Reg::Ecx, 1),   // PCLMULQDQ
-    feat(1, 0, Reg::Ecx, 12),  // FMA
-    feat(1, 0, Reg::Ecx, 13),  // CMPXCHG16B
-    feat(1, 0, Reg::Ecx, 17),  // PCID
-    feat(1, 0, Reg::Ecx, 22),  // MOVBE
-    feat(1, 0, Reg::Ecx, 23),  // POPCNT
-    feat(1, 0, Reg::Ecx, 25),  // AES
-    feat(1, 0, Reg::Ecx, 26),  // XSAVE
-    feat(1, 0, Reg::Ecx, 27),  // OSXSAVE
-    feat(1, 0, Reg::Ecx, 28),  // AVX
-    feat(1, 0, Reg::Ecx, 29),  // F16C
-    feat(1, 0, Reg::Ecx, 30),  // RDRAND
-    feat(7, 0, Reg::Ebx, 0),   // FSGSBASE
-    feat(7, 0, Reg::Ebx, 3),   // BMI1
-    feat(7, 0, Reg::Ebx, 4),   // HLE
-    feat(7, 0, Reg::Ebx, 5),   // AVX2
-    feat(7, 0, Reg::Ebx, 7),   // SMEP
-    feat(7, 0, Reg::Ebx, 8),   // BMI2
-    feat(7, 0, Reg::Ebx, 10),  // INVPCID
-    feat(7, 0, Reg::Ebx, 11),  // RTM
-    feat(7, 0, Reg::Ebx, 16),  // AVX512F
-    feat(7, 0, Reg::Ebx, 18),  // RDSEED
-    feat(7, 0, Reg::Ebx, 19),  // ADX
-    feat(7, 0, Reg::Ebx, 20),  // SMAP
-    feat(7, 0, Reg::Ebx, 23),  // CLFLUSHOPT
-    feat(7, 0, Reg::Ebx, 24),  // CLWB
-    feat(7, 0, Reg::Ebx, 29),  // SHA
-    feat(7, 0, Reg::Ecx, 2),   // UMIP
-    feat(7, 0, Reg::Ecx, 3),   // PKU
-    feat(7, 0, Reg::Ecx, 9),   // VAES
-    feat(7, 0, Reg::Ecx, 10),  // VPCLMULQDQ
-    feat(7, 0, Reg::Ecx, 16),  // LA57
-    feat(7, 0, Reg::Ecx, 22),  // RDPID
-    feat(7, 0, Reg::Edx, 29),  // ARCH_CAPABILITIES (its MSR cannot be set on such hosts)
+    feat(1, 0, Reg::Ecx, 1),            // PCLMULQDQ
+    feat(1, 0, Reg::Ecx, 12),           // FMA
+    feat(1, 0, Reg::Ecx, 13),           // CMPXCHG16B
+    feat(1, 0, Reg::Ecx, 17),           // PCID
+    feat(1, 0, Reg::Ecx, 22),           // MOVBE
+    feat(1, 0, Reg::Ecx, 23),           // POPCNT
+    feat(1, 0, Reg::Ecx, 25),           // AES
+    feat(1, 0, Reg::Ecx, 26),           // XSAVE
+    feat(1, 0, Reg::Ecx, 27),           // OSXSAVE
+    feat(1, 0, Reg::Ecx, 28),           // AVX
+    feat(1, 0, Reg::Ecx, 29),           // F16C
+    feat(1, 0, Reg::Ecx, 30),           // RDRAND
+    feat(7, 0, Reg::Ebx, 0),            // FSGSBASE
+    feat(7, 0, Reg::Ebx, 3),            // BMI1
+    feat(7, 0, Reg::Ebx, 4),            // HLE
+    feat(7, 0, Reg::Ebx, 5),            // AVX2
+    feat(7, 0, Reg::Ebx, 7),            // SMEP
+    feat(7, 0, Reg::Ebx, 8),            // BMI2
+    feat(7, 0, Reg::Ebx, 10),           // INVPCID
+    feat(7, 0, Reg::Ebx, 11),           // RTM
+    feat(7, 0, Reg::Ebx, 16),           // AVX512F
+    feat(7, 0, Reg::Ebx, 18),           // RDSEED
+    feat(7, 0, Reg::Ebx, 19),           // ADX
+    feat(7, 0, Reg::Ebx, 20),           // SMAP
+    feat(7, 0, Reg::Ebx, 23),           // CLFLUSHOPT
+    feat(7, 0, Reg::Ebx, 24),           // CLWB
+    feat(7, 0, Reg::Ebx, 29),           // SHA
+    feat(7, 0, Reg::Ecx, 2),            // UMIP
+    feat(7, 0, Reg::Ecx, 3),            // PKU
+    feat(7, 0, Reg::Ecx, 9),            // VAES
+    feat(7, 0, Reg::Ecx, 10),           // VPCLMULQDQ
+    feat(7, 0, Reg::Ecx, 16),           // LA57
+    feat(7, 0, Reg::Ecx, 22),           // RDPID
+    feat(7, 0, Reg::Edx, 29),           // ARCH_CAPABILITIES (its MSR cannot be set on such hosts)
     feat(0x8000_0001, 0, Reg::Ecx, 5),  // ABM (LZCNT)
     feat(0x8000_0001, 0, Reg::Ecx, 6),  // SSE4A
     feat(0x8000_0001, 0, Reg::Ecx, 11), // XOP
@@ -81,6 +81,13 @@ const BASELINE_HIDDEN: &[Feature] = &[
 /// Leaves the baseline drops entirely: XSAVE state enumeration (meaningless without XSAVE)
 /// and AVX-512/AMX sub-leaves.
 const BASELINE_DROPPED_LEAVES: &[u32] = &[0xd, 0x14, 0x19, 0x1d, 0x1e];
+
+/// Kernel parameters that turn off, inside the guest, what the baseline template hides.
+/// An emulating KVM answers CPUID for guest kernel code itself and ignores most of the mask
+/// (measured: of the leaf-1 bits only CMPXCHG16B disappeared), so there the guest kernel has
+/// to be told directly.
+pub const BASELINE_KERNEL_PARAMS: &str =
+    "noxsave nofsgsbase nopcid clearcpuid=smap,smep,popcnt,rdrand,avx,avx2";
 
 /// CPUID.1:ECX bit 31 tells the guest it runs under a hypervisor.
 const HYPERVISOR_BIT: u32 = 1 << 31;

@@ -1,0 +1,939 @@
+//! The virtio-mmio transport (virtio 1.x "modern" register layout, version 2).
+//!
+//! It owns the register state the driver programs (features, queue addresses, status) and hands
+//! the device finished queues when the driver sets DRIVER_OK. Guest mistakes never panic: the
+//! offending access is ignored and reported once.
+
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use log::warn;
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_mmio::*;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ActivateError, VirtioDevice, VirtioInterrupt};
+use crate::bus::BusDevice;
+use crate::interrupt::EventFdInterrupt;
+use crate::LogOnce;
+
+/// Size of one device's MMIO window.
+pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
+/// Offset of QueueNotify in the window: the VMM registers ioeventfds at `base + this`.
+pub const QUEUE_NOTIFY_OFFSET: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
+
+const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
+const MMIO_VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0;
+const CONFIG_OFFSET: u64 = VIRTIO_MMIO_CONFIG as u64;
+/// The largest queue the split-ring layout allows.
+const MAX_QUEUE_SIZE: u16 = 32768;
+
+const S_ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+const S_DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
+const S_FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+const S_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+const S_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
+const S_FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
+/// Status while the driver negotiates features.
+const NEGOTIATING: u32 = S_ACK | S_DRIVER;
+/// Status while the driver sets up queues.
+const CONFIGURING: u32 = S_ACK | S_DRIVER | S_FEATURES_OK;
+
+/// Errors of the MMIO transport.
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    /// The device's queue sizes and queue events disagree.
+    #[error("device has {sizes} queue sizes but {events} queue events")]
+    QueueEventCount {
+        /// Number of queue sizes.
+        sizes: usize,
+        /// Number of queue events.
+        events: usize,
+    },
+    /// A device queue size is not a power of two in 1..=32768.
+    #[error("queue {index} has invalid max size {size}")]
+    QueueMaxSize {
+        /// Queue index.
+        index: usize,
+        /// The rejected size.
+        size: u16,
+    },
+    /// Duplicating a queue EventFd failed.
+    #[error("failed to duplicate a queue eventfd")]
+    CloneEventFd(#[source] io::Error),
+    /// The driver programmed a queue the device cannot use.
+    #[error("queue {index} is invalid")]
+    InvalidQueue {
+        /// Queue index.
+        index: usize,
+        /// What virtio-queue refused.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// A queue's rings are not entirely inside guest memory.
+    #[error("queue {0} rings are outside guest memory")]
+    QueueOutsideMemory(usize),
+    /// The device refused to start.
+    #[error("device activation failed")]
+    Activate(#[source] ActivateError),
+}
+
+/// One queue as the driver programs it; turned into a `virtio_queue::Queue` at activation.
+#[derive(Debug, Clone, Copy)]
+struct QueueConfig {
+    max_size: u16,
+    size: u16,
+    ready: bool,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+impl QueueConfig {
+    fn new(max_size: u16) -> Self {
+        Self {
+            max_size,
+            size: max_size,
+            ready: false,
+            desc: 0,
+            avail: 0,
+            used: 0,
+        }
+    }
+
+    /// Builds the runtime queue, checking alignment and that the rings lie in guest memory.
+    fn build(
+        &self,
+        index: usize,
+        mem: &GuestMemoryMmap,
+        event_idx: bool,
+    ) -> Result<Queue, MmioError> {
+        let invalid = |source| MmioError::InvalidQueue { index, source };
+        let mut queue = Queue::new(self.max_size).map_err(invalid)?;
+        if !self.ready {
+            return Ok(queue);
+        }
+        queue.try_set_size(self.size).map_err(invalid)?;
+        queue
+            .try_set_desc_table_address(GuestAddress(self.desc))
+            .map_err(invalid)?;
+        queue
+            .try_set_avail_ring_address(GuestAddress(self.avail))
+            .map_err(invalid)?;
+        queue
+            .try_set_used_ring_address(GuestAddress(self.used))
+            .map_err(invalid)?;
+        // Split-ring sizes (virtio 1.1, 2.6): 16-byte descriptors; avail and used rings have a
+        // 4-byte header, 2- or 8-byte entries and a 2-byte event field.
+        let n = usize::from(self.size);
+        let rings = [
+            (self.desc, 16 * n),
+            (self.avail, 6 + 2 * n),
+            (self.used, 6 + 8 * n),
+        ];
+        if !rings
+            .iter()
+            .all(|&(addr, len)| mem.check_range(GuestAddress(addr), len))
+        {
+            return Err(MmioError::QueueOutsideMemory(index));
+        }
+        queue.set_event_idx(event_idx);
+        queue.set_ready(true);
+        Ok(queue)
+    }
+}
+
+/// Which guest mistakes were already reported.
+#[derive(Debug, Default)]
+struct Warned {
+    access: LogOnce,
+    state: LogOnce,
+    queue: LogOnce,
+    features: LogOnce,
+    activate: LogOnce,
+}
+
+/// A virtio device behind a virtio-mmio register window.
+pub struct MmioTransport {
+    mem: GuestMemoryMmap,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    interrupt: Arc<VirtioInterrupt>,
+    /// Duplicates of the device's queue EventFds, so the VMM can borrow them without locking
+    /// the device.
+    notify_evts: Vec<EventFd>,
+    device_type: u32,
+    avail_features: u64,
+    queues: Vec<QueueConfig>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    /// The driver set a feature bit beyond the 64 this transport models.
+    unknown_features: bool,
+    queue_sel: u32,
+    status: u32,
+    warned: Warned,
+}
+
+impl MmioTransport {
+    /// Puts `device` behind a register window; `irq` is its interrupt line.
+    pub fn new(
+        mem: GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        irq: Arc<EventFdInterrupt>,
+    ) -> Result<Self, MmioError> {
+        let guard = lock(&device);
+        let sizes = guard.queue_max_sizes();
+        let events = guard.queue_events();
+        if sizes.len() != events.len() {
+            return Err(MmioError::QueueEventCount {
+                sizes: sizes.len(),
+                events: events.len(),
+            });
+        }
+        let mut queues = Vec::with_capacity(sizes.len());
+        for (index, &size) in sizes.iter().enumerate() {
+            if !size.is_power_of_two() || size > MAX_QUEUE_SIZE {
+                return Err(MmioError::QueueMaxSize { index, size });
+            }
+            queues.push(QueueConfig::new(size));
+        }
+        let notify_evts = events
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(MmioError::CloneEventFd)?;
+        let device_type = guard.device_type();
+        let avail_features = guard.avail_features();
+        drop(guard);
+        Ok(Self {
+            mem,
+            device,
+            interrupt: Arc::new(VirtioInterrupt::new(irq)),
+            notify_evts,
+            device_type,
+            avail_features,
+            queues,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            unknown_features: false,
+            queue_sel: 0,
+            status: 0,
+            warned: Warned::default(),
+        })
+    }
+
+    /// (eventfd, datamatch) pairs the VMM registers as KVM ioeventfds at
+    /// `base + QUEUE_NOTIFY_OFFSET` (4-byte writes of the queue index).
+    pub fn queue_notify_events(&self) -> Vec<(&EventFd, u32)> {
+        self.notify_evts.iter().zip(0u32..).collect()
+    }
+
+    fn read_register(&self, offset: u32) -> Option<u32> {
+        let queue = self.queues.get(self.queue_sel as usize);
+        Some(match offset {
+            VIRTIO_MMIO_MAGIC_VALUE => MAGIC_VALUE,
+            VIRTIO_MMIO_VERSION => MMIO_VERSION,
+            VIRTIO_MMIO_DEVICE_ID => self.device_type,
+            VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.avail_features as u32,
+                1 => (self.avail_features >> 32) as u32,
+                _ => 0,
+            },
+            // Zero tells the driver the selected queue does not exist.
+            VIRTIO_MMIO_QUEUE_NUM_MAX => queue.map_or(0, |q| q.max_size.into()),
+            VIRTIO_MMIO_QUEUE_READY => queue.map_or(0, |q| q.ready.into()),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            VIRTIO_MMIO_STATUS => self.status,
+            // All-ones length: no shared memory regions.
+            VIRTIO_MMIO_SHM_LEN_LOW
+            | VIRTIO_MMIO_SHM_LEN_HIGH
+            | VIRTIO_MMIO_SHM_BASE_LOW
+            | VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.interrupt.config_generation(),
+            _ => return None,
+        })
+    }
+
+    fn write_register(&mut self, offset: u32, value: u32) -> bool {
+        match offset {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES => self.write_driver_features(value),
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
+            VIRTIO_MMIO_QUEUE_NUM => self.write_queue_num(value),
+            // Linux disables its queues after resetting the device (vm_del_vq): harmless
+            // whenever the device is not running, so allowed without the state check.
+            VIRTIO_MMIO_QUEUE_READY if value == 0 && self.status & S_DRIVER_OK == 0 => {
+                if let Some(q) = self.queues.get_mut(self.queue_sel as usize) {
+                    q.ready = false;
+                }
+            }
+            VIRTIO_MMIO_QUEUE_READY => self.with_queue(|q| q.ready = value == 1),
+            VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(value),
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(value),
+            VIRTIO_MMIO_STATUS => self.write_status(value),
+            VIRTIO_MMIO_QUEUE_DESC_LOW => self.with_queue(|q| set_low(&mut q.desc, value)),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => self.with_queue(|q| set_high(&mut q.desc, value)),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => self.with_queue(|q| set_low(&mut q.avail, value)),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => self.with_queue(|q| set_high(&mut q.avail, value)),
+            VIRTIO_MMIO_QUEUE_USED_LOW => self.with_queue(|q| set_low(&mut q.used, value)),
+            VIRTIO_MMIO_QUEUE_USED_HIGH => self.with_queue(|q| set_high(&mut q.used, value)),
+            // There are no shared memory regions to select.
+            VIRTIO_MMIO_SHM_SEL => {}
+            _ => return false,
+        }
+        true
+    }
+
+    fn write_driver_features(&mut self, value: u32) {
+        if self.status != NEGOTIATING {
+            return self.bad_state("DriverFeatures");
+        }
+        let value = u64::from(value);
+        match self.driver_features_sel {
+            0 => self.driver_features = (self.driver_features & !0xffff_ffff) | value,
+            1 => self.driver_features = (self.driver_features & 0xffff_ffff) | value << 32,
+            // No feature exists above bit 63: any bit there is one the device did not offer.
+            _ => self.unknown_features |= value != 0,
+        }
+    }
+
+    /// Queue registers may only change after FEATURES_OK and before DRIVER_OK; they take
+    /// effect at DRIVER_OK.
+    fn with_queue(&mut self, f: impl FnOnce(&mut QueueConfig)) {
+        if self.status != CONFIGURING {
+            return self.bad_state("queue configuration");
+        }
+        match self.queues.get_mut(self.queue_sel as usize) {
+            Some(queue) => f(queue),
+            None => {
+                if self.warned.queue.first() {
+                    warn!("virtio-mmio: queue {} does not exist", self.queue_sel);
+                }
+            }
+        }
+    }
+
+    fn write_queue_num(&mut self, value: u32) {
+        let max = self.queues.get(self.queue_sel as usize).map(|q| q.max_size);
+        match (max, u16::try_from(value)) {
+            (Some(max), Ok(size)) if size.is_power_of_two() && size <= max => {
+                self.with_queue(|q| q.size = size)
+            }
+            // A nonexistent queue is reported by with_queue.
+            (None, _) => self.with_queue(|_| {}),
+            _ => {
+                if self.warned.queue.first() {
+                    warn!("virtio-mmio: refusing queue size {value}");
+                }
+            }
+        }
+    }
+
+    fn notify(&mut self, queue: u32) {
+        if self.status & S_DRIVER_OK == 0 {
+            return self.bad_state("QueueNotify");
+        }
+        match self.notify_evts.get(queue as usize).map(|evt| evt.write(1)) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => warn!("virtio-mmio: cannot signal queue {queue}: {e}"),
+            None => {
+                if self.warned.queue.first() {
+                    warn!("virtio-mmio: notify for nonexistent queue {queue}");
+                }
+            }
+        }
+    }
+
+    /// The driver walks ACKNOWLEDGE → DRIVER → FEATURES_OK → DRIVER_OK, each write adding one
+    /// bit; 0 resets; FAILED may be set at any time. Anything else is ignored.
+    fn write_status(&mut self, value: u32) {
+        let old = self.status;
+        if value == 0 {
+            return self.reset();
+        }
+        if value & S_FAILED != 0 {
+            // The driver gave up on the device; it stays unusable until reset.
+            self.status |= S_FAILED;
+            return;
+        }
+        if value == old {
+            return;
+        }
+        // (current status, the one bit being added)
+        match (old, value ^ old) {
+            (0, S_ACK) | (S_ACK, S_DRIVER) => self.status = value,
+            (NEGOTIATING, S_FEATURES_OK) => self.features_ok(),
+            (CONFIGURING, S_DRIVER_OK) => self.driver_ok(),
+            _ => {
+                if self.warned.state.first() {
+                    warn!("virtio-mmio: invalid status transition {old:#x} -> {value:#x}");
+                }
+            }
+        }
+    }
+
+    /// Accepts the negotiated features unless they include unoffered ones or lack VERSION_1
+    /// (this transport has no legacy mode); a refused FEATURES_OK reads back as unset.
+    fn features_ok(&mut self) {
+        let features = self.driver_features;
+        let unoffered = features & !self.avail_features != 0 || self.unknown_features;
+        if unoffered || features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            if self.warned.features.first() {
+                warn!(
+                    "virtio-mmio: refusing features {features:#x} (offered {:#x}, VERSION_1 required)",
+                    self.avail_features
+                );
+            }
+            return;
+        }
+        lock(&self.device).set_acked_features(features);
+        self.status |= S_FEATURES_OK;
+    }
+
+    fn driver_ok(&mut self) {
+        match self.activate() {
+            Ok(()) => self.status |= S_DRIVER_OK,
+            Err(e) => {
+                if self.warned.activate.first() {
+                    warn!("virtio-mmio: {}", crate::error_chain(&e));
+                }
+                // virtio 1.1, 2.1.2: a device that cannot go on sets DEVICE_NEEDS_RESET and,
+                // once DRIVER_OK is set, tells the driver with a configuration interrupt.
+                self.status |= S_DRIVER_OK | S_NEEDS_RESET;
+                if let Err(e) = self.interrupt.signal_config_change() {
+                    warn!("virtio-mmio: cannot raise the interrupt: {e}");
+                }
+            }
+        }
+    }
+
+    fn activate(&mut self) -> Result<(), MmioError> {
+        let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(index, q)| q.build(index, &self.mem, event_idx))
+            .collect::<Result<Vec<_>, _>>()?;
+        lock(&self.device)
+            .activate(self.mem.clone(), queues, self.interrupt.clone())
+            .map_err(MmioError::Activate)
+    }
+
+    fn reset(&mut self) {
+        self.status = if lock(&self.device).reset() {
+            0
+        } else {
+            warn!("virtio-mmio: device cannot reset; marking it failed");
+            S_FAILED
+        };
+        for queue in &mut self.queues {
+            *queue = QueueConfig::new(queue.max_size);
+        }
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.unknown_features = false;
+        self.queue_sel = 0;
+        self.interrupt.clear();
+    }
+
+    fn bad_state(&mut self, what: &str) {
+        if self.warned.state.first() {
+            warn!(
+                "virtio-mmio: ignoring {what} write in status {:#x}",
+                self.status
+            );
+        }
+    }
+
+    /// Registers are 32-bit and aligned (virtio 1.1, 4.2.2.2); other accesses are refused.
+    fn register_offset(&mut self, offset: u64, len: usize) -> Option<u32> {
+        if len == 4 && offset.is_multiple_of(4) {
+            return u32::try_from(offset).ok();
+        }
+        if self.warned.access.first() {
+            warn!("virtio-mmio: ignoring {len}-byte register access at {offset:#x}");
+        }
+        None
+    }
+
+    fn unknown_register(&mut self, offset: u32) {
+        if self.warned.access.first() {
+            warn!("virtio-mmio: ignoring access to register {offset:#x}");
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_OFFSET {
+            return lock(&self.device).read_config(offset - CONFIG_OFFSET, data);
+        }
+        data.fill(0);
+        let Some(reg) = self.register_offset(offset, data.len()) else {
+            return;
+        };
+        match self.read_register(reg) {
+            Some(value) => data.copy_from_slice(&value.to_le_bytes()),
+            None => self.unknown_register(reg),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_OFFSET {
+            return lock(&self.device).write_config(offset - CONFIG_OFFSET, data);
+        }
+        let Some(reg) = self.register_offset(offset, data.len()) else {
+            return;
+        };
+        let mut bytes = [0u8; 4];
+        bytes.copy_from_slice(data);
+        if !self.write_register(reg, u32::from_le_bytes(bytes)) {
+            self.unknown_register(reg);
+        }
+    }
+}
+
+fn set_low(addr: &mut u64, value: u32) {
+    *addr = (*addr & !0xffff_ffff) | u64::from(value);
+}
+
+fn set_high(addr: &mut u64, value: u32) {
+    *addr = (*addr & 0xffff_ffff) | u64::from(value) << 32;
+}
+
+fn lock<'a>(
+    device: &'a Mutex<dyn VirtioDevice + 'static>,
+) -> MutexGuard<'a, dyn VirtioDevice + 'static> {
+    device.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    use super::*;
+
+    const QUEUE_MAX: u16 = 16;
+    const FEATURES: u64 = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX | 0b101;
+    const MEM_SIZE: u64 = 0x10_0000;
+
+    /// A device that records what the transport does to it.
+    struct Dummy {
+        evts: Vec<EventFd>,
+        sizes: Vec<u16>,
+        acked: u64,
+        /// (size, ready, event_idx, desc) of each queue at each activation.
+        activations: Vec<Vec<(u16, bool, bool, u64)>>,
+        resets: usize,
+        can_reset: bool,
+        config: [u8; 8],
+    }
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.sizes
+        }
+        fn avail_features(&self) -> u64 {
+            FEATURES
+        }
+        fn set_acked_features(&mut self, features: u64) {
+            self.acked = features;
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = self.config.get(offset as usize + i).copied().unwrap_or(0);
+            }
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            self.config[offset as usize..][..data.len()].copy_from_slice(data);
+        }
+        fn queue_events(&self) -> &[EventFd] {
+            &self.evts
+        }
+        fn activate(
+            &mut self,
+            _mem: GuestMemoryMmap,
+            queues: Vec<Queue>,
+            _interrupt: Arc<VirtioInterrupt>,
+        ) -> Result<(), ActivateError> {
+            let seen = queues
+                .iter()
+                .map(|q| (q.size(), q.ready(), q.event_idx_enabled(), q.desc_table()))
+                .collect();
+            self.activations.push(seen);
+            Ok(())
+        }
+        fn reset(&mut self) -> bool {
+            self.resets += 1;
+            self.can_reset
+        }
+    }
+
+    fn dummy(queues: usize) -> Arc<Mutex<Dummy>> {
+        Arc::new(Mutex::new(Dummy {
+            evts: (0..queues)
+                .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+                .collect(),
+            sizes: vec![QUEUE_MAX; queues],
+            acked: 0,
+            activations: Vec::new(),
+            resets: 0,
+            can_reset: true,
+            config: *b"abcdefgh",
+        }))
+    }
+
+    fn transport(dev: &Arc<Mutex<Dummy>>) -> (MmioTransport, Arc<EventFdInterrupt>) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let irq = Arc::new(EventFdInterrupt::new().unwrap());
+        let t = MmioTransport::new(mem, dev.clone(), irq.clone()).unwrap();
+        (t, irq)
+    }
+
+    fn r(t: &mut MmioTransport, reg: u32) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(reg.into(), &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w(t: &mut MmioTransport, reg: u32, v: u32) {
+        t.write(reg.into(), &v.to_le_bytes());
+    }
+
+    /// Drives the transport to CONFIGURING with `features` acked.
+    fn negotiate(t: &mut MmioTransport, features: u64) {
+        w(t, VIRTIO_MMIO_STATUS, S_ACK);
+        w(t, VIRTIO_MMIO_STATUS, NEGOTIATING);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES, features as u32);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES, (features >> 32) as u32);
+        w(t, VIRTIO_MMIO_STATUS, CONFIGURING);
+    }
+
+    fn setup_queue(t: &mut MmioTransport, sel: u32, size: u32, base: u64) {
+        w(t, VIRTIO_MMIO_QUEUE_SEL, sel);
+        w(t, VIRTIO_MMIO_QUEUE_NUM, size);
+        for (low, addr) in [
+            (VIRTIO_MMIO_QUEUE_DESC_LOW, base),
+            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, base + 0x1000),
+            (VIRTIO_MMIO_QUEUE_USED_LOW, base + 0x2000),
+        ] {
+            w(t, low, addr as u32);
+            w(t, low + 4, (addr >> 32) as u32);
+        }
+        w(t, VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+
+    #[test]
+    fn identification_registers() {
+        let dev = dummy(2);
+        let (mut t, _irq) = transport(&dev);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_ID), 42);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_VENDOR_ID), VENDOR_ID);
+        for (sel, want) in [(0, FEATURES as u32), (1, (FEATURES >> 32) as u32), (2, 0)] {
+            w(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, sel);
+            assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_FEATURES), want, "sel {sel}");
+        }
+        for (sel, max) in [(0, 16), (1, 16), (2, 0), (u32::MAX, 0)] {
+            w(&mut t, VIRTIO_MMIO_QUEUE_SEL, sel);
+            assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), max, "queue {sel}");
+        }
+        assert_eq!(r(&mut t, VIRTIO_MMIO_SHM_LEN_LOW), u32::MAX);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_CONFIG_GENERATION), 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);
+        // Unknown and write-only registers read as zero.
+        assert_eq!(r(&mut t, 0x0c0), 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY), 0);
+    }
+
+    #[test]
+    fn full_initialisation_activates_the_device() {
+        let dev = dummy(2);
+        let (mut t, _irq) = transport(&dev);
+        let features = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX;
+        negotiate(&mut t, features);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), CONFIGURING);
+        assert_eq!(dev.lock().unwrap().acked, features);
+        setup_queue(&mut t, 0, 8, 0x1_0000);
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_READY), 1);
+        w(&mut t, VIRTIO_MMIO_STATUS, CONFIGURING | S_DRIVER_OK);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), CONFIGURING | S_DRIVER_OK);
+        assert_eq!(
+            dev.lock().unwrap().activations,
+            vec![vec![(8, true, true, 0x1_0000), (16, false, false, 0)]]
+        );
+        // Queue configuration is frozen once the device runs.
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 1);
+        w(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
+    }
+
+    /// Each row: the status writes from reset, then the status expected to read back.
+    #[test]
+    fn status_state_machine() {
+        let v1 = 1 << VIRTIO_F_VERSION_1;
+        let table: &[(&str, u64, &[u32], u32)] = &[
+            ("ack", v1, &[S_ACK], S_ACK),
+            ("skip ack", v1, &[S_DRIVER], 0),
+            ("skip driver", v1, &[S_ACK, S_ACK | S_FEATURES_OK], S_ACK),
+            ("two bits at once", v1, &[S_ACK | S_DRIVER], 0),
+            (
+                "repeat is a no-op",
+                v1,
+                &[S_ACK, S_ACK, NEGOTIATING],
+                NEGOTIATING,
+            ),
+            (
+                "features ok",
+                v1,
+                &[S_ACK, NEGOTIATING, CONFIGURING],
+                CONFIGURING,
+            ),
+            (
+                "no VERSION_1",
+                0b1,
+                &[S_ACK, NEGOTIATING, CONFIGURING],
+                NEGOTIATING,
+            ),
+            (
+                "unoffered",
+                v1 | 1 << 40,
+                &[S_ACK, NEGOTIATING, CONFIGURING],
+                NEGOTIATING,
+            ),
+            (
+                "ok before features",
+                v1,
+                &[S_ACK, NEGOTIATING, NEGOTIATING | S_DRIVER_OK],
+                NEGOTIATING,
+            ),
+            ("clear a bit", v1, &[S_ACK, NEGOTIATING, S_ACK], NEGOTIATING),
+            (
+                "driver gives up",
+                v1,
+                &[S_ACK, S_ACK | S_FAILED, NEGOTIATING],
+                S_ACK | S_FAILED,
+            ),
+            (
+                "device-owned bit",
+                v1,
+                &[S_ACK, S_ACK | S_NEEDS_RESET],
+                S_ACK,
+            ),
+            ("reset", v1, &[S_ACK, NEGOTIATING, 0], 0),
+            ("reset then again", v1, &[S_ACK, S_FAILED, 0, S_ACK], S_ACK),
+        ];
+        for &(name, features, writes, want) in table {
+            let dev = dummy(1);
+            let (mut t, _irq) = transport(&dev);
+            for &status in writes {
+                if status & S_FEATURES_OK != 0 && status & S_DRIVER_OK == 0 {
+                    // Features are written right before FEATURES_OK, as a driver does.
+                    w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+                    w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, features as u32);
+                    w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+                    w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, (features >> 32) as u32);
+                }
+                w(&mut t, VIRTIO_MMIO_STATUS, status);
+            }
+            assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn feature_words_above_one_are_refused() {
+        let dev = dummy(1);
+        let (mut t, _irq) = transport(&dev);
+        w(&mut t, VIRTIO_MMIO_STATUS, S_ACK);
+        w(&mut t, VIRTIO_MMIO_STATUS, NEGOTIATING);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 2);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        w(&mut t, VIRTIO_MMIO_STATUS, CONFIGURING);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), NEGOTIATING);
+    }
+
+    #[test]
+    fn queue_registers_need_the_right_state_and_values() {
+        let dev = dummy(1);
+        let (mut t, _irq) = transport(&dev);
+        // Before FEATURES_OK nothing sticks.
+        w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 4);
+        w(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
+
+        negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
+        for bad in [0, 3, 12, 32, 0x1_0004] {
+            w(&mut t, VIRTIO_MMIO_QUEUE_NUM, bad);
+        }
+        // A queue that doesn't exist is ignored.
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 7);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 4);
+        w(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        w(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        w(&mut t, VIRTIO_MMIO_STATUS, CONFIGURING | S_DRIVER_OK);
+        // The refused sizes left the default (max) in place.
+        assert_eq!(dev.lock().unwrap().activations[0][0].0, QUEUE_MAX);
+    }
+
+    #[test]
+    fn unusable_queue_fails_activation_with_needs_reset() {
+        for (desc, size) in [(MEM_SIZE - 0x10, 16), (0x1_0008, 16), (u64::MAX - 0xf, 16)] {
+            let dev = dummy(1);
+            let (mut t, irq) = transport(&dev);
+            negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
+            setup_queue(&mut t, 0, size, 0x1_0000);
+            w(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, desc as u32);
+            w(&mut t, VIRTIO_MMIO_QUEUE_DESC_HIGH, (desc >> 32) as u32);
+            w(&mut t, VIRTIO_MMIO_STATUS, CONFIGURING | S_DRIVER_OK);
+            let want = CONFIGURING | S_DRIVER_OK | S_NEEDS_RESET;
+            assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), want, "desc {desc:#x}");
+            assert!(dev.lock().unwrap().activations.is_empty());
+            assert_eq!(irq.eventfd().read().unwrap(), 1);
+            assert_eq!(
+                r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS),
+                VIRTIO_MMIO_INT_CONFIG
+            );
+            assert_eq!(r(&mut t, VIRTIO_MMIO_CONFIG_GENERATION), 1);
+            // Only a reset gets it out of there.
+            w(&mut t, VIRTIO_MMIO_STATUS, want | S_ACK);
+            assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), want);
+            w(&mut t, VIRTIO_MMIO_STATUS, 0);
+            assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);
+        }
+    }
+
+    #[test]
+    fn reset_clears_everything() {
+        let dev = dummy(1);
+        let (mut t, _irq) = transport(&dev);
+        negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 0, 4, 0x1_0000);
+        w(&mut t, VIRTIO_MMIO_STATUS, CONFIGURING | S_DRIVER_OK);
+        t.interrupt.signal_used_queue().unwrap();
+        w(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(dev.lock().unwrap().resets, 1);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
+        // Re-initialising without re-programming the queue hands over pristine state.
+        negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
+        w(&mut t, VIRTIO_MMIO_STATUS, CONFIGURING | S_DRIVER_OK);
+        assert_eq!(
+            dev.lock().unwrap().activations[1],
+            vec![(QUEUE_MAX, false, false, 0)]
+        );
+
+        dev.lock().unwrap().can_reset = false;
+        w(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), S_FAILED);
+    }
+
+    #[test]
+    fn notify_signals_the_queue_event_once_running() {
+        let dev = dummy(2);
+        let (mut t, _irq) = transport(&dev);
+        let pairs: Vec<(i32, u32)> = t
+            .queue_notify_events()
+            .iter()
+            .map(|(evt, data)| (std::os::fd::AsRawFd::as_raw_fd(*evt), *data))
+            .collect();
+        assert_eq!(pairs.len(), 2);
+        assert_eq!((pairs[0].1, pairs[1].1), (0, 1));
+
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
+        assert!(dev.lock().unwrap().evts[1].read().is_err());
+        negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 1, 4, 0x1_0000);
+        w(&mut t, VIRTIO_MMIO_STATUS, CONFIGURING | S_DRIVER_OK);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 2);
+        let d = dev.lock().unwrap();
+        assert_eq!(d.evts[1].read().unwrap(), 1);
+        assert!(d.evts[0].read().is_err());
+        // The transport's duplicate and the device's EventFd are one eventfd.
+        t.queue_notify_events()[0].0.write(1).unwrap();
+        assert_eq!(d.evts[0].read().unwrap(), 1);
+    }
+
+    #[test]
+    fn interrupt_status_and_ack() {
+        let dev = dummy(1);
+        let (mut t, irq) = transport(&dev);
+        t.interrupt.signal_used_queue().unwrap();
+        t.interrupt.signal_config_change().unwrap();
+        assert_eq!(irq.eventfd().read().unwrap(), 2);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 3);
+        w(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        assert_eq!(
+            r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS),
+            VIRTIO_MMIO_INT_CONFIG
+        );
+    }
+
+    #[test]
+    fn config_space_is_forwarded() {
+        let dev = dummy(1);
+        let (mut t, _irq) = transport(&dev);
+        let mut b = [0u8; 2];
+        t.read(CONFIG_OFFSET + 2, &mut b);
+        assert_eq!(&b, b"cd");
+        t.write(CONFIG_OFFSET + 6, b"XY");
+        assert_eq!(&dev.lock().unwrap().config, b"abcdefXY");
+        let mut b = [0u8; 8];
+        t.read(CONFIG_OFFSET + 4, &mut b);
+        assert_eq!(&b, b"efXY\0\0\0\0");
+    }
+
+    #[test]
+    fn odd_sized_or_unaligned_register_accesses_are_ignored() {
+        let dev = dummy(1);
+        let (mut t, _irq) = transport(&dev);
+        let mut b = [0xffu8; 2];
+        t.read(0, &mut b);
+        assert_eq!(b, [0, 0]);
+        let mut b = [0xffu8; 4];
+        t.read(2, &mut b);
+        assert_eq!(b, [0; 4]);
+        t.write(VIRTIO_MMIO_STATUS.into(), &[1]);
+        t.write(u64::from(VIRTIO_MMIO_STATUS) + 1, &[1, 0, 0, 0]);
+        t.write(VIRTIO_MMIO_STATUS.into(), &[1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);
+    }
+
+    #[test]
+    fn construction_validates_the_device() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let irq = Arc::new(EventFdInterrupt::new().unwrap());
+        let dev = dummy(1);
+        dev.lock().unwrap().sizes = vec![16, 16];
+        let res = MmioTransport::new(mem.clone(), dev.clone(), irq.clone());
+        assert!(matches!(res, Err(MmioError::QueueEventCount { .. })));
+        dev.lock().unwrap().sizes = vec![24];
+        let res = MmioTransport::new(mem, dev, irq);
+        assert!(matches!(res, Err(MmioError::QueueMaxSize { .. })));
+    }
+}
