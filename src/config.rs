@@ -46,6 +46,8 @@ pub enum CpuTemplate {
 pub enum ConsoleKind {
     /// The COM1 8250 UART (ttyS0).
     Serial,
+    /// A virtio-console port (hvc0); there is no UART.
+    Virtio,
     /// No console device: guest output is discarded.
     None,
 }
@@ -60,9 +62,9 @@ pub struct Cli {
     /// Initial ramdisk loaded next to the kernel.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line (replaces the default).
-    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
-    pub cmdline: String,
+    /// Kernel command line (replaces the default, which names the console device).
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub cpus: u8,
@@ -129,8 +131,18 @@ impl std::str::FromStr for DiskConfig {
     }
 }
 
-/// The kernel command line used when `--cmdline` is not given.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux";
+/// The kernel command line used when `--cmdline` is not given, after the console.
+pub const DEFAULT_CMDLINE: &str =
+    "reboot=k panic=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+/// The default command line for a console device.
+pub fn default_cmdline(console: ConsoleKind) -> String {
+    match console {
+        ConsoleKind::Serial => format!("console=ttyS0 {DEFAULT_CMDLINE}"),
+        ConsoleKind::Virtio => format!("console=hvc0 {DEFAULT_CMDLINE}"),
+        ConsoleKind::None => DEFAULT_CMDLINE.to_string(),
+    }
+}
 
 /// A validated VM description: what [`crate::vmm::Vmm::build`] needs and nothing else.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -167,7 +179,7 @@ impl TryFrom<Cli> for VmConfig {
         if let Some(initrd) = &cli.initrd {
             check_regular_file("initrd", initrd)?;
         }
-        let mut cmdline = cli.cmdline;
+        let mut cmdline = cli.cmdline.unwrap_or_else(|| default_cmdline(cli.console));
         let mut disks = Vec::new();
         if let Some(rootfs) = cli.rootfs {
             disks.push(DiskConfig {
@@ -261,6 +273,16 @@ mod tests {
         assert_eq!(cfg.cpu_template, None);
         assert_eq!(cfg.console, ConsoleKind::Serial);
         assert!(cfg.disks.is_empty());
+    }
+
+    #[test]
+    fn default_cmdline_follows_the_console() {
+        let k = kernel_file();
+        let k = k.as_path().to_str().unwrap();
+        let cfg = parse(&["--kernel", k, "--console", "virtio"]).unwrap();
+        assert!(cfg.cmdline.starts_with("console=hvc0 reboot=k"));
+        let cfg = parse(&["--kernel", k, "--console", "virtio", "--cmdline", "quiet"]).unwrap();
+        assert_eq!(cfg.cmdline, "quiet");
     }
 
     #[test]

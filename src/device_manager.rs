@@ -10,6 +10,7 @@ use rvmm_devices::interrupt::EventFdInterrupt;
 use rvmm_devices::legacy::i8042::I8042;
 use rvmm_devices::legacy::serial::Serial;
 use rvmm_devices::virtio::block::{Block, BlockConfig, BlockError};
+use rvmm_devices::virtio::console::{Console, ConsoleError};
 use rvmm_devices::virtio::mmio::{MmioError, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use rvmm_devices::virtio::VirtioDevice;
 use rvmm_firmware::layout;
@@ -39,12 +40,10 @@ pub enum DeviceError {
     Notify(#[source] VmError),
     #[error("virtio transport")]
     Transport(#[source] MmioError),
-    #[error("disk {path}")]
-    Disk {
-        path: String,
-        #[source]
-        source: BlockError,
-    },
+    #[error(transparent)]
+    Disk(BlockError),
+    #[error("virtio console")]
+    Console(#[source] ConsoleError),
     #[error("too many virtio devices: at most {0}")]
     TooManyDevices(u32),
 }
@@ -59,7 +58,7 @@ pub struct LegacyDevices {
 
 /// Writes guest console bytes to stdout straight away: an interactive prompt has no newline
 /// to flush a line buffer.
-struct ConsoleOut;
+pub struct ConsoleOut;
 
 impl Write for ConsoleOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -98,7 +97,7 @@ pub fn attach_legacy(
                 .map_err(DeviceError::Bus)?;
             Some(serial)
         }
-        ConsoleKind::None => None,
+        ConsoleKind::Virtio | ConsoleKind::None => None,
     };
     Ok(LegacyDevices { serial, reset_evt })
 }
@@ -178,6 +177,15 @@ where
     Ok(slot)
 }
 
+/// Attaches a virtio-console port on stdin/stdout and returns its command-line entry.
+pub fn attach_virtio_console(
+    ctx: &mut VirtioContext,
+    input: std::fs::File,
+) -> Result<String, DeviceError> {
+    let console = Console::new(Box::new(ConsoleOut), Some(input)).map_err(DeviceError::Console)?;
+    Ok(attach_virtio(ctx, Arc::new(Mutex::new(console)))?.cmdline_entry())
+}
+
 /// Attaches the disks in order (vda, vdb, …) and returns their command-line entries.
 pub fn attach_disks(
     ctx: &mut VirtioContext,
@@ -190,10 +198,7 @@ pub fn attach_disks(
             read_only: disk.read_only,
             serial: disk.serial.clone(),
         })
-        .map_err(|source| DeviceError::Disk {
-            path: disk.path.display().to_string(),
-            source,
-        })?;
+        .map_err(DeviceError::Disk)?;
         let slot = attach_virtio(ctx, Arc::new(Mutex::new(block)))?;
         entries.push(slot.cmdline_entry());
     }

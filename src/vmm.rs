@@ -15,9 +15,10 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootConfig, BootError};
-use crate::config::{CpuTemplate, VmConfig};
+use crate::config::{ConsoleKind, CpuTemplate, VmConfig};
 use crate::device_manager::{
-    attach_disks, attach_legacy, DeviceError, LegacyDevices, VirtioContext, VirtioSlots,
+    attach_disks, attach_legacy, attach_virtio_console, DeviceError, LegacyDevices, VirtioContext,
+    VirtioSlots,
 };
 use crate::event_loop::DeviceLoop;
 use crate::exit::Buses;
@@ -120,7 +121,12 @@ impl Vmm {
             cmdline.push(' ');
             cmdline.push_str(cpuid::BASELINE_KERNEL_PARAMS);
         }
-        for entry in attach_disks(&mut virtio, &cfg.disks)? {
+        let mut entries = attach_disks(&mut virtio, &cfg.disks)?;
+        if cfg.console == ConsoleKind::Virtio {
+            let stdin = dup_stdin().map_err(VmmError::EventFd)?;
+            entries.push(attach_virtio_console(&mut virtio, stdin)?);
+        }
+        for entry in entries {
             cmdline.push(' ');
             cmdline.push_str(&entry);
         }

@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::interrupt::Interrupt;
 
 pub mod block;
+pub mod console;
 pub mod mmio;
 
 /// Why a device refused to start.

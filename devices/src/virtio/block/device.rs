@@ -53,7 +53,7 @@ pub enum BlockError {
         source: io::Error,
     },
     /// Another process (or device) holds a conflicting lock on the image.
-    #[error("disk image {} is locked by another user", path.display())]
+    #[error("disk image {} is in use by another VM or process (locked)", path.display())]
     Locked {
         /// The image.
         path: PathBuf,

@@ -1,0 +1,502 @@
+//! The virtio-console device: configuration space, feature negotiation and the event-loop glue
+//! that serves the queues when the driver notifies them and the host input when it is readable.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use log::warn;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::port::{Receiver, RxNext, Transmitter};
+use super::{QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
+use crate::LogOnce;
+
+/// Errors setting up a virtio-console device.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    /// A queue EventFd could not be created.
+    #[error("cannot create a queue eventfd")]
+    EventFd(#[source] io::Error),
+}
+
+/// The running state between activation and reset.
+struct Active {
+    mem: GuestMemoryMmap,
+    /// Indexed by [`RX_QUEUE`] and [`TX_QUEUE`].
+    queues: [Queue; 2],
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+/// Which guest or host problems were already reported.
+#[derive(Debug, Default)]
+struct Warned {
+    config: LogOnce,
+    idle: LogOnce,
+    rx: LogOnce,
+    tx: LogOnce,
+    irq: LogOnce,
+    epoll: LogOnce,
+}
+
+/// A virtio-console device with one port.
+pub struct Console {
+    tx: Transmitter,
+    rx: Option<Receiver>,
+    queue_sizes: [u16; 2],
+    queue_evts: [EventFd; 2],
+    active: Option<Active>,
+    /// The host input is registered with epoll.
+    watching: bool,
+    warned: Warned,
+}
+
+impl Console {
+    /// `output` gets every byte the guest transmits (hvc0 → rvmm's stdout); `input` (host stdin
+    /// or a pipe/file/`/dev/null`) is fed to the guest's receive queue.
+    pub fn new(output: Box<dyn Write + Send>, input: Option<File>) -> Result<Self, ConsoleError> {
+        let evt = || EventFd::new(EFD_NONBLOCK).map_err(ConsoleError::EventFd);
+        Ok(Self {
+            tx: Transmitter::new(output),
+            rx: input.map(Receiver::new),
+            queue_sizes: [QUEUE_SIZE; 2],
+            queue_evts: [evt()?, evt()?],
+            active: None,
+            watching: false,
+            warned: Warned::default(),
+        })
+    }
+
+    /// Writes out what the guest transmitted.
+    fn transmit(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return self.idle();
+        };
+        let notify = match self
+            .tx
+            .process_queue(&active.mem, &mut active.queues[TX_QUEUE])
+        {
+            Ok(notify) => notify,
+            Err(e) => {
+                if self.warned.tx.first() {
+                    warn!("virtio-console: transmit queue: {}", crate::error_chain(&e));
+                }
+                // Chains returned before the failure still need announcing.
+                true
+            }
+        };
+        self.signal(notify);
+    }
+
+    /// Fills receive buffers from the host input, then makes the input's epoll registration
+    /// match what the receiver wants next.
+    fn receive(&mut self, may_read: bool, ops: &mut EventOps) {
+        let Some(rx) = self.rx.as_mut() else {
+            return;
+        };
+        // Before activation there is nowhere to put input; the driver's first receive
+        // notification brings the watch back.
+        let mut next = RxNext::WaitForBuffers;
+        let mut notify = false;
+        if let Some(active) = self.active.as_mut() {
+            match rx.pump(&active.mem, &mut active.queues[RX_QUEUE], may_read) {
+                Ok(pumped) => (next, notify) = (pumped.next, pumped.notify),
+                Err(e) => {
+                    if self.warned.rx.first() {
+                        warn!("virtio-console: receive queue: {}", crate::error_chain(&e));
+                    }
+                    notify = true;
+                }
+            }
+        }
+        self.signal(notify);
+        self.apply(next, ops);
+    }
+
+    fn signal(&mut self, notify: bool) {
+        let Some(active) = self.active.as_ref().filter(|_| notify) else {
+            return;
+        };
+        if let Err(e) = active.interrupt.signal_used_queue() {
+            if self.warned.irq.first() {
+                warn!("virtio-console: cannot raise the interrupt: {e}");
+            }
+        }
+    }
+
+    /// Watches the input for readability exactly when the receiver waits for it, so the loop
+    /// neither spins on input it cannot deliver nor misses input it can.
+    fn apply(&mut self, next: RxNext, ops: &mut EventOps) {
+        let Some(rx) = self.rx.as_ref() else {
+            return;
+        };
+        let watch = next == RxNext::Watch && rx.pollable();
+        if watch == self.watching {
+            return;
+        }
+        let events = Events::new(rx.input(), EventSet::IN);
+        let res = if watch {
+            ops.add(events)
+        } else {
+            ops.remove(events)
+        };
+        match res {
+            Ok(()) => self.watching = watch,
+            Err(e) => {
+                if self.warned.epoll.first() {
+                    warn!("virtio-console: cannot update epoll interest in the input: {e:?}");
+                }
+            }
+        }
+    }
+
+    fn idle(&mut self) {
+        if self.warned.idle.first() {
+            warn!("virtio-console: queue notified before activation");
+        }
+    }
+}
+
+fn features() -> u64 {
+    [VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX]
+        .into_iter()
+        .fold(0, |acc, bit| acc | 1 << bit)
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_CONSOLE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        features()
+    }
+
+    fn set_acked_features(&mut self, _features: u64) {
+        // Nothing to adapt: EVENT_IDX is applied by the transport.
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        // `struct virtio_console_config` (cols, rows, max_nr_ports, emerg_wr) only has meaning
+        // with SIZE, MULTIPORT or EMERG_WRITE, none of which is offered: it all reads as zero.
+        data.fill(0);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // emerg_wr needs VIRTIO_CONSOLE_F_EMERG_WRITE, which is not offered.
+        if self.warned.config.first() {
+            warn!(
+                "virtio-console: ignoring {}-byte config write at {offset:#x}",
+                data.len()
+            );
+        }
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let got = queues.len();
+        let Ok(queues) = <[Queue; 2]>::try_from(queues) else {
+            return Err(ActivateError::QueueCount { expected: 2, got });
+        };
+        if let Some(index) = queues.iter().position(|q| !q.ready()) {
+            return Err(ActivateError::QueueNotReady(index));
+        }
+        self.active = Some(Active {
+            mem,
+            queues,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        // The input stays open; it is unwatched at its next event and watched again once the
+        // driver posts receive buffers.
+        self.active = None;
+        true
+    }
+}
+
+impl MutEventSubscriber for Console {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.queue_evts[TX_QUEUE].as_raw_fd() {
+            // The count does not matter: one drain serves every notification so far.
+            let _ = self.queue_evts[TX_QUEUE].read();
+            self.transmit();
+        } else if fd == self.queue_evts[RX_QUEUE].as_raw_fd() {
+            let _ = self.queue_evts[RX_QUEUE].read();
+            if self.active.is_none() {
+                return self.idle();
+            }
+            // New buffers: an unpollable input is read now, a pollable one is watched again
+            // and read once epoll reports it readable (a tty may be a blocking fd).
+            let may_read = self.rx.as_ref().is_some_and(|rx| !rx.pollable());
+            self.receive(may_read, ops);
+        } else if self
+            .rx
+            .as_ref()
+            .is_some_and(|rx| rx.input().as_raw_fd() == fd)
+        {
+            self.receive(true, ops);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for evt in &self.queue_evts {
+            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
+                warn!("virtio-console: cannot watch a queue eventfd: {e:?}");
+            }
+        }
+        let Some(rx) = self.rx.as_mut() else {
+            return;
+        };
+        match ops.add(Events::new(rx.input(), EventSet::IN)) {
+            Ok(()) => self.watching = true,
+            // epoll refuses regular files and /dev/null; they never block, so they are read
+            // whenever the driver posts buffers.
+            Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EPERM => rx.set_unpollable(),
+            Err(e) => warn!("virtio-console: cannot watch the input: {e:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+    use std::sync::Mutex;
+
+    use event_manager::{EventManager, SubscriberOps};
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::tempfile::TempFile;
+
+    use super::super::test_utils::*;
+    use super::super::RX_CHUNK;
+    use super::*;
+    use crate::virtio::test_utils::CountingInterrupt;
+
+    type Manager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+    /// Where the transmit queue's rings live; the receive queue's start at 0.
+    const TX_RINGS: u64 = 0x1000;
+
+    fn console(input: Option<File>) -> (Console, SharedBuf) {
+        let out = SharedBuf::default();
+        (Console::new(Box::new(out.clone()), input).unwrap(), out)
+    }
+
+    fn ready_queue(ready: bool) -> Queue {
+        let mut q = Queue::new(QUEUE_SIZE).unwrap();
+        q.set_ready(ready);
+        q
+    }
+
+    #[test]
+    fn identity_features_and_config() {
+        let (mut c, _out) = console(None);
+        assert_eq!(c.device_type(), VIRTIO_ID_CONSOLE);
+        assert_eq!(c.queue_max_sizes(), &[QUEUE_SIZE, QUEUE_SIZE]);
+        assert_eq!(c.queue_events().len(), 2);
+        assert_eq!(
+            c.avail_features(),
+            1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX
+        );
+        for offset in [0, 4, 8, 12, u64::MAX] {
+            let mut data = [0xff; 4];
+            c.read_config(offset, &mut data);
+            assert_eq!(data, [0; 4]);
+        }
+        c.write_config(8, b"x");
+        let mut data = [0xff; 4];
+        c.read_config(8, &mut data);
+        assert_eq!(data, [0; 4]);
+    }
+
+    #[test]
+    fn activation_checks_queues() {
+        let (mut c, _out) = console(None);
+        let irq = Arc::new(VirtioInterrupt::new(Arc::new(CountingInterrupt::default())));
+        let err = c
+            .activate(mem(), vec![ready_queue(true)], irq.clone())
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            ActivateError::QueueCount {
+                expected: 2,
+                got: 1
+            }
+        ));
+        let err = c
+            .activate(
+                mem(),
+                vec![ready_queue(true), ready_queue(false)],
+                irq.clone(),
+            )
+            .unwrap_err();
+        assert!(matches!(err, ActivateError::QueueNotReady(1)));
+        let queues = || vec![ready_queue(true), ready_queue(true)];
+        c.activate(mem(), queues(), irq.clone()).unwrap();
+        let err = c.activate(mem(), queues(), irq.clone()).unwrap_err();
+        assert!(matches!(err, ActivateError::AlreadyActive));
+        assert!(c.reset());
+        c.activate(mem(), queues(), irq).unwrap();
+    }
+
+    /// A console on an event loop, activated with mock queues.
+    struct Rig<'a> {
+        console: Arc<Mutex<Console>>,
+        out: SharedBuf,
+        manager: Manager,
+        irq: Arc<CountingInterrupt>,
+        rx: Driver<'a>,
+        tx: Driver<'a>,
+    }
+
+    impl<'a> Rig<'a> {
+        fn new(mem: &'a GuestMemoryMmap, input: Option<File>) -> Self {
+            let (console, out) = console(input);
+            let console = Arc::new(Mutex::new(console));
+            let mut manager = Manager::new().unwrap();
+            manager.add_subscriber(console.clone());
+            let irq = Arc::new(CountingInterrupt::default());
+            let (rx, tx) = (Driver::new(mem, 0), Driver::new(mem, TX_RINGS));
+            let interrupt = Arc::new(VirtioInterrupt::new(irq.clone()));
+            console
+                .lock()
+                .unwrap()
+                .activate(mem.clone(), vec![rx.queue(), tx.queue()], interrupt)
+                .unwrap();
+            Self {
+                console,
+                out,
+                manager,
+                irq,
+                rx,
+                tx,
+            }
+        }
+
+        /// What the transport does on a QueueNotify write.
+        fn notify(&self, queue: usize) {
+            self.console.lock().unwrap().queue_events()[queue]
+                .write(1)
+                .unwrap();
+        }
+
+        /// Runs the loop until it has nothing to do; returns the events it handled.
+        fn run(&mut self) -> usize {
+            let mut total = 0;
+            loop {
+                match self.manager.run_with_timeout(50).unwrap() {
+                    0 => return total,
+                    n => total += n,
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transmitted_bytes_reach_the_output() {
+        let mem = mem();
+        let mut rig = Rig::new(&mem, None);
+        mem.write_slice(b"login: ", GuestAddress(BUF)).unwrap();
+        rig.tx.post(&[(BUF, 3, R), (BUF + 3, 4, R)]);
+        rig.notify(TX_QUEUE);
+        assert_eq!(rig.run(), 1);
+        assert_eq!(rig.out.take(), b"login: ");
+        assert_eq!(rig.tx.used(), vec![(0, 0)]);
+        assert_eq!(rig.irq.count(), 1);
+    }
+
+    #[test]
+    fn pipe_input_waits_for_buffers_without_spinning() {
+        let mem = mem();
+        let (input, mut writer) = pipe();
+        let mut rig = Rig::new(&mem, Some(input));
+        writer.write_all(b"root\n").unwrap();
+        // Readable but nowhere to put it: one event, then the input is left alone.
+        assert_eq!(rig.run(), 1);
+        assert!(rig.rx.used().is_empty());
+        assert_eq!(rig.irq.count(), 0);
+
+        rig.rx.post(&[(BUF, 64, W)]);
+        rig.notify(RX_QUEUE);
+        // The notification re-arms the watch, then the input is read.
+        assert_eq!(rig.run(), 2);
+        assert_eq!(rig.rx.used(), vec![(0, 5)]);
+        assert_eq!(guest(&mem, BUF, 5), b"root\n");
+        assert_eq!(rig.irq.count(), 1);
+
+        // EOF with no buffer posted: unwatched again; with one, the input is done.
+        drop(writer);
+        assert_eq!(rig.run(), 1);
+        rig.rx.post(&[(BUF, 64, W)]);
+        rig.notify(RX_QUEUE);
+        assert_eq!(rig.run(), 2);
+        assert_eq!(rig.rx.used().len(), 1);
+        rig.notify(RX_QUEUE);
+        assert_eq!(rig.run(), 1);
+        assert_eq!(rig.irq.count(), 1);
+    }
+
+    #[test]
+    fn file_input_is_read_when_buffers_are_posted() {
+        let mem = mem();
+        let file = TempFile::new().unwrap();
+        let sent: Vec<u8> = (0..RX_CHUNK + 10).map(|i| (i * 3) as u8).collect();
+        file.as_file().write_all(&sent).unwrap();
+        let mut rig = Rig::new(&mem, Some(File::open(file.as_path()).unwrap()));
+        // Regular files cannot be watched: nothing happens until buffers arrive.
+        assert_eq!(rig.run(), 0);
+        rig.rx.post(&[(BUF, RX_CHUNK as u32, W)]);
+        rig.rx.post(&[(BUF + 0x2000, RX_CHUNK as u32, W)]);
+        rig.rx.post(&[(BUF + 0x4000, RX_CHUNK as u32, W)]);
+        rig.notify(RX_QUEUE);
+        assert_eq!(rig.run(), 1);
+        assert_eq!(rig.rx.used(), vec![(0, RX_CHUNK as u32), (1, 10)]);
+        let mut got = guest(&mem, BUF, RX_CHUNK);
+        got.extend(guest(&mem, BUF + 0x2000, 10));
+        assert_eq!(got, sent);
+        assert_eq!(rig.irq.count(), 1);
+    }
+
+    #[test]
+    fn reset_device_ignores_queues_and_input() {
+        let mem = mem();
+        let (input, mut writer) = pipe();
+        let mut rig = Rig::new(&mem, Some(input));
+        assert!(rig.console.lock().unwrap().reset());
+        rig.rx.post(&[(BUF, 64, W)]);
+        rig.tx.post(&[(BUF, 4, R)]);
+        rig.notify(RX_QUEUE);
+        rig.notify(TX_QUEUE);
+        writer.write_all(b"x").unwrap();
+        assert_eq!(rig.run(), 3);
+        assert!(rig.rx.used().is_empty() && rig.tx.used().is_empty());
+        assert!(rig.out.take().is_empty());
+        assert_eq!(rig.irq.count(), 0);
+    }
+}
