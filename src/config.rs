@@ -4,6 +4,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, ValueEnum};
+use rvmm_devices::virtio::net::parse_mac;
 
 /// Largest guest the layout supports without more memory slots (1 TiB).
 const MAX_MEMORY_MIB: u64 = 1 << 20;
@@ -26,6 +27,8 @@ pub enum ConfigError {
     },
     #[error("--disk {spec}: {reason}")]
     DiskSpec { spec: String, reason: String },
+    #[error("--net {spec}: {reason}")]
+    NetSpec { spec: String, reason: String },
     #[error("disk {0} is given twice")]
     DuplicateDisk(String),
     #[error("--cmdline is too long ({0} bytes, at most {max})", max = rvmm_firmware::layout::CMDLINE_MAX_LEN - 1)]
@@ -85,6 +88,43 @@ pub struct Cli {
     /// An extra virtio disk (vdb, vdc, … in order): PATH[,ro][,serial=ID]. Repeatable.
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<String>,
+    /// A virtio-net interface on an existing TAP device: tap=NAME[,mac=MAC]. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    pub net: Vec<String>,
+    /// A virtio-rng device fed from the host's getrandom().
+    #[arg(long)]
+    pub rng: bool,
+}
+
+/// One virtio-net interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    /// None: rvmm picks a random locally administered address.
+    pub mac: Option<[u8; 6]>,
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = ConfigError;
+
+    fn from_str(spec: &str) -> Result<Self, ConfigError> {
+        let bad = |reason: String| ConfigError::NetSpec {
+            spec: spec.to_string(),
+            reason,
+        };
+        let (mut tap, mut mac) = (None, None);
+        for opt in spec.split(',') {
+            match opt.split_once('=') {
+                Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
+                Some(("mac", value)) => {
+                    mac = Some(parse_mac(value).map_err(|e| bad(e.to_string()))?)
+                }
+                _ => return Err(bad(format!("unknown option {opt:?}"))),
+            }
+        }
+        let tap = tap.ok_or_else(|| bad("tap=NAME is required".into()))?;
+        Ok(NetConfig { tap, mac })
+    }
 }
 
 /// One virtio-blk disk.
@@ -157,6 +197,8 @@ pub struct VmConfig {
     pub console: ConsoleKind,
     /// Virtio disks in guest order: the root filesystem first when there is one.
     pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    pub rng: bool,
 }
 
 impl VmConfig {
@@ -193,6 +235,11 @@ impl TryFrom<Cli> for VmConfig {
             disks.push(spec.parse()?);
         }
         check_disks(&disks)?;
+        let nets = cli
+            .net
+            .iter()
+            .map(|spec| spec.parse())
+            .collect::<Result<Vec<NetConfig>, _>>()?;
         if cmdline.len() >= rvmm_firmware::layout::CMDLINE_MAX_LEN {
             return Err(ConfigError::CmdlineTooLong(cmdline.len()));
         }
@@ -205,6 +252,8 @@ impl TryFrom<Cli> for VmConfig {
             cpu_template: cli.cpu_template,
             console: cli.console,
             disks,
+            nets,
+            rng: cli.rng,
         })
     }
 }
@@ -306,6 +355,24 @@ mod tests {
             "/img,serial=123456789012345678901",
         ] {
             assert!(bad.parse::<DiskConfig>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn net_specs() {
+        let n: NetConfig = "tap=tap0,mac=52:54:00:12:34:56".parse().unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+        let n: NetConfig = "tap=t1".parse().unwrap();
+        assert_eq!(n.mac, None);
+        for bad in [
+            "",
+            "tap=",
+            "mac=52:54:00:12:34:56",
+            "tap=t,mac=zz",
+            "tap=t,mtu=9000",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad:?}");
         }
     }
 

@@ -12,12 +12,14 @@ use rvmm_devices::legacy::serial::Serial;
 use rvmm_devices::virtio::block::{Block, BlockConfig, BlockError};
 use rvmm_devices::virtio::console::{Console, ConsoleError};
 use rvmm_devices::virtio::mmio::{MmioError, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use rvmm_devices::virtio::net::{format_mac, Net, NetError};
+use rvmm_devices::virtio::rng::{Rng, RngError};
 use rvmm_devices::virtio::VirtioDevice;
 use rvmm_firmware::layout;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{ConsoleKind, DiskConfig};
+use crate::config::{ConsoleKind, DiskConfig, NetConfig, VmConfig};
 use crate::event_loop::DeviceEventManager;
 use crate::vstate::vm::{Vm, VmError};
 
@@ -44,6 +46,10 @@ pub enum DeviceError {
     Disk(BlockError),
     #[error("virtio console")]
     Console(#[source] ConsoleError),
+    #[error(transparent)]
+    Net(NetError),
+    #[error("virtio rng")]
+    Rng(#[source] RngError),
     #[error("too many virtio devices: at most {0}")]
     TooManyDevices(u32),
 }
@@ -177,6 +183,24 @@ where
     Ok(slot)
 }
 
+/// Attaches every virtio device the configuration asks for and returns their command-line
+/// entries. Disks come first so that their guest names follow the command line's order.
+pub fn attach_virtio_devices(
+    ctx: &mut VirtioContext,
+    cfg: &VmConfig,
+) -> Result<Vec<String>, DeviceError> {
+    let mut entries = attach_disks(ctx, &cfg.disks)?;
+    entries.extend(attach_nets(ctx, &cfg.nets)?);
+    if cfg.rng {
+        entries.push(attach_rng(ctx)?);
+    }
+    if cfg.console == ConsoleKind::Virtio {
+        let stdin = crate::vmm::dup_stdin().map_err(DeviceError::EventFd)?;
+        entries.push(attach_virtio_console(ctx, stdin)?);
+    }
+    Ok(entries)
+}
+
 /// Attaches a virtio-console port on stdin/stdout and returns its command-line entry.
 pub fn attach_virtio_console(
     ctx: &mut VirtioContext,
@@ -203,6 +227,35 @@ pub fn attach_disks(
         entries.push(slot.cmdline_entry());
     }
     Ok(entries)
+}
+
+/// Attaches one virtio-net interface per TAP and returns their command-line entries.
+pub fn attach_nets(
+    ctx: &mut VirtioContext,
+    nets: &[NetConfig],
+) -> Result<Vec<String>, DeviceError> {
+    let mut entries = Vec::with_capacity(nets.len());
+    for cfg in nets {
+        let net = Net::new(rvmm_devices::virtio::net::NetConfig {
+            tap: cfg.tap.clone(),
+            mac: cfg.mac,
+        })
+        .map_err(DeviceError::Net)?;
+        log::info!(
+            "eth{} on TAP {} has MAC {}",
+            entries.len(),
+            cfg.tap,
+            format_mac(&net.mac())
+        );
+        entries.push(attach_virtio(ctx, Arc::new(Mutex::new(net)))?.cmdline_entry());
+    }
+    Ok(entries)
+}
+
+/// Attaches a virtio-rng device and returns its command-line entry.
+pub fn attach_rng(ctx: &mut VirtioContext) -> Result<String, DeviceError> {
+    let rng = Rng::new().map_err(DeviceError::Rng)?;
+    Ok(attach_virtio(ctx, Arc::new(Mutex::new(rng)))?.cmdline_entry())
 }
 
 #[cfg(test)]

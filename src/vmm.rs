@@ -15,10 +15,9 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootConfig, BootError};
-use crate::config::{ConsoleKind, CpuTemplate, VmConfig};
+use crate::config::{CpuTemplate, VmConfig};
 use crate::device_manager::{
-    attach_disks, attach_legacy, attach_virtio_console, DeviceError, LegacyDevices, VirtioContext,
-    VirtioSlots,
+    attach_legacy, attach_virtio_devices, DeviceError, LegacyDevices, VirtioContext, VirtioSlots,
 };
 use crate::event_loop::DeviceLoop;
 use crate::exit::Buses;
@@ -121,11 +120,7 @@ impl Vmm {
             cmdline.push(' ');
             cmdline.push_str(cpuid::BASELINE_KERNEL_PARAMS);
         }
-        let mut entries = attach_disks(&mut virtio, &cfg.disks)?;
-        if cfg.console == ConsoleKind::Virtio {
-            let stdin = dup_stdin().map_err(VmmError::EventFd)?;
-            entries.push(attach_virtio_console(&mut virtio, stdin)?);
-        }
+        let entries = attach_virtio_devices(&mut virtio, cfg)?;
         for entry in entries {
             cmdline.push(' ');
             cmdline.push_str(&entry);
@@ -249,8 +244,8 @@ fn stop_vcpus(stop: &AtomicBool, handles: Vec<VcpuHandle>) {
     handles.into_iter().for_each(VcpuHandle::join);
 }
 
-/// A separate handle on stdin, owned by the serial input handler.
-fn dup_stdin() -> std::io::Result<File> {
+/// A separate handle on stdin, owned by the console's input handler.
+pub(crate) fn dup_stdin() -> std::io::Result<File> {
     // SAFETY: dup() of fd 0 has no memory-safety preconditions; the result is checked.
     let fd = unsafe { libc::dup(std::io::stdin().as_raw_fd()) };
     if fd < 0 {

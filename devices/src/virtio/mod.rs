@@ -14,7 +14,11 @@ use crate::interrupt::Interrupt;
 
 pub mod block;
 pub mod console;
+pub mod drain;
 pub mod mmio;
+pub mod net;
+pub mod rng;
+pub mod sg;
 
 /// Why a device refused to start.
 #[derive(Debug, thiserror::Error)]

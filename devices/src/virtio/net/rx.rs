@@ -1,0 +1,763 @@
+//! The receive path: frames from the TAP into the receive queue's buffers.
+//!
+//! A frame is read from the TAP only once the driver has posted a buffer for it, so while the
+//! guest is not reading, frames wait in the kernel's TAP queue (which drops, and counts, what
+//! overflows it) rather than in an unbounded host buffer. With merged receive buffers a frame is
+//! spread over as many chains as it needs and `num_buffers` in its header says how many;
+//! without, it needs one chain big enough for all of it. A frame already read but still short of
+//! buffers is held (one at most) until the driver posts more.
+
+use std::io;
+use std::sync::atomic::{fence, Ordering};
+
+use log::warn;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+
+use super::{TapIo, ETH_HLEN, HDR_LEN, MAX_PACKET_LEN, NUM_BUFFERS_OFFSET, QUEUE_SIZE};
+use crate::virtio::sg::{SgError, SgList};
+use crate::LogOnce;
+
+/// Most frames delivered per call: bounds the event loop's time here while the driver keeps
+/// posting buffers; level-triggered epoll brings the loop back for the rest.
+const RX_BUDGET: usize = 64;
+
+/// Errors while receiving; the queue-level ones end a [`Receiver::pump`], the others cost one
+/// chain or one frame and are only logged.
+#[derive(Debug, thiserror::Error)]
+pub enum RxError {
+    /// The queue itself is unusable (rings unreadable, avail index insane).
+    #[error("virtio queue is broken")]
+    Queue(#[source] virtio_queue::Error),
+    /// The driver claims more chains than it made available.
+    #[error("avail ring index is inconsistent")]
+    BrokenRing,
+    /// The used ring or `used_event` could not be accessed.
+    #[error("cannot access the used ring")]
+    Ring(#[source] GuestMemoryError),
+    /// A chain's shape was refused; it is returned empty.
+    #[error("invalid receive chain")]
+    Chain(#[source] SgError),
+    /// A chain without room for the virtio-net header; it is returned empty.
+    #[error("receive chain of {0} bytes has no room for the header")]
+    ShortChain(u64),
+    /// The frame is larger than the chain (or, with merged buffers, the whole ring).
+    #[error("frame of {len} bytes does not fit in {room} bytes of receive buffers")]
+    DoesNotFit {
+        /// Header plus frame.
+        len: u64,
+        /// The buffers it could have had.
+        room: u64,
+    },
+    /// The TAP handed out less than a header and an Ethernet header.
+    #[error("TAP delivered a runt of {0} bytes")]
+    Runt(usize),
+    /// Copying into validated guest buffers failed.
+    #[error("cannot write the frame to guest memory")]
+    GuestMemory(#[source] GuestMemoryError),
+    /// Reading the TAP failed.
+    #[error("TAP read failed")]
+    Tap(#[source] io::Error),
+}
+
+/// What the receiver wants from the event loop next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxNext {
+    /// Wait for the TAP to become readable.
+    Watch,
+    /// No (or not enough) receive buffers: leave the TAP alone until the driver posts some and
+    /// notifies the receive queue.
+    WaitForBuffers,
+    /// The TAP is unusable: stop watching it.
+    Stop,
+}
+
+/// The result of one [`Receiver::pump`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pumped {
+    /// What to wait for next.
+    pub next: RxNext,
+    /// The driver needs an interrupt for the chains returned.
+    pub notify: bool,
+}
+
+/// A receive chain taken off the ring for the next frame.
+struct Reserved {
+    head: u16,
+    sg: SgList,
+}
+
+enum Gathered {
+    /// The first this many reserved chains hold the pending frame.
+    Enough(usize),
+    /// The ring ran dry first.
+    Short,
+    /// The frame can never fit and was dropped.
+    Dropped,
+}
+
+enum Read {
+    /// A frame of this many bytes (header included) is pending.
+    Frame(usize),
+    /// Nothing queued in the TAP.
+    Empty,
+    /// One frame was lost.
+    Dropped,
+    /// The TAP is unusable.
+    Failed,
+}
+
+/// Which guest or host problems were already reported.
+#[derive(Debug, Default)]
+struct Warned {
+    chain: LogOnce,
+    fit: LogOnce,
+    tap: LogOnce,
+    memory: LogOnce,
+}
+
+/// Moves frames from a TAP into the receive queue.
+pub struct Receiver {
+    /// The pending frame, header first.
+    packet: Box<[u8]>,
+    /// Length of the frame read from the TAP but not delivered yet.
+    pending: Option<usize>,
+    reserved: Vec<Reserved>,
+    /// (head, length) of one frame's chains, published together.
+    used: Vec<(u16, u32)>,
+    mergeable: bool,
+    guest_csum: bool,
+    frames: u64,
+    dropped: u64,
+    warned: Warned,
+}
+
+impl Default for Receiver {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Receiver {
+    /// A receiver for a driver that negotiated neither merged buffers nor checksum offload.
+    pub fn new() -> Self {
+        Self {
+            packet: vec![0; MAX_PACKET_LEN].into_boxed_slice(),
+            pending: None,
+            reserved: Vec::new(),
+            used: Vec::new(),
+            mergeable: false,
+            guest_csum: false,
+            frames: 0,
+            dropped: 0,
+            warned: Warned::default(),
+        }
+    }
+
+    /// Applies the negotiated VIRTIO_NET_F_MRG_RXBUF and VIRTIO_NET_F_GUEST_CSUM.
+    pub fn set_features(&mut self, mergeable: bool, guest_csum: bool) {
+        self.mergeable = mergeable;
+        self.guest_csum = guest_csum;
+    }
+
+    /// Forgets the reserved chains (the driver's rings are gone) and drops a pending frame.
+    pub fn reset(&mut self) {
+        if self.pending.take().is_some() {
+            self.dropped += 1;
+        }
+        self.reserved.clear();
+    }
+
+    /// Frames delivered to the guest so far.
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+
+    /// Frames read from the TAP and lost so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Delivers frames from `tap` while there are frames and buffers for them.
+    pub fn pump(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+        tap: &mut dyn TapIo,
+    ) -> Result<Pumped, RxError> {
+        let old_used = queue.next_used();
+        let next = self.fill(mem, queue, tap);
+        // Chains returned before a failure still need announcing.
+        let notify = needs_notification(mem, queue, old_used);
+        Ok(Pumped {
+            next: next?,
+            notify: notify?,
+        })
+    }
+
+    fn fill(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+        tap: &mut dyn TapIo,
+    ) -> Result<RxNext, RxError> {
+        for _ in 0..RX_BUDGET {
+            let len = match self.pending {
+                Some(len) => len,
+                None => {
+                    // A buffer first, so that a frame is never taken off the TAP for nothing.
+                    if self.reserved.is_empty() && !self.reserve(mem, queue)? {
+                        return Ok(RxNext::WaitForBuffers);
+                    }
+                    match self.read(tap) {
+                        Read::Frame(len) => len,
+                        Read::Empty => return Ok(RxNext::Watch),
+                        Read::Dropped => continue,
+                        Read::Failed => return Ok(RxNext::Stop),
+                    }
+                }
+            };
+            self.pending = Some(len);
+            match self.gather(mem, queue, len as u64)? {
+                Gathered::Enough(count) => self.deliver(mem, queue, count)?,
+                Gathered::Short => return Ok(RxNext::WaitForBuffers),
+                Gathered::Dropped => {}
+            }
+        }
+        Ok(RxNext::Watch)
+    }
+
+    /// Takes the next usable chain off the ring; false when the ring is empty, after asking
+    /// the driver to notify when it posts more. Unusable chains are returned empty.
+    fn reserve(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> Result<bool, RxError> {
+        let mut announced = false;
+        loop {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                if announced {
+                    return Err(RxError::BrokenRing);
+                }
+                // With EVENT_IDX the driver would not notify otherwise; chains posted before
+                // it saw the request are announced here.
+                announced = queue.enable_notification(mem).map_err(RxError::Queue)?;
+                if !announced {
+                    return Ok(false);
+                }
+                continue;
+            };
+            announced = false;
+            let head = chain.head_index();
+            let err = match SgList::new(chain, mem, true, QUEUE_SIZE.into()) {
+                Ok(sg) if sg.len >= HDR_LEN as u64 => {
+                    self.reserved.push(Reserved { head, sg });
+                    return Ok(true);
+                }
+                Ok(sg) => RxError::ShortChain(sg.len),
+                Err(e) => RxError::Chain(e),
+            };
+            if self.warned.chain.first() {
+                warn!("virtio-net: {}", crate::error_chain(&err));
+            }
+            publish(mem, queue, &[(head, 0)])?;
+        }
+    }
+
+    /// Reads one frame from the TAP into `packet`.
+    fn read(&mut self, tap: &mut dyn TapIo) -> Read {
+        let err = loop {
+            match tap.read_frame(&mut self.packet) {
+                Ok(len) if len >= HDR_LEN + ETH_HLEN => return Read::Frame(len),
+                Ok(len) => break RxError::Runt(len),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Read::Empty,
+                Err(e) => break RxError::Tap(e),
+            }
+        };
+        // The TAP reports a frame too big for the buffer with EFAULT or EINVAL and discards
+        // it; other errors (EBADFD: interface deleted) will not go away.
+        let fatal = matches!(&err, RxError::Tap(e)
+            if !matches!(e.raw_os_error(), Some(libc::EFAULT | libc::EINVAL)));
+        if self.warned.tap.first() {
+            warn!("virtio-net: {}", crate::error_chain(&err));
+        }
+        if fatal {
+            return Read::Failed;
+        }
+        self.dropped += 1;
+        Read::Dropped
+    }
+
+    /// Reserves chains until they hold the pending frame of `len` bytes.
+    fn gather(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+        len: u64,
+    ) -> Result<Gathered, RxError> {
+        let mut room: u64 = self.reserved.iter().map(|r| r.sg.len).sum();
+        while room < len {
+            // Without merged buffers the one reserved chain must do; with them, a ring full of
+            // tiny buffers must not hold the frame forever.
+            let limit = if self.mergeable { queue.size() } else { 1 };
+            if self.reserved.len() >= usize::from(limit) {
+                return Ok(self.drop_pending(RxError::DoesNotFit { len, room }));
+            }
+            if !self.reserve(mem, queue)? {
+                return Ok(Gathered::Short);
+            }
+            room += self.reserved.last().map_or(0, |r| r.sg.len);
+        }
+        // The fewest chains that hold the frame; later ones wait for the next frame.
+        let mut before = 0;
+        let count = self
+            .reserved
+            .iter()
+            .take_while(|r| {
+                let fits = before >= len;
+                before += r.sg.len;
+                !fits
+            })
+            .count();
+        Ok(Gathered::Enough(count))
+    }
+
+    fn drop_pending(&mut self, err: RxError) -> Gathered {
+        self.pending = None;
+        self.dropped += 1;
+        if self.warned.fit.first() {
+            warn!("virtio-net: dropping a received frame: {err}");
+        }
+        Gathered::Dropped
+    }
+
+    /// Copies the pending frame into the first `count` reserved chains and returns them.
+    fn deliver(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+        count: usize,
+    ) -> Result<(), RxError> {
+        let len = self.pending.take().unwrap_or_default();
+        let packet = &mut self.packet[..len];
+        // At most the queue size.
+        let num_buffers = count as u16;
+        packet[NUM_BUFFERS_OFFSET..HDR_LEN].copy_from_slice(&num_buffers.to_le_bytes());
+        if !self.guest_csum {
+            // virtio 1.1, 5.1.6.4.1: flags must be zero unless GUEST_CSUM was negotiated (the
+            // TAP may still mark frames DATA_VALID).
+            packet[0] = 0;
+        }
+        self.used.clear();
+        let mut rest = &packet[..];
+        let mut failed = None;
+        for chain in self.reserved.drain(..count) {
+            let n = usize::try_from(chain.sg.len).map_or(rest.len(), |room| room.min(rest.len()));
+            if let Err(e) = chain.sg.write_from(mem, &rest[..n]) {
+                failed = Some(e);
+            }
+            rest = &rest[n..];
+            // At most MAX_PACKET_LEN.
+            self.used.push((chain.head, n as u32));
+        }
+        match failed {
+            None => self.frames += 1,
+            Some(e) => {
+                // Validated buffers do not fail unless guest memory itself changed: the frame
+                // is lost and its chains are returned empty.
+                self.dropped += 1;
+                self.used.iter_mut().for_each(|(_, len)| *len = 0);
+                if self.warned.memory.first() {
+                    warn!(
+                        "virtio-net: {}",
+                        crate::error_chain(&RxError::GuestMemory(e))
+                    );
+                }
+            }
+        }
+        publish(mem, queue, &self.used)
+    }
+}
+
+/// Puts one frame's chains on the used ring and only then moves the used index, so a driver
+/// polling the ring never sees a frame before all its `num_buffers` chains are there
+/// (virtio-queue's `add_used` moves the index chain by chain).
+fn publish(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    entries: &[(u16, u32)],
+) -> Result<(), RxError> {
+    let ring = GuestAddress(queue.used_ring());
+    let at = |offset: u64| {
+        ring.checked_add(offset)
+            .ok_or(RxError::Ring(GuestMemoryError::InvalidGuestAddress(ring)))
+    };
+    let mut next = queue.next_used();
+    for &(head, len) in entries {
+        // struct virtq_used_elem { le32 id; le32 len; }, after the le16 flags and idx.
+        let slot = 4 + 8 * u64::from(next % queue.size());
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        mem.write_slice(&elem, at(slot)?).map_err(RxError::Ring)?;
+        next = next.wrapping_add(1);
+    }
+    mem.store(next.to_le(), at(2)?, Ordering::Release)
+        .map_err(RxError::Ring)?;
+    queue.set_next_used(next);
+    Ok(())
+}
+
+/// Whether the driver wants an interrupt for the chains published since the used index was
+/// `old`: always without EVENT_IDX, else if they passed its `used_event`.
+fn needs_notification(mem: &GuestMemoryMmap, queue: &Queue, old: u16) -> Result<bool, RxError> {
+    let new = queue.next_used();
+    if new == old {
+        return Ok(false);
+    }
+    if !queue.event_idx_enabled() {
+        return Ok(true);
+    }
+    // The used index must be visible before reading what the driver asked for, or an update
+    // of `used_event` racing with it could be missed.
+    fence(Ordering::SeqCst);
+    let avail = GuestAddress(queue.avail_ring());
+    // `used_event` follows the avail ring's flags, idx and `size` entries.
+    let addr = avail
+        .checked_add(4 + 2 * u64::from(queue.size()))
+        .ok_or(RxError::Ring(GuestMemoryError::InvalidGuestAddress(avail)))?;
+    let used_event = u16::from_le(mem.load(addr, Ordering::Acquire).map_err(RxError::Ring)?);
+    Ok(new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old))
+}
+
+#[cfg(test)]
+mod tests {
+    use virtio_bindings::virtio_net::VIRTIO_NET_HDR_F_DATA_VALID;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::desc::RawDescriptor;
+
+    use super::super::test_utils::*;
+    use super::*;
+    use crate::virtio::block::test_utils::{mem, MEM_SIZE, R, W};
+    use crate::virtio::console::test_utils::{guest, BUF};
+    use crate::virtio::net::test_utils::Driver;
+
+    const FILL: u8 = 0xee;
+
+    fn receiver(mergeable: bool) -> Receiver {
+        let mut rx = Receiver::new();
+        rx.set_features(mergeable, true);
+        rx
+    }
+
+    fn pumped(next: RxNext, notify: bool) -> Pumped {
+        Pumped { next, notify }
+    }
+
+    /// `p` as the guest should see it: with `num_buffers` set.
+    fn with_num_buffers(p: &[u8], n: u16) -> Vec<u8> {
+        let mut p = p.to_vec();
+        p[NUM_BUFFERS_OFFSET..HDR_LEN].copy_from_slice(&n.to_le_bytes());
+        p
+    }
+
+    /// Concatenates what the used entries say was written, buffer by buffer.
+    fn gathered(mem: &GuestMemoryMmap, parts: &[(u64, usize)]) -> Vec<u8> {
+        parts
+            .iter()
+            .flat_map(|&(addr, len)| guest(mem, addr, len))
+            .collect()
+    }
+
+    #[test]
+    fn single_chains_take_whole_frames() {
+        let mem = mem();
+        let mut driver = Driver::new(&mem, 0);
+        driver.post(&[(BUF, 1000, W), (BUF + 0x1000, 1000, W)]);
+        driver.post(&[(BUF + 0x2000, 2000, W)]);
+        let mut queue = driver.queue();
+        let (mut tap, peer) = FakeTap::new();
+        let (p, q) = (packet(0, 1500, 1), packet(0, 60, 2));
+        peer.send(&p);
+        peer.send(&q);
+        let mut rx = receiver(false);
+        // Both chains used: the TAP is left alone until the driver posts more.
+        let got = rx.pump(&mem, &mut queue, &mut tap).unwrap();
+        assert_eq!(got, pumped(RxNext::WaitForBuffers, true));
+        assert_eq!(driver.used(), vec![(0, 1512), (2, 72)]);
+        let first = gathered(&mem, &[(BUF, 1000), (BUF + 0x1000, 512)]);
+        assert_eq!(first, with_num_buffers(&p, 1));
+        assert_eq!(guest(&mem, BUF + 0x2000, 72), with_num_buffers(&q, 1));
+        assert_eq!((rx.frames(), rx.dropped()), (2, 0));
+    }
+
+    #[test]
+    fn merged_buffers_spread_a_frame_and_count_them() {
+        let mem = mem();
+        let mut driver = Driver::new(&mem, 0);
+        for i in 0..5 {
+            driver.post(&[(BUF + i * 0x1000, 1000, W)]);
+        }
+        let mut queue = driver.queue();
+        let (mut tap, peer) = FakeTap::new();
+        let (p, q) = (packet(0, 2500, 3), packet(0, 100, 4));
+        peer.send(&p);
+        peer.send(&q);
+        let mut rx = receiver(true);
+        let got = rx.pump(&mem, &mut queue, &mut tap).unwrap();
+        assert_eq!(got, pumped(RxNext::Watch, true));
+        assert_eq!(
+            driver.used(),
+            vec![(0, 1000), (1, 1000), (2, 512), (3, 112)]
+        );
+        let first = gathered(
+            &mem,
+            &[(BUF, 1000), (BUF + 0x1000, 1000), (BUF + 0x2000, 512)],
+        );
+        assert_eq!(first, with_num_buffers(&p, 3));
+        assert_eq!(guest(&mem, BUF + 0x3000, 112), with_num_buffers(&q, 1));
+        // The fifth chain stays with the device for the next frame.
+        assert_eq!(queue.next_avail(), 5);
+        assert_eq!(rx.reserved.len(), 1);
+    }
+
+    #[test]
+    fn without_buffers_frames_stay_in_the_tap() {
+        let mem = mem();
+        let mut driver = Driver::new(&mem, 0);
+        driver.post(&[(BUF, 100, W)]);
+        let mut queue = driver.queue();
+        queue.set_event_idx(true);
+        let (mut tap, peer) = FakeTap::new();
+        let (p, q) = (packet(0, 60, 5), packet(0, 200, 5));
+        peer.send(&p);
+        peer.send(&q);
+        let mut rx = receiver(true);
+        let got = rx.pump(&mem, &mut queue, &mut tap).unwrap();
+        assert_eq!(got, pumped(RxNext::WaitForBuffers, true));
+        assert_eq!(driver.used(), vec![(0, 72)]);
+        // The second frame was not taken off the TAP.
+        assert_eq!(rx.pending, None);
+        // The driver is asked to notify at its next buffer (avail_event after 16 used entries).
+        assert_eq!(mem.read_obj::<u16>(driver.avail_event()).unwrap(), 1);
+        // Pumping again without buffers changes nothing.
+        let got = rx.pump(&mem, &mut queue, &mut tap).unwrap();
+        assert_eq!(got, pumped(RxNext::WaitForBuffers, false));
+        driver.post(&[(BUF + 0x1000, 4096, W)]);
+        driver.post(&[(BUF + 0x2000, 4096, W)]);
+        // Having seen the first frame, the driver wants an interrupt for the next one.
+        mem.write_obj(1u16, driver.used_event()).unwrap();
+        let got = rx.pump(&mem, &mut queue, &mut tap).unwrap();
+        assert_eq!(got, pumped(RxNext::Watch, true));
+        assert_eq!(driver.used(), vec![(0, 72), (1, 212)]);
+        assert_eq!(guest(&mem, BUF + 0x1000, 212), with_num_buffers(&q, 1));
+        assert_eq!((rx.frames(), rx.dropped()), (2, 0));
+    }
+
+    #[test]
+    fn a_frame_short_of_buffers_waits_for_more() {
+        let mem = mem();
+        let mut driver = Driver::new(&mem, 0);
+        driver.post(&[(BUF, 1000, W)]);
+        let mut queue = driver.queue();
+        let (mut tap, peer) = FakeTap::new();
+        let p = packet(0, 2500, 6);
+        peer.send(&p);
+        let mut rx = receiver(true);
+        let got = rx.pump(&mem, &mut queue, &mut tap).unwrap();
+        assert_eq!(got, pumped(RxNext::WaitForBuffers, false));
+        assert!(driver.used().is_empty());
+        assert_eq!(rx.pending, Some(p.len()));
+        driver.post(&[(BUF + 0x1000, 1000, W)]);
+        driver.post(&[(BUF + 0x2000, 1000, W)]);
+        let got = rx.pump(&mem, &mut queue, &mut tap).unwrap();
+        assert_eq!(got, pumped(RxNext::WaitForBuffers, true));
+        assert_eq!(driver.used(), vec![(0, 1000), (1, 1000), (2, 512)]);
+        let all = gathered(
+            &mem,
+            &[(BUF, 1000), (BUF + 0x1000, 1000), (BUF + 0x2000, 512)],
+        );
+        assert_eq!(all, with_num_buffers(&p, 3));
+        assert_eq!((rx.frames(), rx.dropped()), (1, 0));
+    }
+
+    #[test]
+    fn frames_too_big_for_a_chain_are_dropped_and_counted() {
+        let mem = mem();
+        let mut driver = Driver::new(&mem, 0);
+        driver.post(&[(BUF, 100, W)]);
+        let mut queue = driver.queue();
+        let (mut tap, peer) = FakeTap::new();
+        let q = packet(0, 50, 7);
+        peer.send(&packet(0, 200, 7));
+        // A runt, then a frame that fits.
+        peer.send(&[0; HDR_LEN + ETH_HLEN - 1]);
+        peer.send(&q);
+        let mut rx = receiver(false);
+        rx.pump(&mem, &mut queue, &mut tap).unwrap();
+        // The chain that was too small for the first frame took the third.
+        assert_eq!(driver.used(), vec![(0, 62)]);
+        assert_eq!(guest(&mem, BUF, 62), with_num_buffers(&q, 1));
+        assert_eq!((rx.frames(), rx.dropped()), (1, 2));
+    }
+
+    #[test]
+    fn a_frame_bigger_than_the_whole_ring_is_dropped() {
+        let mem = mem();
+        let mut driver = Driver::new(&mem, 0);
+        let size = driver.queue().size();
+        for i in 0..u64::from(size) {
+            driver.post(&[(BUF + i * 0x100, 100, W)]);
+        }
+        let mut queue = driver.queue();
+        let (mut tap, peer) = FakeTap::new();
+        let q = packet(0, 50, 8);
+        peer.send(&packet(0, 100 * usize::from(size), 8));
+        peer.send(&q);
+        let mut rx = receiver(true);
+        rx.pump(&mem, &mut queue, &mut tap).unwrap();
+        assert_eq!(driver.used(), vec![(0, 62)]);
+        assert_eq!(guest(&mem, BUF, 62), with_num_buffers(&q, 1));
+        assert_eq!((rx.frames(), rx.dropped()), (1, 1));
+    }
+
+    #[test]
+    fn hostile_receive_chains_are_returned_empty() {
+        let mem = mem();
+        let top = MEM_SIZE as u64;
+        mem.write_slice(&[FILL; 0x100], GuestAddress(BUF)).unwrap();
+        let mut driver = Driver::new(&mem, 0);
+        // Device-readable, mixed, outside memory, no room for the header, a loop (5 → 6 → 6).
+        driver.post(&[(BUF, 100, R)]);
+        driver.post(&[(BUF, 50, W), (BUF + 50, 50, R)]);
+        driver.post(&[(top - 50, 100, W)]);
+        driver.post(&[(BUF, (HDR_LEN - 1) as u32, W)]);
+        driver.post(&[(BUF, 50, W), (BUF + 50, 50, W)]);
+        let looped = Descriptor::new(BUF + 50, 50, (VRING_DESC_F_NEXT | W as u32) as u16, 6);
+        driver
+            .mock
+            .desc_table()
+            .store(6, RawDescriptor::from(looped))
+            .unwrap();
+        driver.post(&[(BUF + 0x1000, 100, W)]);
+        let mut queue = driver.queue();
+        let (mut tap, peer) = FakeTap::new();
+        let p = packet(0, 60, 9);
+        peer.send(&p);
+        let mut rx = receiver(true);
+        rx.pump(&mem, &mut queue, &mut tap).unwrap();
+        let want = vec![(0, 0), (1, 0), (3, 0), (4, 0), (5, 0), (7, 72)];
+        assert_eq!(driver.used(), want);
+        assert_eq!(guest(&mem, BUF, 0x100), vec![FILL; 0x100]);
+        assert_eq!(guest(&mem, BUF + 0x1000, 72), with_num_buffers(&p, 1));
+        assert_eq!((rx.frames(), rx.dropped()), (1, 0));
+    }
+
+    #[test]
+    fn checksum_flags_reach_only_drivers_that_asked() {
+        let mem = mem();
+        let flags = VIRTIO_NET_HDR_F_DATA_VALID as u8;
+        for guest_csum in [false, true] {
+            let mut driver = Driver::new(&mem, 0);
+            driver.post(&[(BUF, 100, W)]);
+            let mut queue = driver.queue();
+            let (mut tap, peer) = FakeTap::new();
+            peer.send(&packet(flags, 60, 0));
+            let mut rx = Receiver::new();
+            rx.set_features(false, guest_csum);
+            rx.pump(&mem, &mut queue, &mut tap).unwrap();
+            let want = if guest_csum { flags } else { 0 };
+            assert_eq!(guest(&mem, BUF, 1), [want]);
+        }
+    }
+
+    #[test]
+    fn event_idx_decides_the_interrupt() {
+        let mem = mem();
+        let mut driver = Driver::new(&mem, 0);
+        driver.post(&[(BUF, 100, W)]);
+        driver.post(&[(BUF + 0x100, 100, W)]);
+        let mut queue = driver.queue();
+        queue.set_event_idx(true);
+        let used_event = driver.used_event();
+        let (mut tap, peer) = FakeTap::new();
+        let mut rx = receiver(true);
+        // The driver wants an interrupt only after the fifth frame: none for the first.
+        mem.write_obj(4u16, used_event).unwrap();
+        peer.send(&packet(0, 60, 0));
+        assert!(!rx.pump(&mem, &mut queue, &mut tap).unwrap().notify);
+        // Now at the next used entry (the second one, index 1).
+        mem.write_obj(1u16, used_event).unwrap();
+        peer.send(&packet(0, 60, 0));
+        assert!(rx.pump(&mem, &mut queue, &mut tap).unwrap().notify);
+        assert_eq!(driver.used().len(), 2);
+    }
+
+    #[test]
+    fn tap_failures_cost_a_frame_or_stop_the_receiver() {
+        struct Failing(FakeTap, i32);
+        impl std::os::fd::AsRawFd for Failing {
+            fn as_raw_fd(&self) -> std::os::fd::RawFd {
+                self.0.as_raw_fd()
+            }
+        }
+        impl TapIo for Failing {
+            fn read_frame(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::from_raw_os_error(self.1))
+            }
+            fn write_frame(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.write_frame(buf)
+            }
+            fn set_offload(&mut self, flags: u32) -> io::Result<()> {
+                self.0.set_offload(flags)
+            }
+        }
+        let mem = mem();
+        let mut driver = Driver::new(&mem, 0);
+        driver.post(&[(BUF, 100, W)]);
+        let mut queue = driver.queue();
+        let mut rx = receiver(true);
+        // An oversized frame: dropped, and the next read (of the same failing tap) too, until
+        // the budget ends the call.
+        let mut tap = Failing(FakeTap::new().0, libc::EFAULT);
+        let got = rx.pump(&mem, &mut queue, &mut tap).unwrap();
+        assert_eq!(got, pumped(RxNext::Watch, false));
+        assert_eq!(rx.dropped(), RX_BUDGET as u64);
+        // The interface was deleted: stop.
+        let mut tap = Failing(FakeTap::new().0, libc::EBADFD);
+        let got = rx.pump(&mem, &mut queue, &mut tap).unwrap();
+        assert_eq!(got, pumped(RxNext::Stop, false));
+        // The chain is still reserved for when frames come again.
+        assert!(driver.used().is_empty());
+    }
+
+    #[test]
+    fn reset_forgets_chains_and_counts_the_pending_frame() {
+        let mem = mem();
+        let mut driver = Driver::new(&mem, 0);
+        driver.post(&[(BUF, 100, W)]);
+        let mut queue = driver.queue();
+        let (mut tap, peer) = FakeTap::new();
+        peer.send(&packet(0, 500, 0));
+        let mut rx = receiver(true);
+        assert_eq!(
+            rx.pump(&mem, &mut queue, &mut tap).unwrap().next,
+            RxNext::WaitForBuffers
+        );
+        rx.reset();
+        assert_eq!((rx.pending, rx.reserved.len(), rx.dropped()), (None, 0, 1));
+    }
+
+    #[test]
+    fn bogus_avail_index_does_not_spin() {
+        let mem = mem();
+        let mut driver = Driver::new(&mem, 0);
+        driver.post(&[(BUF, 100, W)]);
+        driver.mock.avail().idx().store(1000);
+        let mut queue = driver.queue();
+        let (mut tap, _peer) = FakeTap::new();
+        assert!(matches!(
+            receiver(true).pump(&mem, &mut queue, &mut tap),
+            Err(RxError::BrokenRing)
+        ));
+    }
+}

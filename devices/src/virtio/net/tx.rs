@@ -1,0 +1,265 @@
+//! The transmit path: each chain of the transmit queue is one header plus frame, gathered from
+//! its device-readable buffers and written to the TAP in one write.
+
+use std::io;
+
+use log::warn;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::Queue;
+use vm_memory::{GuestMemoryError, GuestMemoryMmap};
+
+use super::{TapIo, ETH_HLEN, HDR_LEN, MAX_PACKET_LEN, QUEUE_SIZE};
+use crate::virtio::drain::{drain, DrainError};
+use crate::virtio::sg::{SgError, SgList};
+use crate::LogOnce;
+
+/// Why a frame was not sent; it is dropped and counted.
+#[derive(Debug, thiserror::Error)]
+pub enum TxError {
+    /// The chain's shape was refused.
+    #[error("invalid transmit chain")]
+    Chain(#[source] SgError),
+    /// Less than a header and an Ethernet header.
+    #[error("transmit chain of {0} bytes is too short for a header and a frame")]
+    TooShort(u64),
+    /// More than a header and the largest frame.
+    #[error("transmit chain of {0} bytes is longer than {MAX_PACKET_LEN}")]
+    TooLong(u64),
+    /// Copying from validated guest buffers failed.
+    #[error("cannot read the frame from guest memory")]
+    GuestMemory(#[source] GuestMemoryError),
+    /// The TAP refused the frame (interface down, malformed header, …).
+    #[error("TAP write failed")]
+    Tap(#[source] io::Error),
+}
+
+/// Drains the transmit queue into a TAP.
+pub struct Transmitter {
+    /// One header plus frame, gathered so the TAP gets it in one write.
+    packet: Box<[u8]>,
+    frames: u64,
+    dropped: u64,
+    warned_chain: LogOnce,
+    warned_tap: LogOnce,
+}
+
+impl Default for Transmitter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Transmitter {
+    /// A transmitter with its gather buffer.
+    pub fn new() -> Self {
+        Self {
+            packet: vec![0; MAX_PACKET_LEN].into_boxed_slice(),
+            frames: 0,
+            dropped: 0,
+            warned_chain: LogOnce::default(),
+            warned_tap: LogOnce::default(),
+        }
+    }
+
+    /// Frames written to the TAP so far.
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+
+    /// Frames dropped so far: refused chains and frames the TAP refused.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Sends every available chain; returns whether the driver needs an interrupt.
+    pub fn process_queue(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+        tap: &mut dyn TapIo,
+    ) -> Result<bool, DrainError> {
+        drain(mem, queue, |chain| {
+            match self.transmit(mem, chain, tap) {
+                Ok(()) => self.frames += 1,
+                Err(e) => self.report(e),
+            }
+            // The device writes nothing into a transmit chain.
+            0
+        })
+    }
+
+    fn transmit(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        descriptors: impl Iterator<Item = Descriptor>,
+        tap: &mut dyn TapIo,
+    ) -> Result<(), TxError> {
+        let sg = SgList::new(descriptors, mem, false, QUEUE_SIZE.into()).map_err(TxError::Chain)?;
+        if sg.len < (HDR_LEN + ETH_HLEN) as u64 {
+            return Err(TxError::TooShort(sg.len));
+        }
+        if sg.len > MAX_PACKET_LEN as u64 {
+            return Err(TxError::TooLong(sg.len));
+        }
+        // At most MAX_PACKET_LEN.
+        let packet = &mut self.packet[..sg.len as usize];
+        sg.read_into(mem, packet).map_err(TxError::GuestMemory)?;
+        loop {
+            match tap.write_frame(packet) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // Full TAP queue (WouldBlock) included: like a NIC, drop rather than stall
+                // the transmit queue behind one frame.
+                Err(e) => return Err(TxError::Tap(e)),
+            }
+        }
+    }
+
+    fn report(&mut self, e: TxError) {
+        self.dropped += 1;
+        let warned = match e {
+            TxError::Tap(_) => &mut self.warned_tap,
+            _ => &mut self.warned_chain,
+        };
+        if warned.first() {
+            warn!(
+                "virtio-net: dropping a transmitted frame: {}",
+                crate::error_chain(&e)
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
+    use virtio_queue::desc::RawDescriptor;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::super::test_utils::*;
+    use super::*;
+    use crate::virtio::block::test_utils::{mem, MEM_SIZE, R, W};
+    use crate::virtio::console::test_utils::BUF;
+    use crate::virtio::net::test_utils::Driver;
+
+    fn put(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) {
+        mem.write_slice(bytes, GuestAddress(addr)).unwrap();
+    }
+
+    #[test]
+    fn scattered_descriptors_become_one_write() {
+        let mem = mem();
+        let p = packet(1, 100, 3);
+        // Header split over two buffers, frame over three, one of them empty.
+        put(&mem, BUF, &p[..5]);
+        put(&mem, BUF + 0x100, &p[5..40]);
+        put(&mem, BUF + 0x200, &p[40..]);
+        let q = packet(0, 60, 9);
+        put(&mem, BUF + 0x1000, &q);
+        let mut driver = Driver::new(&mem, 0);
+        driver.post(&[
+            (BUF, 5, R),
+            (BUF + 0x100, 35, R),
+            (BUF + 0x300, 0, R),
+            (BUF + 0x200, 72, R),
+        ]);
+        driver.post(&[(BUF + 0x1000, q.len() as u32, R)]);
+        let mut queue = driver.queue();
+        let (mut tap, peer) = FakeTap::new();
+        let mut tx = Transmitter::new();
+        assert!(tx.process_queue(&mem, &mut queue, &mut tap).unwrap());
+        assert_eq!(peer.recv().unwrap(), p);
+        assert_eq!(peer.recv().unwrap(), q);
+        assert_eq!(peer.recv(), None);
+        assert_eq!(driver.used(), vec![(0, 0), (4, 0)]);
+        assert_eq!((tx.frames(), tx.dropped()), (2, 0));
+        // Nothing new: nothing to do, no interrupt.
+        assert!(!tx.process_queue(&mem, &mut queue, &mut tap).unwrap());
+    }
+
+    #[test]
+    fn largest_frame_passes() {
+        let mem = mem();
+        let p = packet(0, MAX_PACKET_LEN - HDR_LEN, 1);
+        put(&mem, BUF, &p);
+        let mut driver = Driver::new(&mem, 0);
+        driver.post(&[(BUF, 12, R), (BUF + 12, p.len() as u32 - 12, R)]);
+        let mut queue = driver.queue();
+        let (mut tap, peer) = FakeTap::new();
+        let mut tx = Transmitter::new();
+        tx.process_queue(&mem, &mut queue, &mut tap).unwrap();
+        assert_eq!(peer.recv().unwrap(), p);
+        assert_eq!(tx.dropped(), 0);
+    }
+
+    #[test]
+    fn hostile_chains_are_dropped_and_counted() {
+        let mem = mem();
+        let top = MEM_SIZE as u64;
+        put(&mem, BUF, &packet(0, 64, 0));
+        let mut driver = Driver::new(&mem, 0);
+        // Header too short (and header only, no Ethernet header).
+        driver.post(&[(BUF, 8, R)]);
+        driver.post(&[(BUF, (HDR_LEN + ETH_HLEN - 1) as u32, R)]);
+        // Longer than 64 KiB + header, in one buffer and scattered.
+        driver.post(&[(BUF, MAX_PACKET_LEN as u32 + 1, R)]);
+        driver.post(&[(BUF, MAX_PACKET_LEN as u32, R), (BUF, 1, R)]);
+        // Device-writable buffers, first or later.
+        driver.post(&[(BUF, 76, W)]);
+        driver.post(&[(BUF, 12, R), (BUF + 12, 64, W)]);
+        // Outside guest memory.
+        driver.post(&[(BUF, 12, R), (top - 10, 64, R)]);
+        // A loop: 10 → 11 → 11 → …
+        driver.post(&[(BUF, 12, R), (BUF + 12, 64, R)]);
+        let looped = Descriptor::new(BUF + 12, 64, VRING_DESC_F_NEXT as u16, 11);
+        driver
+            .mock
+            .desc_table()
+            .store(11, RawDescriptor::from(looped))
+            .unwrap();
+        // And a good one after all that.
+        driver.post(&[(BUF, 76, R)]);
+        let mut queue = driver.queue();
+        let (mut tap, peer) = FakeTap::new();
+        let mut tx = Transmitter::new();
+        assert!(tx.process_queue(&mem, &mut queue, &mut tap).unwrap());
+        assert_eq!(peer.recv().unwrap(), packet(0, 64, 0));
+        assert_eq!(peer.recv(), None);
+        let used = driver.used();
+        assert_eq!(used.len(), 9);
+        assert!(used.iter().all(|&(_, len)| len == 0));
+        assert_eq!((tx.frames(), tx.dropped()), (1, 8));
+    }
+
+    #[test]
+    fn tap_errors_drop_the_frame_and_go_on() {
+        let mem = mem();
+        put(&mem, BUF, &packet(0, 64, 0));
+        let mut driver = Driver::new(&mem, 0);
+        driver.post(&[(BUF, 76, R)]);
+        driver.post(&[(BUF, 76, R)]);
+        let mut queue = driver.queue();
+        let (mut tap, peer) = FakeTap::new();
+        // What a TAP whose interface is down answers.
+        tap.fail_writes = Some(libc::EIO);
+        let mut tx = Transmitter::new();
+        assert!(tx.process_queue(&mem, &mut queue, &mut tap).unwrap());
+        assert_eq!(driver.used(), vec![(0, 0), (1, 0)]);
+        assert_eq!((tx.frames(), tx.dropped()), (0, 2));
+        assert_eq!(peer.recv(), None);
+    }
+
+    #[test]
+    fn bogus_avail_index_does_not_spin() {
+        let mem = mem();
+        let mut driver = Driver::new(&mem, 0);
+        driver.post(&[(BUF, 76, R)]);
+        driver.mock.avail().idx().store(1000);
+        let mut queue = driver.queue();
+        let (mut tap, _peer) = FakeTap::new();
+        assert!(matches!(
+            Transmitter::new().process_queue(&mem, &mut queue, &mut tap),
+            Err(DrainError::BrokenRing)
+        ));
+    }
+}
