@@ -29,6 +29,8 @@ pub enum ConfigError {
     DiskSpec { spec: String, reason: String },
     #[error("--net {spec}: {reason}")]
     NetSpec { spec: String, reason: String },
+    #[error("--vsock {spec}: {reason}")]
+    VsockSpec { spec: String, reason: String },
     #[error("disk {0} is given twice")]
     DuplicateDisk(String),
     #[error("--cmdline is too long ({0} bytes, at most {max})", max = rvmm_firmware::layout::CMDLINE_MAX_LEN - 1)]
@@ -94,6 +96,49 @@ pub struct Cli {
     /// A virtio-rng device fed from the host's getrandom().
     #[arg(long)]
     pub rng: bool,
+    /// A virtio-vsock device, cid=N,uds=PATH: host programs reach guest port P by connecting to
+    /// the Unix socket PATH and writing "CONNECT P\n"; the guest reaches host port P at PATH_P.
+    #[arg(long, value_name = "SPEC")]
+    pub vsock: Option<String>,
+}
+
+/// The virtio-vsock device and its Unix-socket host side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub cid: u64,
+    pub uds: PathBuf,
+}
+
+/// CIDs 0-2 are reserved (hypervisor, local, host); the device's field is 32 bits on the wire.
+const VSOCK_CIDS: std::ops::Range<u64> = 3..u32::MAX as u64;
+
+impl std::str::FromStr for VsockConfig {
+    type Err = ConfigError;
+
+    fn from_str(spec: &str) -> Result<Self, ConfigError> {
+        let bad = |reason: String| ConfigError::VsockSpec {
+            spec: spec.to_string(),
+            reason,
+        };
+        let (mut cid, mut uds) = (None, None);
+        for opt in spec.split(',') {
+            match opt.split_once('=') {
+                Some(("cid", n)) => {
+                    let n: u64 = n.parse().map_err(|_| bad(format!("bad cid {n:?}")))?;
+                    if !VSOCK_CIDS.contains(&n) {
+                        return Err(bad(format!("cid must be from 3 to {}", VSOCK_CIDS.end - 1)));
+                    }
+                    cid = Some(n);
+                }
+                Some(("uds", path)) if !path.is_empty() => uds = Some(PathBuf::from(path)),
+                _ => return Err(bad(format!("unknown option {opt:?}"))),
+            }
+        }
+        Ok(VsockConfig {
+            cid: cid.ok_or_else(|| bad("cid=N is required".into()))?,
+            uds: uds.ok_or_else(|| bad("uds=PATH is required".into()))?,
+        })
+    }
 }
 
 /// One virtio-net interface.
@@ -199,6 +244,7 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
     pub rng: bool,
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmConfig {
@@ -254,6 +300,7 @@ impl TryFrom<Cli> for VmConfig {
             disks,
             nets,
             rng: cli.rng,
+            vsock: cli.vsock.as_deref().map(str::parse).transpose()?,
         })
     }
 }
@@ -373,6 +420,22 @@ mod tests {
             "tap=t,mtu=9000",
         ] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn vsock_specs() {
+        let v: VsockConfig = "cid=3,uds=/tmp/v.sock".parse().unwrap();
+        assert_eq!((v.cid, v.uds.to_str()), (3, Some("/tmp/v.sock")));
+        for bad in [
+            "",
+            "cid=2,uds=/x",
+            "cid=3",
+            "uds=/x",
+            "cid=x,uds=/x",
+            "cid=3,uds=/x,y=1",
+        ] {
+            assert!(bad.parse::<VsockConfig>().is_err(), "{bad:?}");
         }
     }
 

@@ -14,6 +14,7 @@ use rvmm_devices::virtio::console::{Console, ConsoleError};
 use rvmm_devices::virtio::mmio::{MmioError, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use rvmm_devices::virtio::net::{format_mac, Net, NetError};
 use rvmm_devices::virtio::rng::{Rng, RngError};
+use rvmm_devices::virtio::vsock::{Vsock, VsockError};
 use rvmm_devices::virtio::VirtioDevice;
 use rvmm_firmware::layout;
 use vm_memory::GuestMemoryMmap;
@@ -50,6 +51,8 @@ pub enum DeviceError {
     Net(NetError),
     #[error("virtio rng")]
     Rng(#[source] RngError),
+    #[error("virtio vsock")]
+    Vsock(#[source] VsockError),
     #[error("too many virtio devices: at most {0}")]
     TooManyDevices(u32),
 }
@@ -193,6 +196,14 @@ pub fn attach_virtio_devices(
     entries.extend(attach_nets(ctx, &cfg.nets)?);
     if cfg.rng {
         entries.push(attach_rng(ctx)?);
+    }
+    if let Some(vsock) = &cfg.vsock {
+        let device = Vsock::new(rvmm_devices::virtio::vsock::VsockConfig {
+            cid: vsock.cid,
+            uds_path: vsock.uds.clone(),
+        })
+        .map_err(DeviceError::Vsock)?;
+        entries.push(attach_virtio(ctx, Arc::new(Mutex::new(device)))?.cmdline_entry());
     }
     if cfg.console == ConsoleKind::Virtio {
         let stdin = crate::vmm::dup_stdin().map_err(DeviceError::EventFd)?;

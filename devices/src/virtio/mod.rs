@@ -19,6 +19,7 @@ pub mod mmio;
 pub mod net;
 pub mod rng;
 pub mod sg;
+pub mod vsock;
 
 /// Why a device refused to start.
 #[derive(Debug, thiserror::Error)]
