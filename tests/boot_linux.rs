@@ -14,10 +14,10 @@ use common::{guest_artifacts, kvm_is_emulated, kvm_or_skip, TestResult, TestVm};
 const BOOT_LIMIT: Duration = Duration::from_secs(300);
 const MEMORY_MIB: u64 = 256;
 
-/// Kernel messages that must appear, in this order, on every host.
-const KERNEL_MILESTONES: &[&str] = &[
-    "Linux version 6.1",
-    "Command line: console=ttyS0",
+/// Kernel messages that must appear, in this order, on every host (the memory line between
+/// the first two groups is checked separately).
+const EARLY_MILESTONES: &[&str] = &["Linux version 6.1", "Command line: console=ttyS0"];
+const LATE_MILESTONES: &[&str] = &[
     "smp: Brought up 1 node, 2 CPUs",
     "Serial: 8250/16550 driver",
     "Run /init as init process",
@@ -43,19 +43,23 @@ fn memory_total_kib(line: &str) -> Option<u64> {
     total.parse().ok()
 }
 
-#[test]
-fn elf_vmlinux_boots_to_init_with_2_cpus_and_256_mib() -> TestResult {
-    let name = "elf_vmlinux_boots_to_init_with_2_cpus_and_256_mib";
+/// Boots `kernel` with the initramfs and checks every milestone, then the end of init.
+fn boot_to_init(name: &str, kernel: &str, extra_cmdline: &str) -> TestResult {
     if !kvm_or_skip(name) {
         return Ok(());
     }
     let Some(guest) = guest_artifacts(name) else {
         return Ok(());
     };
-    let mut vm = TestVm::boot(boot_args(
-        &guest.join("vmlinux"),
-        &guest.join("initramfs.cpio"),
-    ))?;
+    let mut args = boot_args(&guest.join(kernel), &guest.join("initramfs.cpio"));
+    args.extend([
+        "--cmdline".to_string(),
+        format!("console=ttyS0 reboot=k panic=1 {extra_cmdline}"),
+    ]);
+    let mut vm = TestVm::boot(args)?;
+    for milestone in EARLY_MILESTONES {
+        vm.expect_line_within(milestone, BOOT_LIMIT)?;
+    }
     let memory = vm.expect_line_within("Memory: ", BOOT_LIMIT)?;
     let total = memory_total_kib(&memory).ok_or(format!("unparsable: {memory}"))?;
     // The e820 map holds all of RAM but the EBDA/BIOS hole below 1 MiB.
@@ -63,7 +67,7 @@ fn elf_vmlinux_boots_to_init_with_2_cpus_and_256_mib() -> TestResult {
         (MEMORY_MIB * 1024 - 1024..=MEMORY_MIB * 1024).contains(&total),
         "kernel saw {total} KiB of {MEMORY_MIB} MiB"
     );
-    for milestone in KERNEL_MILESTONES {
+    for milestone in LATE_MILESTONES {
         vm.expect_line_within(milestone, BOOT_LIMIT)?;
     }
     if kvm_is_emulated() {
@@ -83,6 +87,26 @@ fn elf_vmlinux_boots_to_init_with_2_cpus_and_256_mib() -> TestResult {
     let status = vm.wait_exit(BOOT_LIMIT)?;
     assert_eq!(status.code(), Some(0), "stderr: {}", vm.stderr());
     Ok(())
+}
+
+#[test]
+fn elf_vmlinux_boots_to_init_with_2_cpus_and_256_mib() -> TestResult {
+    boot_to_init(
+        "elf_vmlinux_boots_to_init_with_2_cpus_and_256_mib",
+        "vmlinux",
+        "",
+    )
+}
+
+/// The bzImage is entered at its 64-bit entry point and decompresses itself first; its
+/// decompressor talks on the UART when earlyprintk names it.
+#[test]
+fn bzimage_boots_to_init_with_2_cpus_and_256_mib() -> TestResult {
+    boot_to_init(
+        "bzimage_boots_to_init_with_2_cpus_and_256_mib",
+        "bzImage",
+        "earlyprintk=serial",
+    )
 }
 
 #[test]

@@ -1,5 +1,6 @@
-//! Draining a queue whose chains are each answered at once (rng requests, net transmit): pop,
-//! serve, return, with EVENT_IDX notification suppression around the batch.
+//! Draining a queue whose chains are each answered at once (block and rng requests; net,
+//! console and vsock transmit): pop, serve, return, with EVENT_IDX notification suppression
+//! around the batch.
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;

@@ -14,6 +14,7 @@ use crate::interrupt::Interrupt;
 
 pub mod block;
 pub mod console;
+mod device_util;
 pub mod drain;
 pub mod mmio;
 pub mod net;

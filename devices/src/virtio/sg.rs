@@ -1,5 +1,6 @@
 //! Validated scatter-gather lists: the buffers of one descriptor chain whose data flows one
-//! way (all device-readable or all device-writable), as the rng and net queues carry them.
+//! way (all device-readable or all device-writable), as the rng, net and console queues carry
+//! them.
 //!
 //! Everything the guest controls about the chain's shape is checked here before a byte moves:
 //! direction, bounds against guest memory, chain length and termination.
@@ -30,6 +31,10 @@ pub enum SgError {
     /// A buffer flows the other way than this queue's data.
     #[error("buffer has the wrong direction for this queue")]
     WrongDirection,
+    /// More bytes than the device accepts in one chain (counted up to the first buffer that
+    /// goes over).
+    #[error("chain carries {0} bytes, more than the {1} allowed")]
+    TooLong(u64, u64),
 }
 
 /// A guest buffer.
@@ -46,18 +51,20 @@ pub struct Buffer {
 pub struct SgList {
     /// The non-empty buffers.
     pub list: Vec<Buffer>,
-    /// Their total length (below `max_descriptors` × 4 GiB).
+    /// Their total length (below `max_descriptors` × 4 GiB, and at most `max_len`).
     pub len: u64,
 }
 
 impl SgList {
     /// Walks a chain whose buffers must all be device-writable (`writable`) or all
-    /// device-readable, inside guest memory, with at most `max_descriptors` descriptors.
+    /// device-readable, inside guest memory, with at most `max_descriptors` descriptors and
+    /// `max_len` bytes (`u64::MAX`: no byte limit).
     pub fn new(
         descriptors: impl Iterator<Item = Descriptor>,
         mem: &GuestMemoryMmap,
         writable: bool,
         max_descriptors: usize,
+        max_len: u64,
     ) -> Result<Self, SgError> {
         let mut sg = Self::default();
         let mut last_has_next = false;
@@ -79,7 +86,11 @@ impl SgList {
                     len: buf.len,
                 });
             }
+            // At most `max_descriptors` lengths below 4 GiB: cannot overflow.
             sg.len += u64::from(buf.len);
+            if sg.len > max_len {
+                return Err(SgError::TooLong(sg.len, max_len));
+            }
             if buf.len > 0 {
                 sg.list.push(buf);
             }
@@ -136,9 +147,10 @@ mod tests {
 
     const A: u64 = 0x1_0000;
     const MAX: usize = 8;
+    const MAX_LEN: u64 = 4096;
 
     fn sg(descs: &[(u64, u32, u16)], writable: bool) -> Result<SgList, SgError> {
-        SgList::new(chain(descs).into_iter(), &mem(), writable, MAX)
+        SgList::new(chain(descs).into_iter(), &mem(), writable, MAX, MAX_LEN)
     }
 
     fn buf(addr: u64, len: u32) -> Buffer {
@@ -183,13 +195,18 @@ mod tests {
                 true,
                 SgError::TooManyDescriptors(MAX),
             ),
+            (
+                vec![(A, 4000, R), (A, 97, R)],
+                false,
+                SgError::TooLong(4097, 4096),
+            ),
         ];
         for (descs, writable, want) in cases {
             assert_eq!(sg(&descs, writable).unwrap_err(), want, "{descs:x?}");
         }
         let mut broken = chain(&[(A, 1, R)]);
         broken[0] = Descriptor::new(A, 1, VRING_DESC_F_NEXT as u16, 7);
-        let err = SgList::new(broken.into_iter(), &mem(), false, MAX).unwrap_err();
+        let err = SgList::new(broken.into_iter(), &mem(), false, MAX, MAX_LEN).unwrap_err();
         assert_eq!(err, SgError::BrokenChain);
     }
 

@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::{info, warn};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -17,12 +17,15 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::handler::BlockHandler;
 use super::{ID_BYTES, MAX_RANGES, MAX_RANGE_SECTORS, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX};
+use crate::virtio::device_util::{
+    ignore_config_write, read_config_bytes, ready_queues, signal_used_queue, watch_queue_events,
+};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::LogOnce;
 
@@ -175,11 +178,7 @@ impl Block {
             }
         };
         if notify {
-            if let Err(e) = active.interrupt.signal_used_queue() {
-                if self.warned.irq.first() {
-                    warn!("virtio-blk: cannot raise the interrupt: {e}");
-                }
-            }
+            signal_used_queue(&active.interrupt, &mut self.warned.irq, "virtio-blk");
         }
     }
 }
@@ -260,21 +259,12 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let start = usize::try_from(offset).map_or(CONFIG_LEN, |o| o.min(CONFIG_LEN));
-        let src = &self.config_space[start..];
-        let n = src.len().min(data.len());
-        data[..n].copy_from_slice(&src[..n]);
+        read_config_bytes(&self.config_space, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Only `writeback` is writable, and CONFIG_WCE is not offered.
-        if self.warned.config.first() {
-            warn!(
-                "virtio-blk: ignoring {}-byte config write at {offset:#x}",
-                data.len()
-            );
-        }
+        ignore_config_write(&mut self.warned.config, "virtio-blk", offset, data);
     }
 
     fn queue_events(&self) -> &[EventFd] {
@@ -290,13 +280,7 @@ impl VirtioDevice for Block {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let got = queues.len();
-        let Ok([queue]) = <[Queue; 1]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        if !queue.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
+        let [queue] = ready_queues(queues)?;
         self.active = Some(Active {
             mem,
             queue,
@@ -322,9 +306,7 @@ impl MutEventSubscriber for Block {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue_evts[0], EventSet::IN)) {
-            warn!("virtio-blk: cannot watch the queue eventfd: {e:?}");
-        }
+        watch_queue_events(ops, &self.queue_evts, "virtio-blk");
     }
 }
 
@@ -340,6 +322,7 @@ mod tests {
     };
     use virtio_bindings::virtio_mmio::*;
     use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress};
 
     use super::super::test_utils::*;

@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 
 use log::warn;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
     Bytes, GuestMemoryError, GuestMemoryMmap, ReadVolatile, VolatileMemoryError, VolatileSlice,
@@ -16,6 +16,7 @@ use vm_memory::{
 
 use super::request::{total_len, Chain, Operation, Range, Request, RequestError, Segment};
 use super::{ID_BYTES, SECTOR_SIZE};
+use crate::virtio::drain::{drain, DrainError};
 use crate::LogOnce;
 
 /// Chunk written when zeroes must be written out by hand.
@@ -45,6 +46,15 @@ pub enum HandlerError {
     /// The driver claims more buffers than the ring can hold.
     #[error("avail ring index is inconsistent")]
     BrokenRing,
+}
+
+impl From<DrainError> for HandlerError {
+    fn from(e: DrainError) -> Self {
+        match e {
+            DrainError::Queue(e) => Self::Queue(e),
+            DrainError::BrokenRing => Self::BrokenRing,
+        }
+    }
 }
 
 impl HandlerError {
@@ -98,39 +108,7 @@ impl BlockHandler {
         mem: &GuestMemoryMmap,
         queue: &mut Queue,
     ) -> Result<bool, HandlerError> {
-        let mut served_total = 0usize;
-        loop {
-            // With EVENT_IDX, suppress notifications while draining, then re-check for
-            // buffers added before the driver saw notifications re-enabled.
-            queue
-                .disable_notification(mem)
-                .map_err(HandlerError::Queue)?;
-            let mut served = 0;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let used = self.serve(mem, chain);
-                queue
-                    .add_used(mem, head, used)
-                    .map_err(HandlerError::Queue)?;
-                served += 1;
-            }
-            served_total += served;
-            let more = queue
-                .enable_notification(mem)
-                .map_err(HandlerError::Queue)?;
-            if !more {
-                break;
-            }
-            // More announced but none could be popped: the avail index is bogus, and looping
-            // would spin forever.
-            if served == 0 {
-                return Err(HandlerError::BrokenRing);
-            }
-        }
-        if served_total == 0 {
-            return Ok(false);
-        }
-        queue.needs_notification(mem).map_err(HandlerError::Queue)
+        drain(mem, queue, |chain| self.serve(mem, chain)).map_err(HandlerError::from)
     }
 
     /// Serves one chain; returns the number of bytes written to its device-writable buffers.

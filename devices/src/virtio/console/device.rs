@@ -11,12 +11,15 @@ use log::warn;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::port::{Receiver, RxNext, Transmitter};
 use super::{QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use crate::virtio::device_util::{
+    ignore_config_write, ready_queues, signal_used_queue, watch_queue_events,
+};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::LogOnce;
 
@@ -125,11 +128,7 @@ impl Console {
         let Some(active) = self.active.as_ref().filter(|_| notify) else {
             return;
         };
-        if let Err(e) = active.interrupt.signal_used_queue() {
-            if self.warned.irq.first() {
-                warn!("virtio-console: cannot raise the interrupt: {e}");
-            }
-        }
+        signal_used_queue(&active.interrupt, &mut self.warned.irq, "virtio-console");
     }
 
     /// Watches the input for readability exactly when the receiver waits for it, so the loop
@@ -196,12 +195,7 @@ impl VirtioDevice for Console {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // emerg_wr needs VIRTIO_CONSOLE_F_EMERG_WRITE, which is not offered.
-        if self.warned.config.first() {
-            warn!(
-                "virtio-console: ignoring {}-byte config write at {offset:#x}",
-                data.len()
-            );
-        }
+        ignore_config_write(&mut self.warned.config, "virtio-console", offset, data);
     }
 
     fn queue_events(&self) -> &[EventFd] {
@@ -217,13 +211,7 @@ impl VirtioDevice for Console {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let got = queues.len();
-        let Ok(queues) = <[Queue; 2]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: 2, got });
-        };
-        if let Some(index) = queues.iter().position(|q| !q.ready()) {
-            return Err(ActivateError::QueueNotReady(index));
-        }
+        let queues = ready_queues(queues)?;
         self.active = Some(Active {
             mem,
             queues,
@@ -266,11 +254,7 @@ impl MutEventSubscriber for Console {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for evt in &self.queue_evts {
-            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
-                warn!("virtio-console: cannot watch a queue eventfd: {e:?}");
-            }
-        }
+        watch_queue_events(ops, &self.queue_evts, "virtio-console");
         let Some(rx) = self.rx.as_mut() else {
             return;
         };
@@ -290,6 +274,7 @@ mod tests {
     use std::sync::Mutex;
 
     use event_manager::{EventManager, SubscriberOps};
+    use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::tempfile::TempFile;
 

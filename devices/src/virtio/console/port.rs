@@ -8,8 +8,9 @@ use log::warn;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemoryError, GuestMemoryMmap};
 
-use super::chain::{Buffers, ChainError};
+use super::chain::{buffers, read_all, ChainError};
 use super::{MAX_TX_CHAIN, RX_CHUNK};
+use crate::virtio::drain::{drain, DrainError};
 use crate::LogOnce;
 
 /// Errors while serving a queue.
@@ -30,6 +31,15 @@ pub enum PortError {
     /// The host output refused guest bytes; they are dropped, the guest cannot wait for it.
     #[error("console output failed")]
     Output(#[source] io::Error),
+}
+
+impl From<DrainError> for PortError {
+    fn from(e: DrainError) -> Self {
+        match e {
+            DrainError::Queue(e) => Self::Queue(e),
+            DrainError::BrokenRing => Self::BrokenRing,
+        }
+    }
 }
 
 /// Drains the transmit queue into a writer.
@@ -58,36 +68,20 @@ impl Transmitter {
         mem: &GuestMemoryMmap,
         queue: &mut Queue,
     ) -> Result<bool, PortError> {
-        let mut served_total = 0usize;
-        loop {
-            // With EVENT_IDX, suppress notifications while draining, then re-check for chains
-            // added before the driver saw notifications re-enabled.
-            queue.disable_notification(mem).map_err(PortError::Queue)?;
-            let mut served = 0;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                self.transmit(mem, chain);
-                // The device writes nothing into a transmit chain.
-                queue.add_used(mem, head, 0).map_err(PortError::Queue)?;
-                served += 1;
-            }
-            served_total += served;
-            if !queue.enable_notification(mem).map_err(PortError::Queue)? {
-                break;
-            }
-            // More announced but none could be popped: looping would spin forever.
-            if served == 0 {
-                return Err(PortError::BrokenRing);
-            }
-        }
-        if served_total == 0 {
-            return Ok(false);
-        }
+        let mut served = false;
+        let notify = drain(mem, queue, |chain| {
+            self.transmit(mem, chain);
+            served = true;
+            // The device writes nothing into a transmit chain.
+            0
+        });
         // A buffered writer would otherwise hold back a prompt that has no newline.
-        if let Err(e) = self.output.flush() {
-            self.report(PortError::Output(e));
+        if served {
+            if let Err(e) = self.output.flush() {
+                self.report(PortError::Output(e));
+            }
         }
-        queue.needs_notification(mem).map_err(PortError::Queue)
+        notify.map_err(PortError::from)
     }
 
     fn transmit(
@@ -95,12 +89,9 @@ impl Transmitter {
         mem: &GuestMemoryMmap,
         descriptors: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
     ) {
-        let result = Buffers::new(descriptors, mem, false, MAX_TX_CHAIN)
+        let result = buffers(descriptors, mem, false, MAX_TX_CHAIN)
             .map_err(PortError::Chain)
-            .and_then(|bufs| {
-                bufs.read_into(mem, &mut self.buf)
-                    .map_err(PortError::GuestMemory)
-            })
+            .and_then(|bufs| read_all(&bufs, mem, &mut self.buf).map_err(PortError::GuestMemory))
             .and_then(|()| self.output.write_all(&self.buf).map_err(PortError::Output));
         if let Err(e) = result {
             self.report(e);
@@ -210,7 +201,7 @@ impl Receiver {
             };
             announced = false;
             let head = chain.head_index();
-            let bufs = match Buffers::new(chain, mem, true, u64::MAX) {
+            let bufs = match buffers(chain, mem, true, u64::MAX) {
                 Ok(bufs) => bufs,
                 Err(e) => {
                     if self.warned_chain.first() {

@@ -17,7 +17,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -25,6 +25,9 @@ use super::mac::random_mac;
 use super::rx::{Receiver, RxNext};
 use super::tx::Transmitter;
 use super::{Tap, TapError, TapIo, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use crate::virtio::device_util::{
+    ignore_config_write, read_config_bytes, ready_queues, signal_used_queue, watch_queue_events,
+};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::LogOnce;
 
@@ -202,11 +205,7 @@ impl Net {
         let Some(active) = self.active.as_ref().filter(|_| notify) else {
             return;
         };
-        if let Err(e) = active.interrupt.signal_used_queue() {
-            if self.warned.irq.first() {
-                warn!("virtio-net: cannot raise the interrupt: {e}");
-            }
-        }
+        signal_used_queue(&active.interrupt, &mut self.warned.irq, "virtio-net");
     }
 
     /// Watches the TAP exactly when the receiver can take a frame, so the loop neither spins on
@@ -313,21 +312,12 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let start = usize::try_from(offset).map_or(CONFIG_LEN, |o| o.min(CONFIG_LEN));
-        let src = &self.config_space[start..];
-        let n = src.len().min(data.len());
-        data[..n].copy_from_slice(&src[..n]);
+        read_config_bytes(&self.config_space, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // virtio 1.1, 5.1.4: the driver writes no field of a VERSION_1 device's config.
-        if self.warned.config.first() {
-            warn!(
-                "virtio-net: ignoring {}-byte config write at {offset:#x}",
-                data.len()
-            );
-        }
+        ignore_config_write(&mut self.warned.config, "virtio-net", offset, data);
     }
 
     fn queue_events(&self) -> &[EventFd] {
@@ -343,13 +333,7 @@ impl VirtioDevice for Net {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let got = queues.len();
-        let Ok(queues) = <[Queue; 2]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: 2, got });
-        };
-        if let Some(index) = queues.iter().position(|q| !q.ready()) {
-            return Err(ActivateError::QueueNotReady(index));
-        }
+        let queues = ready_queues(queues)?;
         self.active = Some(Active {
             mem,
             queues,
@@ -394,11 +378,7 @@ impl MutEventSubscriber for Net {
 
     fn init(&mut self, ops: &mut EventOps) {
         // The TAP is watched only once the driver has posted receive buffers.
-        for evt in &self.queue_evts {
-            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
-                warn!("virtio-net: cannot watch a queue eventfd: {e:?}");
-            }
-        }
+        watch_queue_events(ops, &self.queue_evts, "virtio-net");
     }
 }
 
@@ -408,6 +388,7 @@ mod tests {
     use std::sync::Mutex;
 
     use event_manager::{EventManager, SubscriberOps};
+    use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress};
 
     use super::super::test_utils::*;

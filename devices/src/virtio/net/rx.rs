@@ -246,7 +246,7 @@ impl Receiver {
             };
             announced = false;
             let head = chain.head_index();
-            let err = match SgList::new(chain, mem, true, QUEUE_SIZE.into()) {
+            let err = match SgList::new(chain, mem, true, QUEUE_SIZE.into(), u64::MAX) {
                 Ok(sg) if sg.len >= HDR_LEN as u64 => {
                     self.reserved.push(Reserved { head, sg });
                     return Ok(true);

@@ -94,7 +94,8 @@ impl Transmitter {
         descriptors: impl Iterator<Item = Descriptor>,
         tap: &mut dyn TapIo,
     ) -> Result<(), TxError> {
-        let sg = SgList::new(descriptors, mem, false, QUEUE_SIZE.into()).map_err(TxError::Chain)?;
+        let sg = SgList::new(descriptors, mem, false, QUEUE_SIZE.into(), u64::MAX)
+            .map_err(TxError::Chain)?;
         if sg.len < (HDR_LEN + ETH_HLEN) as u64 {
             return Err(TxError::TooShort(sg.len));
         }

@@ -5,17 +5,20 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::warn;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::handler::{getrandom, RngHandler};
 use super::QUEUE_SIZE;
+use crate::virtio::device_util::{
+    ignore_config_write, ready_queues, signal_used_queue, watch_queue_events,
+};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::LogOnce;
 
@@ -87,11 +90,7 @@ impl Rng {
             }
         };
         if notify {
-            if let Err(e) = active.interrupt.signal_used_queue() {
-                if self.warned.irq.first() {
-                    warn!("virtio-rng: cannot raise the interrupt: {e}");
-                }
-            }
+            signal_used_queue(&active.interrupt, &mut self.warned.irq, "virtio-rng");
         }
     }
 }
@@ -119,12 +118,7 @@ impl VirtioDevice for Rng {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        if self.warned.config.first() {
-            warn!(
-                "virtio-rng: ignoring {}-byte config write at {offset:#x}",
-                data.len()
-            );
-        }
+        ignore_config_write(&mut self.warned.config, "virtio-rng", offset, data);
     }
 
     fn queue_events(&self) -> &[EventFd] {
@@ -140,13 +134,7 @@ impl VirtioDevice for Rng {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let got = queues.len();
-        let Ok([queue]) = <[Queue; 1]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        if !queue.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
+        let [queue] = ready_queues(queues)?;
         self.active = Some(Active {
             mem,
             queue,
@@ -172,9 +160,7 @@ impl MutEventSubscriber for Rng {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue_evts[0], EventSet::IN)) {
-            warn!("virtio-rng: cannot watch the queue eventfd: {e:?}");
-        }
+        watch_queue_events(ops, &self.queue_evts, "virtio-rng");
     }
 }
 
@@ -183,6 +169,7 @@ mod tests {
     use std::sync::Mutex;
 
     use event_manager::{EventManager, SubscriberOps};
+    use virtio_queue::QueueT;
 
     use super::*;
     use crate::virtio::block::test_utils::{mem, W};

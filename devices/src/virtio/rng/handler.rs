@@ -57,7 +57,7 @@ impl RngHandler {
         mem: &GuestMemoryMmap,
         descriptors: impl Iterator<Item = Descriptor>,
     ) -> u32 {
-        let sg = match SgList::new(descriptors, mem, true, QUEUE_SIZE.into()) {
+        let sg = match SgList::new(descriptors, mem, true, QUEUE_SIZE.into(), u64::MAX) {
             Ok(sg) => sg,
             Err(e) => {
                 if self.warned.chain.first() {

@@ -9,7 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::warn;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
@@ -21,6 +21,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::muxer::Muxer;
 use super::packet::{read_tx, RxChain, MAX_PKT_DATA};
 use super::{QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use crate::virtio::device_util::{
+    ignore_config_write, read_config_bytes, ready_queues, signal_used_queue, watch_queue_events,
+};
 use crate::virtio::drain::{drain, DrainError};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::LogOnce;
@@ -205,11 +208,7 @@ impl Vsock {
         let Some(active) = self.active.as_ref().filter(|_| notify) else {
             return;
         };
-        if let Err(e) = active.interrupt.signal_used_queue() {
-            if self.warned.irq.first() {
-                warn!("virtio-vsock: cannot raise the interrupt: {e}");
-            }
-        }
+        signal_used_queue(&active.interrupt, &mut self.warned.irq, "virtio-vsock");
     }
 
     fn idle(&mut self) {
@@ -314,21 +313,11 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; }
-        let config = self.cid.to_le_bytes();
-        data.fill(0);
-        let start = usize::try_from(offset).map_or(config.len(), |o| o.min(config.len()));
-        let src = &config[start..];
-        let n = src.len().min(data.len());
-        data[..n].copy_from_slice(&src[..n]);
+        read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        if self.warned.config.first() {
-            warn!(
-                "virtio-vsock: ignoring {}-byte config write at {offset:#x}",
-                data.len()
-            );
-        }
+        ignore_config_write(&mut self.warned.config, "virtio-vsock", offset, data);
     }
 
     fn queue_events(&self) -> &[EventFd] {
@@ -344,13 +333,7 @@ impl VirtioDevice for Vsock {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let got = queues.len();
-        let Ok(queues) = <[Queue; 3]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: 3, got });
-        };
-        if let Some(index) = queues.iter().position(|q| !q.ready()) {
-            return Err(ActivateError::QueueNotReady(index));
-        }
+        let queues = ready_queues(queues)?;
         self.active = Some(Active {
             mem,
             queues,
@@ -396,11 +379,7 @@ impl MutEventSubscriber for Vsock {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for evt in &self.queue_evts {
-            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
-                warn!("virtio-vsock: cannot watch a queue eventfd: {e:?}");
-            }
-        }
+        watch_queue_events(ops, &self.queue_evts, "virtio-vsock");
         self.muxer.init(ops);
     }
 }
