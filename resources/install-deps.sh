@@ -5,11 +5,13 @@ set -euo pipefail
 
 packages=(
     # guest kernel build
-    linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils
+    linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils lz4
     # guest root filesystems and their inspection in tests
     busybox-static e2fsprogs
     # the reference VMM for side-by-side comparisons
     qemu-system-x86
+    # network tests: namespaces, TAP devices, ping
+    iproute2 iputils-ping
 )
 
 echo "==> apt-get update"

@@ -74,8 +74,14 @@ impl TestVm {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rvmm"))
-            .args(args)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rvmm"));
+        cmd.args(args);
+        Self::spawn(cmd)
+    }
+
+    /// Starts rvmm through a prepared command (e.g. `ip netns exec NS rvmm …`).
+    pub fn spawn(mut cmd: Command) -> TestResult<Self> {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -195,17 +201,42 @@ impl Drop for TestVm {
 /// Assembles a tiny 64-bit guest from `tests/guests/NAME.S` into an ELF the loader accepts
 /// (linked at 2 MiB, above the kernel load floor).
 pub fn tiny_guest(name: &str) -> PathBuf {
+    assemble(name, &["-Wl,-Ttext=0x200000"])
+}
+
+fn assemble(name: &str, link_args: &[&str]) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/guests")
         .join(format!("{name}.S"));
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.elf"));
     let status = Command::new("cc")
         .args(["-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none"])
-        .args(["-Wl,-Ttext=0x200000", "-o"])
+        .args(link_args)
+        .arg("-o")
         .arg(&out)
         .arg(&src)
         .status()
-        .expect("cc (from build-essential) assembles the tiny guests");
+        .expect("cc (from build-essential) assembles the test programs");
     assert!(status.success(), "assembling {}", src.display());
+    out
+}
+
+/// An initramfs whose /init is the user program `tests/guests/NAME.S` (built with cpio).
+pub fn initramfs_with_init(name: &str) -> PathBuf {
+    let elf = assemble(name, &[]);
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-root"));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::copy(&elf, root.join("init")).unwrap();
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.cpio"));
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd '{}' && echo init | cpio -o -H newc --quiet > '{}'",
+            root.display(),
+            out.display()
+        ))
+        .status()
+        .expect("sh and cpio build the test initramfs");
+    assert!(status.success(), "cpio for {name}");
     out
 }
