@@ -107,8 +107,15 @@ fn guest_kernel_answers_ping_over_virtio_net_and_resets_an_unheard_vsock_port() 
     let net = format!("tap=tap0,mac={GUEST_MAC}");
     let vsock = format!("cid={GUEST_CID},uds={}", uds.display());
     let mut cmd = ns.command(&[env!("CARGO_BIN_EXE_rvmm")]);
-    cmd.args(["--kernel", &kernel, "--initrd", &initrd, "--cmdline", &cmdline])
-        .args(["--net", &net, "--rng", "--vsock", &vsock]);
+    cmd.args([
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--cmdline",
+        &cmdline,
+    ])
+    .args(["--net", &net, "--rng", "--vsock", &vsock]);
     let mut vm = TestVm::spawn(cmd)?;
 
     vm.expect_line_within("IP-Config: Complete:", BOOT_LIMIT)?;
@@ -124,7 +131,9 @@ fn guest_kernel_answers_ping_over_virtio_net_and_resets_an_unheard_vsock_port() 
 
     // Nothing listens on guest port 1234: the guest's reset closes our stream without "OK".
     let mut stream = UnixStream::connect(&uds).map_err(|e| format!("vsock uds: {e}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     stream.write_all(b"CONNECT 1234\n").unwrap();
     let mut reply = String::new();
     let n = stream
