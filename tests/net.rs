@@ -106,7 +106,8 @@ fn guest_kernel_answers_ping_over_virtio_net_and_resets_an_unheard_vsock_port() 
     );
     let net = format!("tap=tap0,mac={GUEST_MAC}");
     let vsock = format!("cid={GUEST_CID},uds={}", uds.display());
-    let mut cmd = ns.command(&[env!("CARGO_BIN_EXE_rvmm")]);
+    let mut cmd = ns.command(&["env", "RUST_LOG=rvmm_devices::virtio::vsock=debug"]);
+    cmd.arg(env!("CARGO_BIN_EXE_rvmm"));
     cmd.args([
         "--kernel",
         &kernel,
@@ -143,6 +144,12 @@ fn guest_kernel_answers_ping_over_virtio_net_and_resets_an_unheard_vsock_port() 
 
     vm.signal(libc::SIGTERM);
     vm.wait_exit(Duration::from_secs(20))?;
+    // The stream was closed because the guest kernel answered with a reset, not locally.
+    let log = vm.stderr();
+    assert!(
+        log.contains("guest port 1234 reset its connection"),
+        "no reset from the guest in: {log}"
+    );
     assert!(!uds.exists(), "rvmm left its vsock socket behind");
     Ok(())
 }

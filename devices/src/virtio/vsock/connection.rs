@@ -182,6 +182,11 @@ impl<S: Stream> Connection<S> {
         self.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
         let res = match (self.state, op) {
             (_, Op::Rst) => {
+                log::debug!(
+                    "virtio-vsock: guest port {} reset its connection to host port {}",
+                    hdr.src_port,
+                    hdr.dst_port
+                );
                 self.state = State::Closed;
                 Ok(())
             }
