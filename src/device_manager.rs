@@ -35,6 +35,8 @@ const I8042_PORT_COUNT: u64 = 5;
 pub enum DeviceError {
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    #[error("cannot duplicate stdin for the console")]
+    Stdin(#[source] std::io::Error),
     #[error("cannot place a device on the bus")]
     Bus(#[source] BusError),
     #[error("cannot wire a device interrupt")]
@@ -206,7 +208,7 @@ pub fn attach_virtio_devices(
         entries.push(attach_virtio(ctx, Arc::new(Mutex::new(device)))?.cmdline_entry());
     }
     if cfg.console == ConsoleKind::Virtio {
-        let stdin = crate::vmm::dup_stdin().map_err(DeviceError::EventFd)?;
+        let stdin = crate::vmm::dup_stdin().map_err(DeviceError::Stdin)?;
         entries.push(attach_virtio_console(ctx, stdin)?);
     }
     Ok(entries)

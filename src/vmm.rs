@@ -54,6 +54,8 @@ pub enum VmmError {
     CpuidTooLarge,
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    #[error("cannot duplicate stdin for the console")]
+    Stdin(#[source] std::io::Error),
     #[error("cannot connect stdin to the serial console")]
     SerialInput(#[source] rvmm_devices::legacy::serial::SerialError),
     #[error("cannot start the device event loop")]
@@ -153,7 +155,7 @@ impl Vmm {
     pub fn run(mut self) -> Result<VmExit, VmmError> {
         let control = ControlWait::new(&self.legacy.reset_evt)?;
         if let Some(serial) = &self.legacy.serial {
-            let stdin = dup_stdin().map_err(VmmError::EventFd)?;
+            let stdin = dup_stdin().map_err(VmmError::Stdin)?;
             let input = SerialInput::new(serial.clone(), stdin).map_err(VmmError::SerialInput)?;
             self.event_manager
                 .add_subscriber(Arc::new(Mutex::new(input)));
@@ -179,12 +181,14 @@ impl Vmm {
             }
         }
         let wake = match started {
-            Ok(()) => control.wait(&exit_evt)?,
-            Err(_) => Wake::VcpuExit,
+            Ok(()) => control.wait(&exit_evt),
+            Err(_) => Ok(Wake::VcpuExit),
         };
+        // Every thread is stopped before any error is returned.
         stop_vcpus(&ctx.stop, handles);
         device_loop.stop();
         started?;
+        let wake = wake?;
 
         match wake {
             Wake::Reset => Ok(VmExit::Guest),
