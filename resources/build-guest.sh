@@ -176,7 +176,8 @@ log=$work/config.log
 # Kconfig silently drops values whose dependencies are unmet: insist that
 # every line of a fragment made it into the final .config.
 check_fragment() { # FRAGMENT
-    local line sym got dropped=0
+    local line sym got dropped=0 name
+    name=$(basename -- "$1")
     while IFS= read -r line; do
         case $line in
             CONFIG_*=*) sym=${line%%=*} ;;
@@ -186,11 +187,11 @@ check_fragment() { # FRAGMENT
         got=$(grep -E "^(# )?${sym}[= ]" "$linux/.config" || true)
         # "is not set" is also satisfied by a symbol that is absent altogether.
         if [[ $got != "$line" && ! ($line == "# "* && -z $got) ]]; then
-            echo "build-guest: $(basename -- "$1") wants '$line', Kconfig gave '${got:-<absent>}'" >&2
+            echo "build-guest: $name wants '$line', Kconfig gave '${got:-<absent>}'" >&2
             dropped=1
         fi
     done <"$1"
-    ((!dropped)) || die "Kconfig did not keep $(basename -- "$1") (unmet dependencies?); see $log"
+    ((!dropped)) || die "Kconfig did not keep $name (unmet dependencies?); see $log"
 }
 check_fragment "$guest/kernel.config"
 

@@ -145,8 +145,24 @@ impl std::str::FromStr for VsockConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
     pub tap: String,
-    /// None: rvmm picks a random locally administered address.
+    /// None: see [`NetConfig::guest_mac`].
     pub mac: Option<[u8; 6]>,
+}
+
+impl NetConfig {
+    /// The given MAC, or one derived from the TAP name: random-looking, locally administered,
+    /// and the same on every start, so the guest's address survives restarts of the VM.
+    pub fn guest_mac(&self) -> [u8; 6] {
+        self.mac.unwrap_or_else(|| {
+            // FNV-1a: a fixed, well-spread hash (std's hasher is randomly seeded per process).
+            let hash = self.tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+            let b = hash.to_le_bytes();
+            // 0x52: unicast (bit 0 clear), locally administered (bit 1 set).
+            [0x52, b[0], b[1], b[2], b[3], b[4]]
+        })
+    }
 }
 
 impl std::str::FromStr for NetConfig {
@@ -412,6 +428,11 @@ mod tests {
         assert_eq!(n.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
         let n: NetConfig = "tap=t1".parse().unwrap();
         assert_eq!(n.mac, None);
+        let again: NetConfig = "tap=t1".parse().unwrap();
+        let other: NetConfig = "tap=t2".parse().unwrap();
+        assert_eq!(n.guest_mac(), again.guest_mac());
+        assert_ne!(n.guest_mac(), other.guest_mac());
+        assert_eq!(n.guest_mac()[0], 0x52);
         for bad in [
             "",
             "tap=",

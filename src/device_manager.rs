@@ -251,7 +251,7 @@ pub fn attach_nets(
     for cfg in nets {
         let net = Net::new(rvmm_devices::virtio::net::NetConfig {
             tap: cfg.tap.clone(),
-            mac: cfg.mac,
+            mac: Some(cfg.guest_mac()),
         })
         .map_err(DeviceError::Net)?;
         log::info!(

@@ -6,7 +6,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{guest_artifacts, kvm_is_emulated, kvm_or_skip, tiny_guest, TestResult, TestVm};
+use common::{
+    debugfs_cat, guest_artifacts, kvm_is_emulated, kvm_or_skip, tiny_guest, TestResult, TestVm,
+};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(300);
 
@@ -92,7 +94,13 @@ fn linux_mounts_its_root_from_virtio_blk_and_sees_every_disk() -> TestResult {
     } else {
         let root = vm.expect_line_within("RVMM-INIT root=", BOOT_LIMIT)?;
         assert!(root.contains("root=/dev/vda"), "{root}");
+        vm.expect_line_within("RVMM-INIT written=", BOOT_LIMIT)?;
     }
     assert_eq!(vm.wait_exit(BOOT_LIMIT)?.code(), Some(0), "{}", vm.stderr());
+    if !kvm_is_emulated() {
+        // What the guest's init wrote and synced is in the image on the host.
+        let written = debugfs_cat(&rootfs, "/rvmm-written")?;
+        assert_eq!(written, b"rvmm guest wrote this line\n");
+    }
     Ok(())
 }

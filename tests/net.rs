@@ -8,83 +8,18 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use common::{guest_artifacts, initramfs_with_init, kvm_or_skip, TestResult, TestVm};
+use common::{
+    can_make_namespaces, guest_artifacts, initramfs_with_init, kvm_or_skip, NetNs, TestResult,
+    TestVm,
+};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(300);
 const HOST_IP: &str = "172.30.94.1";
 const GUEST_IP: &str = "172.30.94.2";
 const GUEST_MAC: &str = "52:54:00:94:00:02";
 const GUEST_CID: u32 = 42;
-
-/// A network namespace holding one TAP with the host end of a private /30; removed on drop.
-struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    fn create(tap: &str) -> TestResult<Self> {
-        let ns = NetNs {
-            name: format!("rvmm-test-{}", std::process::id()),
-        };
-        ns.run(&["ip", "netns", "add", &ns.name], false)?;
-        for args in [
-            vec!["ip", "tuntap", "add", "dev", tap, "mode", "tap"],
-            vec!["ip", "addr", "add", &format!("{HOST_IP}/30"), "dev", tap],
-            vec!["ip", "link", "set", tap, "up"],
-        ] {
-            ns.run(&args, true)?;
-        }
-        Ok(ns)
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).args(args);
-        cmd
-    }
-
-    fn run(&self, args: &[&str], inside: bool) -> TestResult<String> {
-        let out = if inside {
-            self.command(args).output()
-        } else {
-            Command::new(args[0]).args(&args[1..]).output()
-        }
-        .map_err(|e| format!("{args:?}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "{args:?} failed: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn can_make_namespaces(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let ip = Command::new("ip").arg("-V").output().is_ok();
-    if root && ip && Path::new("/dev/net/tun").exists() {
-        return true;
-    }
-    if std::env::var("RVMM_REQUIRE_KVM").as_deref() == Ok("1") {
-        panic!("{test}: needs root, iproute2 and /dev/net/tun");
-    }
-    eprintln!("SKIPPED {test}: needs root, iproute2 and /dev/net/tun");
-    false
-}
 
 #[test]
 fn guest_kernel_answers_ping_over_virtio_net_and_resets_an_unheard_vsock_port() -> TestResult {
@@ -95,7 +30,7 @@ fn guest_kernel_answers_ping_over_virtio_net_and_resets_an_unheard_vsock_port() 
     let Some(guest) = guest_artifacts(name) else {
         return Ok(());
     };
-    let ns = NetNs::create("tap0")?;
+    let ns = NetNs::create("tap0", HOST_IP)?;
     let uds = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("vsock-{}.sock", ns.name));
     let kernel = guest.join("vmlinux").display().to_string();
     // An init that spins in user mode without system calls keeps the kernel serving the

@@ -1,15 +1,21 @@
 //! The in-guest kernel self-test (resources/selftest): the test kernel exercises rvmm's devices
 //! through Linux's own drivers and prints one line per check; this side runs the host half of
-//! each check and asserts every line, in a single boot.
+//! each check and asserts every line, in a single boot per test.
 
 mod common;
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
 
-use common::{guest_artifacts, kvm_or_skip, TestResult, TestVm};
+use common::{
+    can_make_namespaces, debugfs_cat, guest_artifacts, kvm_or_skip, NetNs, TestResult, TestVm,
+};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(300);
 const DATA_SERIAL: &str = "rvmm-data-1";
@@ -27,6 +33,28 @@ fn expected_pattern() -> Vec<u8> {
     out
 }
 
+/// Reads `RVMM-SELFTEST ...` lines up to and including the `done` line.
+fn selftest_lines(vm: &mut TestVm) -> TestResult<Vec<String>> {
+    let mut results = Vec::new();
+    loop {
+        let line = vm.expect_line_within("RVMM-SELFTEST ", BOOT_LIMIT)?;
+        let done = line.contains("RVMM-SELFTEST done");
+        results.push(line);
+        if done {
+            return Ok(results);
+        }
+    }
+}
+
+/// The rest of the line after `RVMM-SELFTEST <check> ` (starts with "ok" or "fail").
+fn check_result(results: &[String], check: &str) -> String {
+    let tag = format!("RVMM-SELFTEST {check} ");
+    results
+        .iter()
+        .find_map(|l| l.split_once(&tag).map(|(_, rest)| rest.to_string()))
+        .unwrap_or_else(|| panic!("no {check} line in {results:#?}"))
+}
+
 fn scratch(name: &str) -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join(name)
 }
@@ -35,23 +63,6 @@ fn sized_file(name: &str, len: u64) -> PathBuf {
     let path = scratch(name);
     std::fs::File::create(&path).unwrap().set_len(len).unwrap();
     path
-}
-
-/// Reads a file out of an ext4 image with debugfs (e2fsprogs), as the host sees it.
-fn debugfs_cat(image: &Path, file: &str) -> TestResult<Vec<u8>> {
-    let out = Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("cat {file}"))
-        .arg(image)
-        .output()
-        .map_err(|e| format!("debugfs: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "debugfs failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(out.stdout)
 }
 
 #[test]
@@ -83,30 +94,12 @@ fn block_and_console_selftest_in_the_guest_kernel() -> TestResult {
     ])?;
     // hvc0 carries the whole console here; Linux's virtio-console drops the boot log replayed
     // before its port is ready, so the first lines to expect are the self-test's own.
-    let first = vm.expect_line_within("RVMM-SELFTEST ", BOOT_LIMIT)?;
-    eprintln!(
-        "NOTE {name}: first self-test line after {:.0?}",
-        vm.elapsed()
-    );
-    let mut results = vec![first];
-    loop {
-        let line = vm.expect_line_within("RVMM-SELFTEST ", BOOT_LIMIT)?;
-        let done = line.contains("RVMM-SELFTEST done");
-        results.push(line);
-        if done {
-            break;
-        }
-    }
+    let results = selftest_lines(&mut vm)?;
+    eprintln!("NOTE {name}: self-test done after {:.0?}", vm.elapsed());
     let status = vm.wait_exit(BOOT_LIMIT)?;
     assert_eq!(status.code(), Some(0), "{}", vm.stderr());
 
-    let result = |check: &str| -> String {
-        let tag = format!("RVMM-SELFTEST {check} ");
-        results
-            .iter()
-            .find_map(|l| l.split_once(&tag).map(|(_, rest)| rest.to_string()))
-            .unwrap_or_else(|| panic!("no {check} line in {results:#?}"))
-    };
+    let result = |check: &str| check_result(&results, check);
     for check in [
         "blk-write",
         "blk-flush",
@@ -144,9 +137,189 @@ fn block_and_console_selftest_in_the_guest_kernel() -> TestResult {
     Ok(())
 }
 
+const HOST_IP: &str = "172.30.94.1";
+const GUEST_IP: &str = "172.30.94.2";
+const GUEST_MAC: &str = "52:54:00:94:00:02";
+const GUEST_CID: u32 = 42;
+const TCP_PORT: u16 = 5201;
+/// The host's vsock listener the guest connects to (vsock-connect).
+const HOST_VSOCK_PORT: u32 = 5000;
+/// The guest's vsock listener the host connects to (vsock-listen).
+const GUEST_VSOCK_PORT: u32 = 5001;
+const HOST_LINE: &str = "rvmm host says hello over vsock\n";
+
+/// net-tcp's answer: `<len> <sum32>\n`, sum32 = wrapping sum of the bytes (0..=255 each).
+fn len_and_sum32(data: &[u8]) -> String {
+    let sum = data.iter().fold(0u32, |s, &b| s.wrapping_add(u32::from(b)));
+    format!("{} {sum}\n", data.len())
+}
+
+/// A TCP listener on `HOST_IP:TCP_PORT` inside the namespace: a thread enters it with
+/// setns(2) (which only moves that thread) and binds there; the socket stays in it.
+fn tcp_listener_in(ns: &NetNs) -> TestResult<TcpListener> {
+    let path = format!("/run/netns/{}", ns.name);
+    std::thread::spawn(move || -> TestResult<TcpListener> {
+        let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+        // SAFETY: a valid namespace fd; CLONE_NEWNET only changes this thread's namespace.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
+        }
+        TcpListener::bind((HOST_IP, TCP_PORT))
+            .map_err(|e| format!("bind {HOST_IP}:{TCP_PORT}: {e}"))
+    })
+    .join()
+    .unwrap()
+}
+
+/// The host half of net-tcp: take one connection, read to EOF, answer `<len> <sum32>\n`.
+/// Sends back everything received.
+fn serve_tcp(listener: TcpListener) -> Receiver<std::io::Result<Vec<u8>>> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let served = (|| {
+            let (mut stream, _) = listener.accept()?;
+            stream.set_read_timeout(Some(BOOT_LIMIT))?;
+            let mut data = Vec::new();
+            stream.read_to_end(&mut data)?;
+            stream.write_all(len_and_sum32(&data).as_bytes())?;
+            Ok(data)
+        })();
+        let _ = tx.send(served);
+    });
+    rx
+}
+
+/// The host half of vsock-connect: take one connection on `<uds>_<port>`, read a line, answer
+/// `pong\n`. Sends back the line received.
+fn serve_vsock_pong(listener: UnixListener) -> Receiver<std::io::Result<String>> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let served = (|| {
+            let (stream, _) = listener.accept()?;
+            stream.set_read_timeout(Some(BOOT_LIMIT))?;
+            let mut line = String::new();
+            BufReader::new(&stream).read_line(&mut line)?;
+            (&stream).write_all(b"pong\n")?;
+            Ok(line)
+        })();
+        let _ = tx.send(served);
+    });
+    rx
+}
+
+/// The host half of vsock-listen: connect to the guest's port through rvmm's socket, send a
+/// line and return what comes back.
+fn vsock_echo(uds: &Path) -> TestResult<(String, String)> {
+    let stream = UnixStream::connect(uds).map_err(|e| format!("vsock uds: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    (&stream)
+        .write_all(format!("CONNECT {GUEST_VSOCK_PORT}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(&stream);
+    let mut ok = String::new();
+    reader
+        .read_line(&mut ok)
+        .map_err(|e| format!("CONNECT: {e}"))?;
+    (&stream)
+        .write_all(HOST_LINE.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut echo = String::new();
+    reader
+        .read_line(&mut echo)
+        .map_err(|e| format!("echo: {e}"))?;
+    Ok((ok, echo))
+}
+
+#[test]
+fn rng_net_and_vsock_selftest_in_the_guest_kernel() -> TestResult {
+    let name = "rng_net_and_vsock_selftest_in_the_guest_kernel";
+    if !kvm_or_skip(name) || !can_make_namespaces(name) {
+        return Ok(());
+    }
+    let Some(guest) = guest_artifacts(name) else {
+        return Ok(());
+    };
+    let ns = NetNs::create("tap0", HOST_IP)?;
+    let tcp = serve_tcp(tcp_listener_in(&ns)?);
+    let uds = scratch(&format!("selftest-vsock-{}.sock", ns.name));
+    let pong_path = PathBuf::from(format!("{}_{HOST_VSOCK_PORT}", uds.display()));
+    let _ = std::fs::remove_file(&pong_path);
+    let pong = serve_vsock_pong(UnixListener::bind(&pong_path).map_err(|e| e.to_string())?);
+
+    let kernel = guest.join("vmlinux-selftest").display().to_string();
+    let rootfs = scratch("selftest-net-rootfs.ext4");
+    std::fs::copy(guest.join("rootfs.ext4"), &rootfs).map_err(|e| e.to_string())?;
+    let cmdline = format!(
+        "console=ttyS0 reboot=k panic=1 ip={GUEST_IP}::{HOST_IP}:255.255.255.252::eth0:off \
+         rvmm_selftest=rng,net,vsock rvmm_selftest.net={HOST_IP}:{TCP_PORT} \
+         rvmm_selftest.vsock_port={HOST_VSOCK_PORT} \
+         rvmm_selftest.vsock_listen={GUEST_VSOCK_PORT}"
+    );
+    let net = format!("tap=tap0,mac={GUEST_MAC}");
+    let vsock = format!("cid={GUEST_CID},uds={}", uds.display());
+    let mut cmd = ns.command(&[env!("CARGO_BIN_EXE_rvmm")]);
+    cmd.args(["--kernel", &kernel, "--cmdline", &cmdline])
+        .args(["--rootfs", &rootfs.display().to_string()])
+        .args(["--net", &net, "--rng", "--vsock", &vsock]);
+    let mut vm = TestVm::spawn(cmd)?;
+
+    let mut results = Vec::new();
+    loop {
+        let line = vm.expect_line_within("RVMM-SELFTEST", BOOT_LIMIT)?;
+        if line.contains(&format!("RVMM-SELFTEST-VSOCK listening {GUEST_VSOCK_PORT}")) {
+            break;
+        }
+        results.push(line);
+    }
+    let (ok, echo) = vsock_echo(&uds)?;
+    results.extend(selftest_lines(&mut vm)?);
+    eprintln!("NOTE {name}: self-test done after {:.0?}", vm.elapsed());
+    let status = vm.wait_exit(BOOT_LIMIT)?;
+    assert_eq!(status.code(), Some(0), "{}", vm.stderr());
+    for line in &results {
+        eprintln!("{line}");
+    }
+
+    let result = |check: &str| check_result(&results, check);
+    for check in ["rng", "net-tcp", "vsock-connect", "vsock-listen"] {
+        assert!(
+            result(check).starts_with("ok"),
+            "{check}: {}",
+            result(check)
+        );
+    }
+    assert!(result("done").contains("failed=0"), "{}", result("done"));
+
+    // The host halves saw exactly what the guest meant to send.
+    let limit = Duration::from_secs(10);
+    let received = tcp
+        .recv_timeout(limit)
+        .map_err(|e| format!("TCP server: {e}"))?
+        .map_err(|e| format!("TCP server: {e}"))?;
+    assert_eq!(received, expected_pattern(), "TCP stream content");
+    let answer = len_and_sum32(&received);
+    assert!(
+        result("net-tcp").contains(&format!("host counted \"{}\"", answer.trim_end())),
+        "{}",
+        result("net-tcp")
+    );
+    let ping = pong
+        .recv_timeout(limit)
+        .map_err(|e| format!("vsock server: {e}"))?
+        .map_err(|e| format!("vsock server: {e}"))?;
+    assert_eq!(ping, "rvmm-selftest vsock ping\n");
+    assert!(ok.starts_with("OK "), "CONNECT answer: {ok:?}");
+    assert_eq!(echo, HOST_LINE);
+    let _ = std::fs::remove_file(&pong_path);
+    Ok(())
+}
+
 #[test]
 fn pattern_is_64_kib_of_numbered_lines() {
     let p = expected_pattern();
     assert_eq!(p.len(), PATTERN_LEN);
     assert!(p.starts_with(b"rvmm-selftest 000000\nrvmm-selftest 000001\n"));
+    assert_eq!(len_and_sum32(b"\x01\xff"), "2 256\n");
 }

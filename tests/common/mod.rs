@@ -240,3 +240,89 @@ pub fn initramfs_with_init(name: &str) -> PathBuf {
     assert!(status.success(), "cpio for {name}");
     out
 }
+
+/// A network namespace holding one TAP with the host end (`host_ip`) of a private /30; removed
+/// on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn create(tap: &str, host_ip: &str) -> TestResult<Self> {
+        let ns = NetNs {
+            name: format!("rvmm-test-{}", std::process::id()),
+        };
+        ns.run(&["ip", "netns", "add", &ns.name], false)?;
+        for args in [
+            vec!["ip", "tuntap", "add", "dev", tap, "mode", "tap"],
+            vec!["ip", "addr", "add", &format!("{host_ip}/30"), "dev", tap],
+            vec!["ip", "link", "set", tap, "up"],
+        ] {
+            ns.run(&args, true)?;
+        }
+        Ok(ns)
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).args(args);
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str], inside: bool) -> TestResult<String> {
+        let out = if inside {
+            self.command(args).output()
+        } else {
+            Command::new(args[0]).args(&args[1..]).output()
+        }
+        .map_err(|e| format!("{args:?}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// True when a test may create network namespaces and TAPs (root, iproute2, /dev/net/tun).
+pub fn can_make_namespaces(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let ip = Command::new("ip").arg("-V").output().is_ok();
+    if root && ip && Path::new("/dev/net/tun").exists() {
+        return true;
+    }
+    if std::env::var("RVMM_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!("{test}: needs root, iproute2 and /dev/net/tun");
+    }
+    eprintln!("SKIPPED {test}: needs root, iproute2 and /dev/net/tun");
+    false
+}
+
+/// Reads a file out of an ext4 image with debugfs (e2fsprogs), as the host sees it.
+pub fn debugfs_cat(image: &Path, file: &str) -> TestResult<Vec<u8>> {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {file}"))
+        .arg(image)
+        .output()
+        .map_err(|e| format!("debugfs: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "debugfs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(out.stdout)
+}
