@@ -342,10 +342,10 @@ impl ReadVolatile for FileAt<'_> {
         while done < buf.len() {
             let rest = buf.offset(done)?;
             let guard = rest.ptr_guard_mut();
+            // Guest memory is only accessed volatilely, so concurrent guest access is no UB.
             let n = self.retry(|offset| {
-                // SAFETY: `guard` points to `rest.len()` bytes of guest memory that stay mapped
-                // while `buf` borrows the memory; the kernel writes at most that many. The
-                // memory is only accessed volatilely, so concurrent guest access is no UB.
+                // SAFETY: `guard` covers `rest.len()` mapped bytes borrowed through `buf`; the
+                // kernel writes at most that many.
                 unsafe { libc::pread64(fd, guard.as_ptr().cast(), rest.len(), offset) }
             });
             buf.bitmap().mark_dirty(done, rest.len());

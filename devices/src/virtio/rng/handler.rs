@@ -96,10 +96,9 @@ pub fn getrandom(buf: &mut [u8]) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         let rest = &mut buf[done..];
-        // SAFETY: the kernel writes at most `rest.len()` bytes into `rest`, which we borrow
-        // mutably for the call.
-        let ret =
-            unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), libc::GRND_NONBLOCK) };
+        let (ptr, len) = (rest.as_mut_ptr().cast(), rest.len());
+        // SAFETY: the kernel writes at most `len` bytes into `rest`, borrowed mutably here.
+        let ret = unsafe { libc::getrandom(ptr, len, libc::GRND_NONBLOCK) };
         match usize::try_from(ret) {
             Ok(n) => done += n,
             Err(_) => {
