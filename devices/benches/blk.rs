@@ -10,17 +10,21 @@
 //! (default: the temp dir); the Markdown table also goes to `RVMM_BENCH_OUT` (default:
 //! `<target dir>/bench-blk.md`).
 
+#[path = "common/ring.rs"]
+mod ring;
+
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use ring::Ring;
 use rvmm_devices::virtio::block::handler::BlockHandler;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::tempfile::TempFile;
 
@@ -29,12 +33,10 @@ const QUEUE_SIZE: u16 = 256;
 const ROUNDS: usize = 7;
 const ROUND_TIME: Duration = Duration::from_millis(250);
 
-// Guest memory layout: rings, then request headers and status bytes, then data buffers.
-const DESC_TABLE: u64 = 0x0;
-const AVAIL_RING: u64 = 0x1000;
-const USED_RING: u64 = 0x2000;
-const HEADERS: u64 = 0x3000;
-const STATUS: u64 = 0x4000;
+// Guest memory layout: the ring, then request headers and status bytes, then data buffers.
+const RING: u64 = 0x0;
+const HEADERS: u64 = Ring::SPAN;
+const STATUS: u64 = HEADERS + 0x1000;
 const DATA: u64 = 0x10_0000;
 const MEM_SIZE: usize = 32 << 20;
 
@@ -123,9 +125,9 @@ impl Offsets {
 /// request slot.
 struct Driver {
     mem: GuestMemoryMmap,
+    ring: Ring,
     queue: Queue,
     handler: BlockHandler,
-    avail_idx: u16,
     block: usize,
     batch: usize,
     request_type: u32,
@@ -134,6 +136,7 @@ struct Driver {
 impl Driver {
     fn new(file: &File, w: &Workload) -> BenchResult<Self> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)])?;
+        let ring = Ring::new(&mem, RING, QUEUE_SIZE);
         let data_flags = if w.write { 0 } else { VRING_DESC_F_WRITE };
         for i in 0..w.batch {
             let slot = 3 * i as u16;
@@ -150,25 +153,17 @@ impl Driver {
                 Descriptor::new(STATUS + i as u64, 1, VRING_DESC_F_WRITE as u16, 0),
             ];
             for (j, d) in descs.into_iter().enumerate() {
-                mem.write_obj(
-                    d,
-                    GuestAddress(DESC_TABLE + 16 * (u64::from(slot) + j as u64)),
-                )?;
+                ring.set_desc(slot + j as u16, d)?;
             }
             mem.write_slice(&pattern(i, w.block), GuestAddress(data_addr))?;
         }
-        let mut queue = Queue::new(QUEUE_SIZE)?;
-        queue.try_set_desc_table_address(GuestAddress(DESC_TABLE))?;
-        queue.try_set_avail_ring_address(GuestAddress(AVAIL_RING))?;
-        queue.try_set_used_ring_address(GuestAddress(USED_RING))?;
-        queue.set_ready(true);
         let capacity = FILE_SIZE / 512;
         let handler = BlockHandler::new(file.try_clone()?, capacity, false, [0; 20]);
         Ok(Self {
+            queue: ring.queue()?,
             mem,
-            queue,
+            ring,
             handler,
-            avail_idx: 0,
             block: w.block,
             batch: w.batch,
             request_type: if w.write {
@@ -186,21 +181,18 @@ impl Driver {
             let hdr = HEADERS + 16 * i as u64;
             self.mem.write_obj(self.request_type, GuestAddress(hdr))?;
             self.mem.write_obj(offset / 512, GuestAddress(hdr + 8))?;
-            let entry = AVAIL_RING + 4 + 2 * u64::from(self.avail_idx % QUEUE_SIZE);
-            self.mem.write_obj(3 * i as u16, GuestAddress(entry))?;
-            self.avail_idx = self.avail_idx.wrapping_add(1);
+            self.ring.push(3 * i as u16)?;
         }
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL_RING + 2))?;
+        self.ring.publish()?;
         self.handler.process_queue(&self.mem, &mut self.queue)?;
         Ok(())
     }
 
     /// Every request so far was returned, and the last batch's succeeded.
     fn check(&self) -> BenchResult<()> {
-        let used: u16 = self.mem.read_obj(GuestAddress(USED_RING + 2))?;
-        if used != self.avail_idx {
-            return Err(format!("used {used} of {} requests", self.avail_idx).into());
+        let pending = self.ring.in_flight()?;
+        if pending != 0 {
+            return Err(format!("{pending} requests not returned").into());
         }
         for i in 0..self.batch as u64 {
             let status: u8 = self.mem.read_obj(GuestAddress(STATUS + i))?;

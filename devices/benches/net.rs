@@ -14,16 +14,20 @@
 //! Run: `cargo bench -p rvmm-devices --bench net`. The Markdown table also goes to
 //! `RVMM_BENCH_OUT` (default: `<target dir>/bench-net.md`).
 
+#[path = "common/ring.rs"]
+mod ring;
+
 use std::io;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ring::Ring;
 use rvmm_devices::virtio::net::tx::Transmitter;
 use rvmm_devices::virtio::net::{Tap, TapIo, HDR_LEN};
 use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const TAP_NAME: &str = "rvmmbench0";
@@ -32,11 +36,9 @@ const BATCH: usize = 32;
 const ROUNDS: usize = 7;
 const ROUND_TIME: Duration = Duration::from_millis(250);
 
-// Guest memory layout: rings, then headers, then frames.
-const DESC_TABLE: u64 = 0x0;
-const AVAIL_RING: u64 = 0x1000;
-const USED_RING: u64 = 0x2000;
-const HEADERS: u64 = 0x3000;
+// Guest memory layout: the ring, then headers, then frames.
+const RING: u64 = 0x0;
+const HEADERS: u64 = Ring::SPAN;
 const DATA: u64 = 0x10_0000;
 const MEM_SIZE: usize = 8 << 20;
 
@@ -48,14 +50,15 @@ type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 /// A driver-side split ring in guest memory with one fixed chain per request slot.
 struct Driver {
     mem: GuestMemoryMmap,
+    ring: Ring,
     queue: Queue,
     tx: Transmitter,
-    avail_idx: u16,
 }
 
 impl Driver {
     fn new(frame_len: usize) -> BenchResult<Self> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)])?;
+        let ring = Ring::new(&mem, RING, QUEUE_SIZE);
         for i in 0..BATCH {
             let slot = 2 * i as u16;
             let header = HEADERS + (i * HDR_LEN) as u64;
@@ -65,45 +68,35 @@ impl Driver {
                 Descriptor::new(data, frame_len as u32, 0, 0),
             ];
             for (j, d) in descs.into_iter().enumerate() {
-                let addr = DESC_TABLE + 16 * (u64::from(slot) + j as u64);
-                mem.write_obj(d, GuestAddress(addr))?;
+                ring.set_desc(slot + j as u16, d)?;
             }
             mem.write_slice(&[0; HDR_LEN], GuestAddress(header))?;
             mem.write_slice(&frame(i, frame_len), GuestAddress(data))?;
         }
-        let mut queue = Queue::new(QUEUE_SIZE)?;
-        queue.try_set_desc_table_address(GuestAddress(DESC_TABLE))?;
-        queue.try_set_avail_ring_address(GuestAddress(AVAIL_RING))?;
-        queue.try_set_used_ring_address(GuestAddress(USED_RING))?;
-        queue.set_ready(true);
         Ok(Self {
+            queue: ring.queue()?,
             mem,
-            queue,
+            ring,
             tx: Transmitter::new(),
-            avail_idx: 0,
         })
     }
 
     /// Makes one batch available and sends it the way a queue notification would.
     fn run_batch(&mut self, tap: &mut Tap) -> BenchResult<()> {
         for i in 0..BATCH {
-            let entry = AVAIL_RING + 4 + 2 * u64::from(self.avail_idx % QUEUE_SIZE);
-            self.mem.write_obj(2 * i as u16, GuestAddress(entry))?;
-            self.avail_idx = self.avail_idx.wrapping_add(1);
+            self.ring.push(2 * i as u16)?;
         }
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL_RING + 2))?;
+        self.ring.publish()?;
         self.tx.process_queue(&self.mem, &mut self.queue, tap)?;
         Ok(())
     }
 
     /// Every chain so far was returned and every frame reached the TAP.
     fn check(&self) -> BenchResult<()> {
-        let used: u16 = self.mem.read_obj(GuestAddress(USED_RING + 2))?;
-        if used != self.avail_idx || self.tx.dropped() != 0 {
+        let pending = self.ring.in_flight()?;
+        if pending != 0 || self.tx.dropped() != 0 {
             return Err(format!(
-                "used {used} of {} chains, {} frames dropped",
-                self.avail_idx,
+                "{pending} chains not returned, {} frames dropped",
                 self.tx.dropped()
             )
             .into());
