@@ -1,5 +1,7 @@
 //! `rvmm run`: a container image run inside a fresh microVM.
 
+pub mod image;
+
 use std::process::ExitCode;
 
 /// Options of `rvmm run`.
