@@ -106,8 +106,7 @@ fn tmp_mount() -> Result<Mount, BundleError> {
 
 /// `config.json` as crun reads it.
 pub fn config_json(spec: &Spec) -> Result<String, BundleError> {
-    serde_json::to_string_pretty(spec)
-        .map_err(|e| BundleError::Spec(OciSpecError::SerDe(e)))
+    serde_json::to_string_pretty(spec).map_err(|e| BundleError::Spec(OciSpecError::SerDe(e)))
 }
 
 #[cfg(test)]
@@ -144,7 +143,10 @@ mod tests {
     fn maps_the_request_onto_the_oci_defaults() {
         let v = spec_for(&request()).unwrap();
         let process = &v["process"];
-        assert_eq!(process["args"], serde_json::json!(["sh", "-c", "echo $FOO"]));
+        assert_eq!(
+            process["args"],
+            serde_json::json!(["sh", "-c", "echo $FOO"])
+        );
         assert_eq!(process["env"], serde_json::json!(["PATH=/bin", "FOO=bar"]));
         assert_eq!(process["cwd"], "/work");
         assert_eq!(process["user"]["uid"], 1000);

@@ -67,7 +67,9 @@ pub struct RunRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     /// agent → host, once after connecting.
-    Hello { agent: String },
+    Hello {
+        agent: String,
+    },
     /// host → agent: start a command; only one runs at a time.
     Run(RunRequest),
     Stdin(Vec<u8>),
@@ -279,7 +281,11 @@ mod tests {
     fn rejects_malformed_payloads() {
         // An unknown enum tag, a length inside the payload larger than the payload, and a
         // valid message followed by junk in the same frame.
-        for payload in [vec![200u8], vec![5, 250, 0xff, 0xff, 0xff, 0x7f], vec![10, 0]] {
+        for payload in [
+            vec![200u8],
+            vec![5, 250, 0xff, 0xff, 0xff, 0x7f],
+            vec![10, 0],
+        ] {
             let mut frame = vec![VERSION];
             frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
             frame.extend_from_slice(&payload);

@@ -36,7 +36,8 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<ResolvedUser, Us
     let entry = records(passwd).find(|f| f[0] == user || f[2] == user);
     let (uid, mut gid, name) = match (entry, user.parse::<u32>()) {
         (Some(f), _) => (
-            f[2].parse().map_err(|_| UserError::UnknownUser(user.into()))?,
+            f[2].parse()
+                .map_err(|_| UserError::UnknownUser(user.into()))?,
             f[3].parse().unwrap_or(0),
             Some(f[0]),
         ),

@@ -43,15 +43,8 @@ pub struct DiskCache {
 impl DiskCache {
     /// `${XDG_CACHE_HOME:-$HOME/.cache}/rvmm/images`.
     pub fn user_default() -> DiskCache {
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/".into()))
-                    .join(".cache")
-            });
         DiskCache {
-            dir: base.join("rvmm/images"),
+            dir: crate::container::cache_base().join("images"),
             max_bytes: MAX_DISK_BYTES,
         }
     }
@@ -173,11 +166,7 @@ fn tool_path(tool: &'static str) -> Result<PathBuf, DiskError> {
         .ok_or(DiskError::ToolMissing { tool })
 }
 
-fn run_tool(
-    tool: &'static str,
-    cmd: &mut Command,
-    input: Option<&[u8]>,
-) -> Result<(), DiskError> {
+fn run_tool(tool: &'static str, cmd: &mut Command, input: Option<&[u8]>) -> Result<(), DiskError> {
     let failed = |msg: String| DiskError::Tool { tool, msg };
     let mut child = cmd
         .stdin(if input.is_some() {
@@ -192,7 +181,9 @@ fn run_tool(
     if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
         stdin.write_all(data).map_err(|e| failed(e.to_string()))?;
     }
-    let out = child.wait_with_output().map_err(|e| failed(e.to_string()))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| failed(e.to_string()))?;
     if out.status.success() {
         return Ok(());
     }

@@ -219,8 +219,8 @@ fn tar_names(path: &Path) -> Result<Vec<String>, ImageError> {
 fn extract(path: &Path, scratch: &Path) -> Result<TempDir, ImageError> {
     let failed = |e| ImageError::Open(path.into(), e);
     fs::create_dir_all(scratch).map_err(failed)?;
-    let tmp = TempDir::new_in(scratch)
-        .map_err(|e| failed(io::Error::from_raw_os_error(e.errno())))?;
+    let tmp =
+        TempDir::new_in(scratch).map_err(|e| failed(io::Error::from_raw_os_error(e.errno())))?;
     let file = File::open(path).map_err(failed)?;
     let mut archive = tar::Archive::new(tar_stream(file).map_err(failed)?);
     archive.unpack(tmp.as_path()).map_err(failed)?;
@@ -245,7 +245,7 @@ fn read_blob(dir: &Path, digest: &Digest) -> Result<Vec<u8>, ImageError> {
     let data = fs::read(&path).map_err(|_| ImageError::MissingBlob(digest.to_string()))?;
     verify(
         &format!("blob {digest}"),
-        &digest.to_string(),
+        digest.as_ref(),
         sha256_of(data.as_slice()).map_err(ImageError::Layer)?,
     )?;
     Ok(data)
@@ -253,7 +253,9 @@ fn read_blob(dir: &Path, digest: &Digest) -> Result<Vec<u8>, ImageError> {
 
 fn blob_path(dir: &Path, digest: &Digest) -> Result<PathBuf, ImageError> {
     if *digest.algorithm() != DigestAlgorithm::Sha256 {
-        return Err(ImageError::Unsupported(format!("digest algorithm in {digest}")));
+        return Err(ImageError::Unsupported(format!(
+            "digest algorithm in {digest}"
+        )));
     }
     Ok(dir.join("blobs/sha256").join(digest.digest()))
 }
@@ -360,8 +362,8 @@ fn open_docker(dir: &Path) -> Result<Image, ImageError> {
     let invalid = |m: String| ImageError::Invalid(dir.into(), m);
     let manifest = fs::read(dir.join("manifest.json"))
         .map_err(|e| ImageError::Open(dir.join("manifest.json"), e))?;
-    let images: Vec<DockerImage> = serde_json::from_slice(&manifest)
-        .map_err(|e| invalid(format!("manifest.json: {e}")))?;
+    let images: Vec<DockerImage> =
+        serde_json::from_slice(&manifest).map_err(|e| invalid(format!("manifest.json: {e}")))?;
     let image = match images.as_slice() {
         [one] => one,
         [] => return Err(invalid("manifest.json lists no image".into())),

@@ -48,7 +48,11 @@ fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
 }
 
 fn add_dir(b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32) -> io::Result<()> {
-    b.append_data(&mut header(tar::EntryType::Directory, mode, 0), path, io::empty())
+    b.append_data(
+        &mut header(tar::EntryType::Directory, mode, 0),
+        path,
+        io::empty(),
+    )
 }
 
 fn add_file(b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32, data: &[u8]) -> io::Result<()> {
@@ -64,7 +68,9 @@ fn lower_layer(busybox: &[u8]) -> io::Result<Vec<u8>> {
     add_dir(&mut b, "root", 0o700)?;
     add_dir(&mut b, "tmp", 0o1777)?;
     add_file(&mut b, "bin/busybox", 0o755, busybox)?;
-    for applet in ["sh", "echo", "cat", "wc", "ps", "ls", "env", "id", "pwd", "sleep", "true"] {
+    for applet in [
+        "sh", "echo", "cat", "wc", "ps", "ls", "env", "id", "pwd", "sleep", "true",
+    ] {
         let mut h = header(tar::EntryType::Symlink, 0o777, 0);
         b.append_link(&mut h, format!("bin/{applet}"), "busybox")?;
     }
@@ -200,7 +206,12 @@ impl TestImage {
             "RepoTags": ["rvmm-test:latest"],
             "Layers": layer_names,
         }]);
-        add_file(&mut b, "manifest.json", 0o644, &serde_json::to_vec(&manifest)?)?;
+        add_file(
+            &mut b,
+            "manifest.json",
+            0o644,
+            &serde_json::to_vec(&manifest)?,
+        )?;
         fs::write(path, b.into_inner()?)
     }
 

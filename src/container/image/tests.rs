@@ -54,7 +54,10 @@ fn reads_every_format_with_the_same_result() {
     for image in [&from_layout, &from_docker] {
         assert_eq!(image.settings.cmd, ["echo", "default command"]);
         assert_eq!(image.settings.working_dir, "/root");
-        assert!(image.settings.env.contains(&testimage::IMAGE_ENV.to_string()));
+        assert!(image
+            .settings
+            .env
+            .contains(&testimage::IMAGE_ENV.to_string()));
     }
 }
 
@@ -114,7 +117,10 @@ fn refuses_missing_and_corrupt_blobs() {
         .unpack(root.as_path(), &mut Owners::new())
         .unwrap_err();
     assert!(
-        matches!(err, ImageError::DigestMismatch { .. } | ImageError::Layer(_)),
+        matches!(
+            err,
+            ImageError::DigestMismatch { .. } | ImageError::Layer(_)
+        ),
         "{err}"
     );
 
@@ -134,12 +140,16 @@ fn refuses_missing_and_corrupt_blobs() {
     std::fs::write(&manifest, &bytes).unwrap();
     let err = Image::open(&layout, dir.as_path()).unwrap_err();
     assert!(
-        err.to_string().starts_with("digest mismatch for blob sha256:"),
+        err.to_string()
+            .starts_with("digest mismatch for blob sha256:"),
         "{err}"
     );
     std::fs::remove_file(&manifest).unwrap();
     let err = Image::open(&layout, dir.as_path()).unwrap_err();
-    assert_eq!(err.to_string(), format!("missing blob sha256:{manifest_hex}"));
+    assert_eq!(
+        err.to_string(),
+        format!("missing blob sha256:{manifest_hex}")
+    );
 }
 
 #[test]
@@ -185,12 +195,20 @@ fn builds_a_cached_ext4_disk_with_the_layers_applied() {
     let image = Image::open(&layout, &cache.scratch()).unwrap();
     let disk = cache.disk_for(&image).unwrap();
     assert_eq!(disk, cache.path_for(&image.digest));
-    assert!(disk.file_name().unwrap().to_str().unwrap().ends_with(".ext4"));
+    assert!(disk
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .ends_with(".ext4"));
     let etc = debugfs(&disk, "ls -l /etc");
     assert!(etc.contains("passwd"), "{etc}");
     assert!(!etc.contains("removed-by-upper"), "{etc}");
     let opaque = debugfs(&disk, "ls /etc/opaque");
-    assert!(opaque.contains("upper") && !opaque.contains("lower"), "{opaque}");
+    assert!(
+        opaque.contains("upper") && !opaque.contains("lower"),
+        "{opaque}"
+    );
     assert_eq!(debugfs(&disk, "cat /etc/opaque/upper"), "upper\n");
     let stat = debugfs(&disk, "stat /bin/busybox");
     assert!(stat.contains("User:     0   Group:     0"), "{stat}");
@@ -213,8 +231,13 @@ fn refuses_an_image_larger_than_the_disk_limit() {
     };
     let image = Image::open(&docker, &cache.scratch()).unwrap();
     let err = cache.disk_for(&image).unwrap_err();
-    assert!(matches!(err, DiskError::TooLarge { max_mib: 8, .. }), "{err}");
-    assert!(err.to_string().starts_with("image is too large for the disk"));
+    assert!(
+        matches!(err, DiskError::TooLarge { max_mib: 8, .. }),
+        "{err}"
+    );
+    assert!(err
+        .to_string()
+        .starts_with("image is too large for the disk"));
     assert!(!cache.path_for(&image.digest).exists());
 }
 
