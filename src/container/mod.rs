@@ -48,9 +48,11 @@ pub enum RunError {
 /// oci:` or `podman save --format oci-archive` write), a `docker save` tarball, or a rootfs
 /// tarball (`docker export`). There are no registry pulls: rvmm never downloads images.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "IMAGE is a local OCI image layout (directory or tar), a docker save \
+#[command(
+    after_help = "IMAGE is a local OCI image layout (directory or tar), a docker save \
 tarball or a rootfs tarball (docker export). There are no registry pulls: rvmm never \
-downloads images.")]
+downloads images."
+)]
 pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
@@ -119,7 +121,9 @@ fn run(args: &RunArgs) -> Result<u8, RunError> {
     let disk = cache.disk_for(&image)?;
     drop(image);
 
+    let vmm = std::env::current_exe().map_err(|e| RunError::Vm(VmError::Spawn(e)))?;
     let mut vm = VmProcess::start(&VmLaunch {
+        vmm: &vmm,
         guest: &guest,
         image_disk: &disk,
         cpus: args.cpus,

@@ -67,6 +67,8 @@ impl GuestFiles {
 
 /// What to boot.
 pub struct VmLaunch<'a> {
+    /// The rvmm binary that runs the VM.
+    pub vmm: &'a Path,
     pub guest: &'a GuestFiles,
     pub image_disk: &'a Path,
     pub cpus: u8,
@@ -97,8 +99,7 @@ impl VmProcess {
             .map_or_else(|| run_dir.as_path().join("console.log"), Path::to_path_buf);
         let console = File::create(&log).map_err(VmError::RunDir)?;
         let console_err = console.try_clone().map_err(VmError::RunDir)?;
-        let exe = std::env::current_exe().map_err(VmError::Spawn)?;
-        let mut cmd = Command::new(exe);
+        let mut cmd = Command::new(l.vmm);
         cmd.arg("--kernel")
             .arg(&l.guest.kernel)
             .arg("--cmdline")
