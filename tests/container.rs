@@ -336,3 +336,75 @@ fn container_vm_serves_several_requests() {
     session.shutdown().unwrap();
     vm.finish(Duration::from_secs(60));
 }
+
+/// The generated bundle, run by the host's crun on the unpacked test image: the same
+/// config.json the agent writes, checked by the runtime that will read it.
+#[test]
+fn host_crun_runs_the_generated_bundle() {
+    let test = "host_crun_runs_the_generated_bundle";
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !Path::new("/usr/bin/crun").is_file() || !root {
+        eprintln!("SKIPPED {test}: needs root and /usr/bin/crun");
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    let Some((docker, _)) = write_images(dir.as_path()) else {
+        return;
+    };
+    let bundle = dir.as_path().join("bundle");
+    let rootfs = bundle.join(rvmm_agent::bundle::ROOTFS_DIR);
+    std::fs::create_dir_all(&rootfs).unwrap();
+    let image = Image::open(&docker, dir.as_path()).unwrap();
+    image.unpack(&rootfs, &mut Default::default()).unwrap();
+    let command = strings(&["sh", "-c", "echo $FOO; ls /etc; ps -o pid,comm; exit 3"]);
+    let env = strings(&["FOO=bar"]);
+    let req = run_request(
+        &image.settings,
+        &Overrides {
+            command: &command,
+            env: &env,
+            ..Overrides::default()
+        },
+    )
+    .unwrap();
+    let user = resolve(&req.user, "", "").unwrap();
+    let id = format!("rvmm-test-{}", std::process::id());
+    let cgroup = format!("/rvmm-test/{id}");
+    let spec = runtime_spec(&BundleParams {
+        request: &req,
+        user: &user,
+        hostname: "rvmm",
+        cgroup: &cgroup,
+    })
+    .unwrap();
+    std::fs::write(bundle.join("config.json"), config_json(&spec).unwrap()).unwrap();
+    // crun refuses a hybrid cgroup v1/v2 host (as this one is): give it a private mount
+    // namespace with only cgroup2 mounted, like the guest, and leave cgroups alone.
+    let script = "umount -l /sys/fs/cgroup 2>/dev/null; mount -t cgroup2 none /sys/fs/cgroup && \
+                  exec /usr/bin/crun --cgroup-manager=disabled run --bundle \"$0\" \"$1\"";
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", script])
+        .arg(&bundle)
+        .arg(&id)
+        .output()
+        .unwrap();
+    let _ = Command::new("/usr/bin/crun")
+        .args(["delete", "-f", &id])
+        .status();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "crun: {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stdout.starts_with("bar\n"), "{stdout}");
+    assert!(!stdout.contains("removed-by-upper"), "{stdout}");
+    let procs: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.contains("PID"))
+        .skip(1)
+        .collect();
+    assert_eq!(procs.len(), 2, "sh and ps only: {stdout}");
+}
