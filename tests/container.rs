@@ -99,6 +99,7 @@ fn host_side_builds_the_disk_and_bundle_the_guest_gets() {
             user: &user,
             hostname: "rvmm",
             cgroup: "/rvmm/c1",
+            pids_limit: Some(rvmm_agent::bundle::PIDS_LIMIT),
         })
         .unwrap();
         let config: serde_json::Value = serde_json::from_str(&config_json(&spec).unwrap()).unwrap();
@@ -376,6 +377,7 @@ fn host_crun_runs_the_generated_bundle() {
         user: &user,
         hostname: "rvmm",
         cgroup: &cgroup,
+        pids_limit: None,
     })
     .unwrap();
     std::fs::write(bundle.join("config.json"), config_json(&spec).unwrap()).unwrap();

@@ -35,6 +35,8 @@ pub struct BundleParams<'a> {
     pub hostname: &'a str,
     /// The container's cgroup, relative to the cgroup2 mount.
     pub cgroup: &'a str,
+    /// pids.max; None where the pids controller is unavailable.
+    pub pids_limit: Option<i64>,
 }
 
 /// The runtime config: the OCI defaults (pid, net, ipc, uts, mount and cgroup namespaces; the
@@ -83,13 +85,15 @@ pub fn runtime_spec(p: &BundleParams) -> Result<Spec, BundleError> {
         linux.set_namespaces(Some(namespaces));
     }
     linux.set_cgroups_path(Some(p.cgroup.into()));
-    let mut resources = linux.resources().clone().unwrap_or_default();
-    let pids = LinuxPidsBuilder::default()
-        .limit(PIDS_LIMIT)
-        .build()
-        .map_err(BundleError::Spec)?;
-    resources.set_pids(Some(pids));
-    linux.set_resources(Some(resources));
+    if let Some(limit) = p.pids_limit {
+        let mut resources = linux.resources().clone().unwrap_or_default();
+        let pids = LinuxPidsBuilder::default()
+            .limit(limit)
+            .build()
+            .map_err(BundleError::Spec)?;
+        resources.set_pids(Some(pids));
+        linux.set_resources(Some(resources));
+    }
     spec.set_linux(Some(linux));
     Ok(spec)
 }
@@ -135,6 +139,7 @@ mod tests {
             user: &user,
             hostname: "rvmm",
             cgroup: "/rvmm/c1",
+            pids_limit: Some(PIDS_LIMIT),
         })?;
         Ok(serde_json::from_str(&config_json(&spec)?).unwrap())
     }

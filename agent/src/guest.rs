@@ -3,16 +3,20 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::FromRawFd;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::thread::sleep;
 use std::time::Duration;
 
 /// The image disk: the second virtio disk, after the guest's own root.
-const IMAGE_DISK: &str = "/dev/vdb";
+pub const IMAGE_DISK: &str = "/dev/vdb";
 /// The host's well-known vsock CID.
 const HOST_CID: u32 = 2;
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+const SUBTREE_CONTROL: &str = "/sys/fs/cgroup/cgroup.subtree_control";
+const CONTROLLERS: [&str; 3] = ["pids", "memory", "cpu"];
 const CONNECT_TRIES: u32 = 50;
 const CONNECT_PAUSE: Duration = Duration::from_millis(100);
 
@@ -49,7 +53,7 @@ pub fn unmount(target: &Path) {
 
 /// The kernel file systems crun needs, a tmpfs for bundles and overlay upper layers, and the
 /// image disk read-only at `image_dir`.
-pub fn setup(image_dir: &str) -> io::Result<()> {
+pub fn setup(image_disk: &Path, image_dir: &str) -> io::Result<()> {
     let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     let mounts: [(&str, &str, &str, u64, &str); 6] = [
         ("proc", "/proc", "proc", nosuid, ""),
@@ -73,36 +77,44 @@ pub fn setup(image_dir: &str) -> io::Result<()> {
     ];
     for (source, target, fstype, flags, data) in mounts {
         std::fs::create_dir_all(target)?;
-        mount(source, Path::new(target), fstype, flags, data).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot mount {fstype} on {target}: {e}"))
-        })?;
+        match mount(source, Path::new(target), fstype, flags, data) {
+            // Already there: the kernel mounts devtmpfs itself (CONFIG_DEVTMPFS_MOUNT).
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => {
+                let msg = format!("cannot mount {fstype} on {target}: {e}");
+                return Err(io::Error::new(e.kind(), msg));
+            }
+            Ok(()) => {}
+        }
     }
     // Let crun give containers their own pids/memory/cpu limits.
-    let _ = std::fs::write(
-        "/sys/fs/cgroup/cgroup.subtree_control",
-        "+pids +memory +cpu",
-    );
+    // Let crun give containers their own limits; one at a time, so that a controller this
+    // kernel lacks does not keep the others off.
+    for controller in CONTROLLERS {
+        let _ = std::fs::write(SUBTREE_CONTROL, format!("+{controller}"));
+    }
     std::fs::create_dir_all(image_dir)?;
-    mount(
-        IMAGE_DISK,
-        Path::new(image_dir),
-        "ext4",
-        libc::MS_RDONLY,
-        "",
-    )
-    .map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot mount the image disk {IMAGE_DISK}: {e}"),
-        )
-    })
+    let disk = image_disk.to_string_lossy();
+    mount(&disk, Path::new(image_dir), "ext4", libc::MS_RDONLY, "")
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot mount the image disk {disk}: {e}")))
 }
 
-/// A stream to the host's listener on `port`, retried while the vsock device comes up.
-pub fn connect_host(port: u32) -> io::Result<File> {
+/// Whether the cgroup2 root offers `controller`.
+pub fn has_controller(controller: &str) -> bool {
+    std::fs::read_to_string(Path::new(CGROUP_ROOT).join("cgroup.controllers"))
+        .is_ok_and(|c| c.split_whitespace().any(|x| x == controller))
+}
+
+/// A stream to the host: its vsock listener on `port`, or a Unix socket (to test the agent
+/// in a PID namespace on a host); retried while the device comes up.
+pub fn connect_host(port: u32, unix: Option<&Path>) -> io::Result<File> {
     let mut last = io::Error::from(io::ErrorKind::NotConnected);
     for _ in 0..CONNECT_TRIES {
-        match connect_once(port) {
+        let conn = match unix {
+            Some(path) => UnixStream::connect(path).map(|s| File::from(OwnedFd::from(s))),
+            None => connect_vsock(port),
+        };
+        match conn {
             Ok(f) => return Ok(f),
             Err(e) => last = e,
         }
@@ -111,7 +123,7 @@ pub fn connect_host(port: u32) -> io::Result<File> {
     Err(last)
 }
 
-fn connect_once(port: u32) -> io::Result<File> {
+fn connect_vsock(port: u32) -> io::Result<File> {
     // SAFETY: plain socket creation; the result is checked.
     let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {

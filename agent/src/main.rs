@@ -13,7 +13,7 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use rvmm_agent::bundle::{config_json, runtime_spec, BundleParams, ROOTFS_DIR};
+use rvmm_agent::bundle::{config_json, runtime_spec, BundleParams, PIDS_LIMIT, ROOTFS_DIR};
 use rvmm_agent::protocol::{self, ExitStatus, Message, RunRequest, CHUNK};
 use rvmm_agent::user;
 
@@ -35,15 +35,47 @@ fn main() {
         eprintln!("rvmm-agent: must run as the guest's init (PID 1)");
         std::process::exit(1);
     }
-    if let Err(e) = guest::setup(IMAGE_DIR) {
+    let opts = match Options::parse(std::env::args().skip(1)) {
+        Ok(opts) => opts,
+        Err(e) => {
+            eprintln!("rvmm-agent: {e}");
+            guest::power_off();
+        }
+    };
+    if let Err(e) = guest::setup(&opts.image_disk, IMAGE_DIR) {
         eprintln!("rvmm-agent: guest setup failed: {e}");
         guest::power_off();
     }
-    match guest::connect_host(protocol::AGENT_PORT) {
+    match guest::connect_host(protocol::AGENT_PORT, opts.unix.as_deref()) {
         Ok(conn) => serve(conn),
         Err(e) => eprintln!("rvmm-agent: cannot reach the host: {e}"),
     }
     guest::power_off();
+}
+
+/// Where the image and the host are; the defaults are the container guest's. The options
+/// let a test run the agent in a PID and mount namespace on a host.
+struct Options {
+    image_disk: PathBuf,
+    unix: Option<PathBuf>,
+}
+
+impl Options {
+    fn parse(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
+        let mut opts = Options {
+            image_disk: guest::IMAGE_DISK.into(),
+            unix: None,
+        };
+        while let Some(arg) = args.next() {
+            let mut value = || args.next().ok_or(format!("{arg} needs a value"));
+            match arg.as_str() {
+                "--image-disk" => opts.image_disk = value()?.into(),
+                "--unix" => opts.unix = Some(value()?.into()),
+                _ => return Err(format!("unknown argument {arg:?}")),
+            }
+        }
+        Ok(opts)
+    }
 }
 
 /// What the host may still send to the running command.
@@ -129,6 +161,7 @@ fn make_bundle(req: &RunRequest, id: &str) -> Result<PathBuf, String> {
         user: &who,
         hostname: "rvmm",
         cgroup: &cgroup,
+        pids_limit: guest::has_controller("pids").then_some(PIDS_LIMIT),
     })
     .map_err(|e| e.to_string())?;
     let json = config_json(&spec).map_err(|e| e.to_string())?;
