@@ -41,10 +41,11 @@ impl LoopDisk {
         std::fs::create_dir_all(stage.join("bin")).unwrap();
         std::fs::create_dir_all(stage.join("etc")).unwrap();
         std::fs::copy("/bin/busybox", stage.join("bin/busybox")).unwrap();
-        for applet in ["sh", "echo", "wc", "ps", "ls", "cat"] {
+        for applet in ["sh", "echo", "wc", "ps", "ls", "cat", "id", "sleep"] {
             std::os::unix::fs::symlink("busybox", stage.join("bin").join(applet)).unwrap();
         }
-        std::fs::write(stage.join("etc/passwd"), "root:x:0:0::/:/bin/sh\n").unwrap();
+        let passwd = "root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n";
+        std::fs::write(stage.join("etc/passwd"), passwd).unwrap();
         let disk = dir.join("disk.ext4");
         sh(Command::new("mkfs.ext4")
             .args(["-q", "-F", "-d"])
@@ -98,13 +99,8 @@ fn accept(listener: &UnixListener, agent: &mut AgentNs) -> UnixStream {
     }
 }
 
-fn run(
-    conn: &mut UnixStream,
-    argv: &[&str],
-    env: &[&str],
-    stdin: Option<&[u8]>,
-) -> (ExitStatus, String) {
-    let req = RunRequest {
+fn request(argv: &[&str], env: &[&str]) -> RunRequest {
+    RunRequest {
         argv: argv.iter().map(|s| s.to_string()).collect(),
         env: ["PATH=/bin"]
             .iter()
@@ -112,10 +108,13 @@ fn run(
             .map(|s| s.to_string())
             .collect(),
         cwd: "/".into(),
-        user: String::new(),
-        stdin: stdin.is_some(),
-        host_network: false,
-    };
+        ..RunRequest::default()
+    }
+}
+
+/// Sends a run request and its stdin.
+fn start(conn: &mut UnixStream, mut req: RunRequest, stdin: Option<&[u8]>) {
+    req.stdin = stdin.is_some();
     protocol::send(conn, &Message::Run(req)).unwrap();
     if let Some(data) = stdin {
         for chunk in data.chunks(protocol::CHUNK) {
@@ -123,21 +122,32 @@ fn run(
         }
         protocol::send(conn, &Message::StdinClose).unwrap();
     }
+}
+
+/// Collects output until the exit status.
+fn wait(conn: &mut UnixStream) -> (ExitStatus, String) {
     let (mut out, mut err) = (Vec::new(), Vec::new());
     loop {
         match protocol::recv(conn).unwrap() {
             Message::Stdout(d) => out.extend(d),
             Message::Stderr(d) => err.extend(d),
             Message::Exit(status) => {
-                eprintln!(
-                    "{argv:?}: {status:?}, stderr: {}",
-                    String::from_utf8_lossy(&err)
-                );
+                eprintln!("{status:?}, stderr: {}", String::from_utf8_lossy(&err));
                 return (status, String::from_utf8_lossy(&out).into_owned());
             }
-            other => panic!("{argv:?}: unexpected {other:?}"),
+            other => panic!("unexpected {other:?}"),
         }
     }
+}
+
+fn run(
+    conn: &mut UnixStream,
+    argv: &[&str],
+    env: &[&str],
+    stdin: Option<&[u8]>,
+) -> (ExitStatus, String) {
+    start(conn, request(argv, env), stdin);
+    wait(conn)
 }
 
 #[test]
@@ -214,6 +224,19 @@ fn agent_serves_several_requests_as_pid_1() {
         !ls.contains("new"),
         "a container's write leaked into the next one: {ls}"
     );
+
+    // The image's user, resolved from its /etc/passwd.
+    let mut req = request(&["id", "-u"], &[]);
+    req.user = "nobody".into();
+    start(&mut conn, req, None);
+    assert_eq!(wait(&mut conn), (ExitStatus::Code(0), "65534\n".into()));
+    // A signal from the host reaches the container (sleep is its PID 1 and only
+    // SIGKILL ends such a process).
+    start(&mut conn, request(&["sleep", "60"], &[]), None);
+    thread::sleep(Duration::from_secs(1));
+    protocol::send(&mut conn, &Message::Signal(libc::SIGKILL)).unwrap();
+    let (status, _) = wait(&mut conn);
+    assert_eq!(status, ExitStatus::Code(128 + libc::SIGKILL));
 
     protocol::send(&mut conn, &Message::Shutdown).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
