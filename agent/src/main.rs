@@ -71,7 +71,8 @@ impl Options {
             match arg.as_str() {
                 "--image-disk" => opts.image_disk = value()?.into(),
                 "--unix" => opts.unix = Some(value()?.into()),
-                _ => return Err(format!("unknown argument {arg:?}")),
+                // The kernel hands init the command-line words it does not know itself.
+                _ => eprintln!("rvmm-agent: ignoring argument {arg:?}"),
             }
         }
         Ok(opts)
