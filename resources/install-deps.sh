@@ -8,6 +8,8 @@ packages=(
     linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils lz4
     # guest root filesystems and their inspection in tests
     busybox-static e2fsprogs
+    # the container-host guest (rvmm run): the OCI runtime copied into its root disk
+    crun
     # the reference VMM for side-by-side comparisons
     qemu-system-x86
     # network tests: namespaces, TAP devices, ping

@@ -1,0 +1,308 @@
+//! The host ↔ agent protocol over one vsock stream.
+//!
+//! A frame is `[version: u8][length: u32 LE][payload]`; the payload is one [`Message`] in
+//! bincode. Bincode rather than JSON because stdio data is most of the traffic: it encodes a
+//! `Vec<u8>` as a length and the raw bytes, where JSON would write every byte as a decimal
+//! number. Its only dependency is serde, which both sides already use.
+//!
+//! The agent connects to the host, sends [`Message::Hello`], then serves requests one after
+//! another: the host sends [`Message::Run`], may send stdin data, stdin close and signals, and
+//! the agent answers with stdout/stderr data and finally [`Message::Exit`] (or
+//! [`Message::Failed`] when the command could not be started). [`Message::Shutdown`] powers
+//! the guest off.
+
+use std::io::{self, Read, Write};
+
+use bincode::Options;
+use serde::{Deserialize, Serialize};
+
+/// Bumped whenever a message changes shape; a peer with another version is refused.
+pub const VERSION: u8 = 1;
+/// The vsock port the host listens on and the agent connects to.
+pub const AGENT_PORT: u32 = 1024;
+/// The largest payload either side accepts; stdio data is sent in chunks below it.
+pub const MAX_PAYLOAD: usize = 1 << 20;
+/// Stdio is relayed in chunks of at most this many bytes.
+pub const CHUNK: usize = 64 * 1024;
+const HEADER_LEN: usize = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("frame truncated: {have} of {need} bytes")]
+    Truncated { have: usize, need: usize },
+    #[error("frame of {0} bytes is larger than the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(usize),
+    #[error("protocol version {0} is not supported (this side speaks {VERSION})")]
+    Version(u8),
+    #[error("malformed message")]
+    Malformed(#[source] bincode::Error),
+    #[error("connection closed")]
+    Closed,
+    #[error("connection failed")]
+    Io(#[source] io::Error),
+}
+
+/// How the command ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+/// Who the command runs as, as the image config names it ("", "user", "uid", "user:group",
+/// "uid:gid"); the agent resolves names against the image's /etc/passwd and /etc/group.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRequest {
+    pub argv: Vec<String>,
+    /// KEY=VALUE entries, in order; later entries override earlier ones.
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub user: String,
+    /// Whether the host sends stdin; without it the command's stdin is /dev/null.
+    pub stdin: bool,
+    /// Whether the container shares the VM's network instead of getting its own namespace.
+    pub host_network: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// agent → host, once after connecting.
+    Hello {
+        agent: String,
+    },
+    /// host → agent: start a command; only one runs at a time.
+    Run(RunRequest),
+    Stdin(Vec<u8>),
+    StdinClose,
+    /// host → agent: deliver this signal to the container.
+    Signal(i32),
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exit(ExitStatus),
+    /// agent → host: the command could not be started; one line.
+    Failed(String),
+    /// host → agent: power the VM off.
+    Shutdown,
+}
+
+fn codec() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_limit(MAX_PAYLOAD as u64)
+        .reject_trailing_bytes()
+}
+
+/// One frame holding `msg`.
+pub fn encode(msg: &Message) -> Result<Vec<u8>, ProtocolError> {
+    let payload = codec().serialize(msg).map_err(ProtocolError::Malformed)?;
+    if payload.len() > MAX_PAYLOAD {
+        return Err(ProtocolError::TooLarge(payload.len()));
+    }
+    let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
+    frame.push(VERSION);
+    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&payload);
+    Ok(frame)
+}
+
+/// The payload length a frame header announces, after checking its version and size.
+fn parse_header(header: &[u8; HEADER_LEN]) -> Result<usize, ProtocolError> {
+    if header[0] != VERSION {
+        return Err(ProtocolError::Version(header[0]));
+    }
+    let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Decodes the frame at the start of `bytes`: the message and how many bytes it used.
+pub fn decode(bytes: &[u8]) -> Result<(Message, usize), ProtocolError> {
+    let header: &[u8; HEADER_LEN] = bytes
+        .get(..HEADER_LEN)
+        .and_then(|h| h.try_into().ok())
+        .ok_or(ProtocolError::Truncated {
+            have: bytes.len(),
+            need: HEADER_LEN,
+        })?;
+    let len = parse_header(header)?;
+    let payload = bytes
+        .get(HEADER_LEN..HEADER_LEN + len)
+        .ok_or(ProtocolError::Truncated {
+            have: bytes.len(),
+            need: HEADER_LEN + len,
+        })?;
+    let msg = codec()
+        .deserialize(payload)
+        .map_err(ProtocolError::Malformed)?;
+    Ok((msg, HEADER_LEN + len))
+}
+
+/// Writes one frame.
+pub fn send(out: &mut impl Write, msg: &Message) -> Result<(), ProtocolError> {
+    let frame = encode(msg)?;
+    out.write_all(&frame).map_err(ProtocolError::Io)?;
+    out.flush().map_err(ProtocolError::Io)
+}
+
+/// Reads one frame: [`ProtocolError::Closed`] at a clean end of stream, `Truncated` when the
+/// stream ends inside a frame.
+pub fn recv(input: &mut impl Read) -> Result<Message, ProtocolError> {
+    let mut header = [0u8; HEADER_LEN];
+    let have = read_full(input, &mut header)?;
+    if have == 0 {
+        return Err(ProtocolError::Closed);
+    }
+    if have < HEADER_LEN {
+        return Err(ProtocolError::Truncated {
+            have,
+            need: HEADER_LEN,
+        });
+    }
+    let len = parse_header(&header)?;
+    let mut frame = header.to_vec();
+    frame.resize(HEADER_LEN + len, 0);
+    let have = read_full(input, &mut frame[HEADER_LEN..])?;
+    if have < len {
+        return Err(ProtocolError::Truncated {
+            have: HEADER_LEN + have,
+            need: HEADER_LEN + len,
+        });
+    }
+    decode(&frame).map(|(msg, _)| msg)
+}
+
+/// Fills `buf` unless the stream ends first; returns how much was read.
+fn read_full(input: &mut impl Read, buf: &mut [u8]) -> Result<usize, ProtocolError> {
+    let mut have = 0;
+    while have < buf.len() {
+        match input.read(&mut buf[have..]) {
+            Ok(0) => break,
+            Ok(n) => have += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ProtocolError::Io(e)),
+        }
+    }
+    Ok(have)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_message() -> Vec<Message> {
+        vec![
+            Message::Hello {
+                agent: "rvmm-agent 0.1".into(),
+            },
+            Message::Run(RunRequest {
+                argv: vec!["sh".into(), "-c".into(), "exit 3".into()],
+                env: vec!["FOO=bar".into()],
+                cwd: "/".into(),
+                user: "1000:1000".into(),
+                stdin: true,
+                host_network: false,
+            }),
+            Message::Stdin(b"data".to_vec()),
+            Message::StdinClose,
+            Message::Signal(15),
+            Message::Stdout(vec![0; CHUNK]),
+            Message::Stderr(Vec::new()),
+            Message::Exit(ExitStatus::Code(3)),
+            Message::Exit(ExitStatus::Signal(9)),
+            Message::Failed("no such file".into()),
+            Message::Shutdown,
+        ]
+    }
+
+    #[test]
+    fn round_trips_every_message_through_a_stream() {
+        let mut stream = Vec::new();
+        for msg in every_message() {
+            send(&mut stream, &msg).unwrap();
+        }
+        let mut input = stream.as_slice();
+        for msg in every_message() {
+            assert_eq!(recv(&mut input).unwrap(), msg);
+        }
+        assert!(matches!(recv(&mut input), Err(ProtocolError::Closed)));
+    }
+
+    #[test]
+    fn stdio_data_is_not_inflated() {
+        let frame = encode(&Message::Stdout(vec![0xff; 1000])).unwrap();
+        assert!(frame.len() < 1010, "{}", frame.len());
+    }
+
+    #[test]
+    fn rejects_truncated_frames() {
+        let frame = encode(&Message::Stdout(b"hello".to_vec())).unwrap();
+        for cut in 0..frame.len() {
+            assert!(
+                matches!(decode(&frame[..cut]), Err(ProtocolError::Truncated { .. })),
+                "cut at {cut}"
+            );
+        }
+        assert!(matches!(
+            recv(&mut &frame[..frame.len() - 1]),
+            Err(ProtocolError::Truncated { .. })
+        ));
+        assert!(matches!(
+            recv(&mut &frame[..3]),
+            Err(ProtocolError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_oversized_lengths_before_reading_them() {
+        let mut frame = vec![VERSION];
+        frame.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(decode(&frame), Err(ProtocolError::TooLarge(_))));
+        assert!(matches!(
+            recv(&mut frame.as_slice()),
+            Err(ProtocolError::TooLarge(_))
+        ));
+        let big = Message::Stdout(vec![0; MAX_PAYLOAD]);
+        assert!(encode(&big).is_err());
+    }
+
+    #[test]
+    fn rejects_unknown_versions() {
+        let mut frame = encode(&Message::Shutdown).unwrap();
+        frame[0] = VERSION + 1;
+        assert!(matches!(decode(&frame), Err(ProtocolError::Version(2))));
+        assert!(matches!(
+            recv(&mut frame.as_slice()),
+            Err(ProtocolError::Version(2))
+        ));
+    }
+
+    #[test]
+    fn rejects_malformed_payloads() {
+        // An unknown enum tag, a length inside the payload larger than the payload, and a
+        // valid message followed by junk in the same frame.
+        for payload in [
+            vec![200u8],
+            vec![5, 250, 0xff, 0xff, 0xff, 0x7f],
+            vec![10, 0],
+        ] {
+            let mut frame = vec![VERSION];
+            frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            frame.extend_from_slice(&payload);
+            assert!(
+                matches!(decode(&frame), Err(ProtocolError::Malformed(_))),
+                "{payload:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn decode_reports_the_bytes_used() {
+        let mut bytes = encode(&Message::StdinClose).unwrap();
+        let first = bytes.len();
+        bytes.extend(encode(&Message::Signal(2)).unwrap());
+        let (msg, used) = decode(&bytes).unwrap();
+        assert_eq!((msg, used), (Message::StdinClose, first));
+        assert_eq!(decode(&bytes[used..]).unwrap().0, Message::Signal(2));
+    }
+}

@@ -1,0 +1,187 @@
+//! The container-host VM: rvmm itself, started as a child process with the container guest
+//! (built by resources/build-container-guest.sh), the image disk and a vsock device whose
+//! host side lives in a private temporary directory. The console goes to a log file.
+//!
+//! A child process rather than a VMM thread: the VM can always be stopped (killed) however
+//! it misbehaves, it dies with rvmm (PR_SET_PDEATHSIG), its own process group keeps the
+//! terminal's Ctrl-C for the container, and its console output never reaches our stdout.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rvmm_agent::protocol::AGENT_PORT;
+use vmm_sys_util::tempdir::TempDir;
+
+use super::session::{Session, SessionError};
+use crate::config::{default_cmdline, ConsoleKind};
+
+/// The guest's CID; any valid one works, the VM is alone on its vsock device.
+const GUEST_CID: u64 = 3;
+const EXIT_POLL: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(
+        "the container guest is not built: {0} is missing (run resources/build-container-guest.sh)"
+    )]
+    NoGuest(PathBuf),
+    #[error("cannot set up the VM's sockets")]
+    RunDir(#[source] io::Error),
+    #[error("cannot start the VM")]
+    Spawn(#[source] io::Error),
+    #[error("{err}{tail}")]
+    Agent { err: SessionError, tail: String },
+}
+
+/// The container guest's kernel and root disk.
+#[derive(Clone, Debug)]
+pub struct GuestFiles {
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+impl GuestFiles {
+    /// `dir`, or `<cache>/rvmm/container-guest`.
+    pub fn find(dir: Option<&Path>) -> Result<GuestFiles, VmError> {
+        let dir = dir.map_or_else(
+            || super::cache_base().join("container-guest"),
+            Path::to_path_buf,
+        );
+        let files = GuestFiles {
+            kernel: dir.join("vmlinux"),
+            rootfs: dir.join("rootfs.ext4"),
+        };
+        for f in [&files.kernel, &files.rootfs] {
+            if !f.is_file() {
+                return Err(VmError::NoGuest(f.clone()));
+            }
+        }
+        Ok(files)
+    }
+}
+
+/// What to boot.
+pub struct VmLaunch<'a> {
+    /// The rvmm binary that runs the VM.
+    pub vmm: &'a Path,
+    pub guest: &'a GuestFiles,
+    pub image_disk: &'a Path,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    pub nets: &'a [String],
+    /// Where the guest console goes; a file in the private run directory when None.
+    pub console_log: Option<&'a Path>,
+}
+
+/// A running container-host VM. Dropping it kills the VM and removes its sockets.
+pub struct VmProcess {
+    child: Child,
+    listener: UnixListener,
+    log: PathBuf,
+    // Holds the vsock sockets (and the default console log) until the VM is gone.
+    _run_dir: TempDir,
+}
+
+impl VmProcess {
+    pub fn start(l: &VmLaunch) -> Result<VmProcess, VmError> {
+        let run_dir = TempDir::new_with_prefix("/tmp/rvmm-run-")
+            .map_err(|e| VmError::RunDir(io::Error::from_raw_os_error(e.errno())))?;
+        let uds = run_dir.as_path().join("vsock");
+        let listener = UnixListener::bind(format!("{}_{AGENT_PORT}", uds.display()))
+            .map_err(VmError::RunDir)?;
+        let log = l
+            .console_log
+            .map_or_else(|| run_dir.as_path().join("console.log"), Path::to_path_buf);
+        let console = File::create(&log).map_err(VmError::RunDir)?;
+        let console_err = console.try_clone().map_err(VmError::RunDir)?;
+        let mut cmd = Command::new(l.vmm);
+        cmd.arg("--kernel")
+            .arg(&l.guest.kernel)
+            .arg("--cmdline")
+            .arg(format!(
+                "{} root=/dev/vda ro rootfstype=ext4",
+                default_cmdline(ConsoleKind::Serial)
+            ))
+            .arg("--disk")
+            .arg(format!("{},ro", l.guest.rootfs.display()))
+            .arg("--disk")
+            .arg(format!("{},ro,serial=rvmm-image", l.image_disk.display()))
+            .arg("--vsock")
+            .arg(format!("cid={GUEST_CID},uds={}", uds.display()))
+            .args(["--cpus", &l.cpus.to_string()])
+            .args(["--memory", &l.memory_mib.to_string()])
+            .arg("--rng");
+        for net in l.nets {
+            cmd.arg("--net").arg(net);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(console)
+            .stderr(console_err)
+            .process_group(0);
+        // SAFETY: the closure only calls prctl, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(VmError::Spawn)?;
+        Ok(VmProcess {
+            child,
+            listener,
+            log,
+            _run_dir: run_dir,
+        })
+    }
+
+    /// Waits for the guest's agent to connect and greet, for at most `timeout`.
+    pub fn connect(&mut self, timeout: Duration) -> Result<Session, VmError> {
+        let child = &mut self.child;
+        let session = Session::accept(&self.listener, timeout, || match child.try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            Ok(None) => None,
+            Err(e) => Some(e.to_string()),
+        });
+        session.map_err(|err| VmError::Agent {
+            err,
+            tail: console_tail(&self.log),
+        })
+    }
+
+    /// Gives the guest `grace` to power off by itself, then stops it.
+    pub fn finish(mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(EXIT_POLL);
+        }
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The console log's last line, to say where the guest got to.
+fn console_tail(log: &Path) -> String {
+    let text = fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    match text.lines().rfind(|l| !l.trim().is_empty()) {
+        Some(line) => format!(" (last console line: {:?})", line.trim()),
+        None => String::new(),
+    }
+}

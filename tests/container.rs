@@ -1,0 +1,412 @@
+//! `rvmm run`: the host-side path from a test image to the disk and bundle the guest gets,
+//! the agent-timeout failure, and (where guest userspace runs) one container-host VM
+//! serving several requests.
+
+mod common;
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{kvm_is_emulated, kvm_or_skip};
+use rvmm::container::image::disk::DiskCache;
+use rvmm::container::image::testimage::{self, TestImage};
+use rvmm::container::image::Image;
+use rvmm::container::request::{run_request, Overrides};
+use rvmm::container::session::{RunIo, Session};
+use rvmm::container::vm::{GuestFiles, VmLaunch, VmProcess};
+use rvmm_agent::bundle::{config_json, runtime_spec, BundleParams};
+use rvmm_agent::protocol::{ExitStatus, RunRequest};
+use rvmm_agent::user::resolve;
+use vmm_sys_util::tempdir::TempDir;
+
+const RVMM: &str = env!("CARGO_BIN_EXE_rvmm");
+
+fn strings(s: &[&str]) -> Vec<String> {
+    s.iter().map(|s| s.to_string()).collect()
+}
+
+fn debugfs(disk: &Path, request: &str) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", request])
+        .arg(disk)
+        .output()
+        .expect("debugfs runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The test image as a docker save tar and an OCI layout, in `dir`.
+fn write_images(dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    let image = match TestImage::busybox() {
+        Ok(image) => image,
+        Err(e) => {
+            eprintln!("SKIPPED: {e}");
+            return None;
+        }
+    };
+    let (docker, oci) = (dir.join("docker.tar"), dir.join("oci"));
+    image.write_docker_save(&docker).unwrap();
+    image.write_oci_layout(&oci).unwrap();
+    Some((docker, oci))
+}
+
+/// Everything up to the hand-over to the guest: the ext4 disk and the config.json the agent
+/// would write for `-e FOO=bar -- sh -c 'echo $FOO'`.
+#[test]
+fn host_side_builds_the_disk_and_bundle_the_guest_gets() {
+    let dir = TempDir::new().unwrap();
+    let Some((docker, oci)) = write_images(dir.as_path()) else {
+        return;
+    };
+    let cache = DiskCache {
+        dir: dir.as_path().join("cache"),
+        ..DiskCache::user_default()
+    };
+    for path in [&docker, &oci] {
+        let image = Image::open(path, &cache.scratch()).unwrap();
+        let disk = cache.disk_for(&image).unwrap();
+        let etc = debugfs(&disk, "ls /etc");
+        assert!(etc.contains("passwd"), "{etc}");
+        assert!(
+            !etc.contains("removed-by-upper"),
+            "whited-out file present: {etc}"
+        );
+        let opaque = debugfs(&disk, "ls /etc/opaque");
+        assert!(
+            opaque.contains("upper") && !opaque.contains("lower"),
+            "{opaque}"
+        );
+        assert!(debugfs(&disk, "stat /bin/busybox").contains("Type: regular"));
+
+        let command = strings(&["sh", "-c", "echo $FOO"]);
+        let env = strings(&["FOO=bar"]);
+        let req = run_request(
+            &image.settings,
+            &Overrides {
+                command: &command,
+                env: &env,
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        // What the agent does with it, from the image's own passwd and group.
+        let passwd = debugfs(&disk, "cat /etc/passwd");
+        let group = debugfs(&disk, "cat /etc/group");
+        let user = resolve(&req.user, &passwd, &group).unwrap();
+        let spec = runtime_spec(&BundleParams {
+            request: &req,
+            user: &user,
+            hostname: "rvmm",
+            cgroup: "/rvmm/c1",
+            pids_limit: Some(rvmm_agent::bundle::PIDS_LIMIT),
+        })
+        .unwrap();
+        let config: serde_json::Value = serde_json::from_str(&config_json(&spec).unwrap()).unwrap();
+        let process = &config["process"];
+        assert_eq!(process["args"], serde_json::json!(command));
+        let env = process["env"].as_array().unwrap();
+        assert!(env.contains(&"FOO=bar".into()), "{env:?}");
+        assert!(env.contains(&testimage::IMAGE_ENV.into()), "{env:?}");
+        assert_eq!(process["cwd"], "/root");
+        assert_eq!(process["user"]["uid"], 0);
+        assert_eq!(config["root"]["path"], "rootfs");
+        let ns = config["linux"]["namespaces"].as_array().unwrap();
+        for kind in ["pid", "mount", "uts", "ipc", "network"] {
+            assert!(ns.iter().any(|n| n["type"] == kind), "{kind}: {ns:?}");
+        }
+    }
+}
+
+/// The container guest, or a skip (a failure under RVMM_REQUIRE_KVM=1).
+fn container_guest(test: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("RVMM_CONTAINER_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| rvmm::container::cache_base().join("container-guest"));
+    if GuestFiles::find(Some(&dir)).is_ok() {
+        return Some(dir);
+    }
+    if std::env::var("RVMM_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!(
+            "{test}: no container guest in {} (run resources/build-container-guest.sh)",
+            dir.display()
+        );
+    }
+    eprintln!("SKIPPED {test}: no container guest in {}", dir.display());
+    None
+}
+
+/// Whether guest userspace can make system calls here (see kvm_is_emulated); set
+/// RVMM_GUEST_USERSPACE=1 once the test kernel can.
+fn guest_userspace_runs() -> bool {
+    !kvm_is_emulated() || std::env::var("RVMM_GUEST_USERSPACE").as_deref() == Ok("1")
+}
+
+/// Our VM processes still alive: any process whose command line names `marker`.
+fn processes_naming(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(marker) && cmdline.contains("--vsock") {
+                found.push(cmdline);
+            }
+        }
+    }
+    found
+}
+
+fn run_dirs() -> Vec<PathBuf> {
+    std::fs::read_dir("/tmp")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().starts_with("/tmp/rvmm-run-"))
+        .collect()
+}
+
+/// A guest whose agent never answers: one error line, exit 1, no VM and no sockets left.
+#[test]
+fn agent_timeout_fails_cleanly() {
+    let test = "agent_timeout_fails_cleanly";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let Some(guest) = container_guest(test) else {
+        return;
+    };
+    if guest_userspace_runs() {
+        eprintln!("SKIPPED {test}: the agent answers on this host (see container_vm_serves_several_requests)");
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    let Some((docker, _)) = write_images(dir.as_path()) else {
+        return;
+    };
+    let before = run_dirs();
+    let cache = dir.as_path().join("xdg");
+    let out = Command::new(RVMM)
+        .env("XDG_CACHE_HOME", &cache)
+        .args(["run", "--agent-timeout", "15", "--guest"])
+        .arg(&guest)
+        .arg(&docker)
+        .args(["--", "echo", "hello"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(out.stdout.is_empty());
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.contains(": warning: "))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].starts_with("rvmm: error: the guest agent did not answer within 15s"),
+        "{stderr}"
+    );
+    let marker = cache.to_string_lossy().into_owned();
+    assert_eq!(processes_naming(&marker), Vec::<String>::new());
+    let leftover: Vec<_> = run_dirs()
+        .into_iter()
+        .filter(|d| !before.contains(d))
+        .collect();
+    assert!(leftover.is_empty(), "{leftover:?}");
+    // The image disk stayed in the cache for the next run.
+    let disks = std::fs::read_dir(cache.join("rvmm/images"))
+        .unwrap()
+        .count();
+    assert!(disks >= 1);
+}
+
+struct Ran {
+    status: ExitStatus,
+    stdout: String,
+}
+
+fn run(session: &mut Session, req: RunRequest, stdin: Option<&[u8]>) -> Ran {
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let status = session
+        .run(
+            &req,
+            RunIo {
+                stdin: stdin.map(|s| Box::new(Cursor::new(s.to_vec())) as _),
+                stdout: &mut out,
+                stderr: &mut err,
+            },
+        )
+        .unwrap();
+    eprintln!(
+        "{:?}: {status:?} stderr={}",
+        req.argv,
+        String::from_utf8_lossy(&err)
+    );
+    Ran {
+        status,
+        stdout: String::from_utf8_lossy(&out).into_owned(),
+    }
+}
+
+/// One boot serving several requests, as `rvmm run` would send them.
+#[test]
+fn container_vm_serves_several_requests() {
+    let test = "container_vm_serves_several_requests";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let Some(guest_dir) = container_guest(test) else {
+        return;
+    };
+    if !guest_userspace_runs() {
+        eprintln!("SKIPPED {test}: guest userspace cannot make system calls on this emulated KVM");
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    let Some((_, oci)) = write_images(dir.as_path()) else {
+        return;
+    };
+    let cache = DiskCache {
+        dir: dir.as_path().join("cache"),
+        ..DiskCache::user_default()
+    };
+    let image = Image::open(&oci, &cache.scratch()).unwrap();
+    let disk = cache.disk_for(&image).unwrap();
+    let guest = GuestFiles::find(Some(&guest_dir)).unwrap();
+    let log = dir.as_path().join("console.log");
+    let mut vm = VmProcess::start(&VmLaunch {
+        vmm: Path::new(RVMM),
+        guest: &guest,
+        image_disk: &disk,
+        cpus: 2,
+        memory_mib: 512,
+        nets: &[],
+        console_log: Some(&log),
+    })
+    .unwrap();
+    let mut session = vm.connect(Duration::from_secs(600)).unwrap();
+    let req = |argv: &[&str], env: &[&str], stdin: bool| {
+        let command = strings(argv);
+        let env = strings(env);
+        run_request(
+            &image.settings,
+            &Overrides {
+                command: &command,
+                env: &env,
+                stdin,
+                ..Overrides::default()
+            },
+        )
+        .unwrap()
+    };
+    let ran = run(&mut session, req(&["echo", "hello"], &[], false), None);
+    assert_eq!(
+        (ran.status, ran.stdout.as_str()),
+        (ExitStatus::Code(0), "hello\n")
+    );
+    let ran = run(&mut session, req(&["sh", "-c", "exit 3"], &[], false), None);
+    assert_eq!(ran.status, ExitStatus::Code(3));
+    let ran = run(
+        &mut session,
+        req(&["sh", "-c", "echo $FOO"], &["FOO=bar"], false),
+        None,
+    );
+    assert_eq!(ran.stdout, "bar\n");
+    let input = vec![b'x'; 100_000];
+    let ran = run(&mut session, req(&["wc", "-c"], &[], true), Some(&input));
+    assert_eq!(ran.stdout.trim(), "100000");
+    let ran = run(
+        &mut session,
+        req(&["ps", "-o", "pid,comm"], &[], false),
+        None,
+    );
+    let procs: Vec<&str> = ran.stdout.lines().skip(1).collect();
+    assert_eq!(procs.len(), 1, "only ps itself: {}", ran.stdout);
+    assert!(procs[0].trim_start().starts_with("1 "), "{}", ran.stdout);
+    let ran = run(
+        &mut session,
+        req(&["ls", "/etc", "/etc/opaque"], &[], false),
+        None,
+    );
+    assert!(!ran.stdout.contains("removed-by-upper"), "{}", ran.stdout);
+    assert!(
+        ran.stdout.contains("upper") && !ran.stdout.contains("lower"),
+        "{}",
+        ran.stdout
+    );
+    session.shutdown().unwrap();
+    vm.finish(Duration::from_secs(60));
+}
+
+/// The generated bundle, run by the host's crun on the unpacked test image: the same
+/// config.json the agent writes, checked by the runtime that will read it.
+#[test]
+fn host_crun_runs_the_generated_bundle() {
+    let test = "host_crun_runs_the_generated_bundle";
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !Path::new("/usr/bin/crun").is_file() || !root {
+        eprintln!("SKIPPED {test}: needs root and /usr/bin/crun");
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    let Some((docker, _)) = write_images(dir.as_path()) else {
+        return;
+    };
+    let bundle = dir.as_path().join("bundle");
+    let rootfs = bundle.join(rvmm_agent::bundle::ROOTFS_DIR);
+    std::fs::create_dir_all(&rootfs).unwrap();
+    let image = Image::open(&docker, dir.as_path()).unwrap();
+    image.unpack(&rootfs, &mut Default::default()).unwrap();
+    let command = strings(&["sh", "-c", "echo $FOO; ls /etc; ps -o pid,comm; exit 3"]);
+    let env = strings(&["FOO=bar"]);
+    let req = run_request(
+        &image.settings,
+        &Overrides {
+            command: &command,
+            env: &env,
+            ..Overrides::default()
+        },
+    )
+    .unwrap();
+    let user = resolve(&req.user, "", "").unwrap();
+    let id = format!("rvmm-test-{}", std::process::id());
+    let cgroup = format!("/rvmm-test/{id}");
+    let spec = runtime_spec(&BundleParams {
+        request: &req,
+        user: &user,
+        hostname: "rvmm",
+        cgroup: &cgroup,
+        pids_limit: None,
+    })
+    .unwrap();
+    std::fs::write(bundle.join("config.json"), config_json(&spec).unwrap()).unwrap();
+    // crun refuses a hybrid cgroup v1/v2 host (as this one is): give it a private mount
+    // namespace with only cgroup2 mounted, like the guest, and leave cgroups alone.
+    let script = "umount -l /sys/fs/cgroup 2>/dev/null; mount -t cgroup2 none /sys/fs/cgroup && \
+                  exec /usr/bin/crun --cgroup-manager=disabled run --bundle \"$0\" \"$1\"";
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", script])
+        .arg(&bundle)
+        .arg(&id)
+        .output()
+        .unwrap();
+    let _ = Command::new("/usr/bin/crun")
+        .args(["delete", "-f", &id])
+        .status();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "crun: {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stdout.starts_with("bar\n"), "{stdout}");
+    assert!(!stdout.contains("removed-by-upper"), "{stdout}");
+    let procs: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.contains("PID"))
+        .skip(1)
+        .collect();
+    assert_eq!(procs.len(), 2, "sh and ps only: {stdout}");
+}
