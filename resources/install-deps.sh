@@ -14,6 +14,8 @@ packages=(
     qemu-system-x86
     # network tests: namespaces, TAP devices, ping
     iproute2 iputils-ping
+    # rvmm bench: the container runtime and the disk and network workloads
+    crun fio iperf3
 )
 
 echo "==> apt-get update"

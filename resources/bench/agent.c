@@ -1,0 +1,173 @@
+// The workload program of `rvmm bench`: one static binary that runs as a plain process, in a
+// crun container and (as /init) inside a microVM guest, so that all of them run the same code.
+//
+//   agent echo                 print the marker line and exit (start latency)
+//   agent idle                 print the marker line, then sleep until killed (memory)
+//   agent cpu ROUNDS           dense 128x128 double matrix multiply, ROUNDS times; prints MFLOP/s
+//   agent spin N               N iterations of the tiny guest's 2-instruction loop; prints MIPS
+//   agent rr-server PORT       TCP echo of 1-byte messages (request/response latency)
+//   agent rr-client IP PORT N  N 1-byte round trips; prints the mean round trip in microseconds
+//   as PID 1 (guest /init)     mounts /proc and /dev, prints RVMM-BENCH-GUEST ready, runs the
+//                              steps named by rvmm_bench= on the kernel command line, reboots.
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define N 128
+static double a[N][N], b[N][N], c[N][N];
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static int cpu(long rounds) {
+    for (int i = 0; i < N; i++)
+        for (int j = 0; j < N; j++) {
+            a[i][j] = (i * 7 + j) % 13 / 13.0;
+            b[i][j] = (i + j * 5) % 11 / 11.0;
+        }
+    double t0 = now();
+    for (long r = 0; r < rounds; r++)
+        for (int i = 0; i < N; i++)
+            for (int k = 0; k < N; k++) {
+                double x = a[i][k] + r * 1e-9;
+                for (int j = 0; j < N; j++) c[i][j] += x * b[k][j];
+            }
+    double secs = now() - t0;
+    printf("RVMM-BENCH cpu mflops=%.3f check=%.3e\n", 2.0 * N * N * N * rounds / secs / 1e6,
+           c[N / 2][N / 3]);
+    return 0;
+}
+
+static int spin(long n) {
+    double t0 = now();
+    __asm__ volatile("1: dec %0\n\tjnz 1b" : "+r"(n));
+    printf("RVMM-BENCH spin seconds=%.9f\n", now() - t0);
+    return 0;
+}
+
+static int rr_server(int port) {
+    int s = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(port)};
+    setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(s, (struct sockaddr *)&sa, sizeof sa) || listen(s, 4)) return perror("rr-server"), 1;
+    printf("RVMM-BENCH rr-server ready\n");
+    fflush(stdout);
+    for (;;) {
+        int c = accept(s, 0, 0);
+        char ch;
+        setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        while (read(c, &ch, 1) == 1 && write(c, &ch, 1) == 1) {}
+        close(c);
+    }
+}
+
+static int rr_client(const char *ip, int port, long n) {
+    int s = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(port)};
+    inet_pton(AF_INET, ip, &sa.sin_addr);
+    for (int tries = 0; connect(s, (struct sockaddr *)&sa, sizeof sa); tries++) {
+        if (tries == 50) return perror("rr-client"), 1;
+        usleep(100000);
+    }
+    setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    char ch = 'x';
+    double t0 = now();
+    for (long i = 0; i < n; i++)
+        if (write(s, &ch, 1) != 1 || read(s, &ch, 1) != 1) return perror("rr-client"), 1;
+    printf("RVMM-BENCH rr usec=%.3f\n", (now() - t0) / n * 1e6);
+    return 0;
+}
+
+// Runs a program from the guest initramfs and waits for it.
+static void run(char *const argv[]) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    waitpid(pid, 0, 0);
+}
+
+// eth0 gets ADDR/30 and comes up: the host end of the TAP is the other address of the /30.
+static int net_up(const char *addr) {
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    struct ifreq ifr = {0};
+    struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
+    strcpy(ifr.ifr_name, "eth0");
+    sin->sin_family = AF_INET;
+    inet_pton(AF_INET, addr, &sin->sin_addr);
+    if (ioctl(s, SIOCSIFADDR, &ifr)) return -1;
+    inet_pton(AF_INET, "255.255.255.252", &sin->sin_addr);
+    if (ioctl(s, SIOCSIFNETMASK, &ifr)) return -1;
+    ifr.ifr_flags = IFF_UP | IFF_RUNNING;
+    return ioctl(s, SIOCSIFFLAGS, &ifr);
+}
+
+static int guest_init(void) {
+    char cmdline[4096] = {0}, steps[256] = "", guest_ip[32] = "", host_ip[32] = "";
+    mount("proc", "/proc", "proc", 0, 0);
+    mount("devtmpfs", "/dev", "devtmpfs", 0, 0);
+    FILE *f = fopen("/proc/cmdline", "r");
+    if (f) fread(cmdline, 1, sizeof cmdline - 1, f);
+    char *p;
+    if ((p = strstr(cmdline, "rvmm_bench="))) sscanf(p, "rvmm_bench=%255s", steps);
+    if ((p = strstr(cmdline, "rvmm_bench_ip="))) sscanf(p, "rvmm_bench_ip=%31[^,],%31s", guest_ip, host_ip);
+    setvbuf(stdout, 0, _IOLBF, 0);
+    printf("RVMM-BENCH-GUEST ready\n");
+    if (strstr(steps, "cpu")) cpu(atol(strstr(steps, "cpu:") ? strstr(steps, "cpu:") + 4 : "20"));
+    if (strstr(steps, "disk")) {
+        run((char *const[]){"/bin/fio", "--name=randread", "--filename=/dev/vda", "--readonly",
+                            "--direct=1", "--ioengine=libaio", "--rw=randread", "--bs=4k",
+                            "--iodepth=32", "--runtime=3", "--time_based", "--output-format=terse",
+                            "--terse-version=3", 0});
+        run((char *const[]){"/bin/fio", "--name=seqread", "--filename=/dev/vda", "--readonly",
+                            "--direct=1", "--ioengine=libaio", "--rw=read", "--bs=1M",
+                            "--iodepth=4", "--runtime=3", "--time_based", "--output-format=terse",
+                            "--terse-version=3", 0});
+    }
+    if (strstr(steps, "net") && guest_ip[0] && net_up(guest_ip) == 0) {
+        printf("RVMM-BENCH iperf3-begin\n");
+        run((char *const[]){"/bin/iperf3", "-c", host_ip, "-t", "3", "-i", "0", "-J", 0});
+        printf("RVMM-BENCH iperf3-end\n");
+        rr_client(host_ip, 5299, 2000);
+    }
+    printf("RVMM-BENCH-GUEST done\n");
+    sync();
+    reboot(RB_AUTOBOOT);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, 0, _IOLBF, 0);
+    // The guest kernel starts /init without arguments; in a container's pid namespace the
+    // agent is PID 1 too, but always with a mode.
+    if (getpid() == 1 && argc == 1) return guest_init();
+    const char *mode = argc > 1 ? argv[1] : "";
+    if (!strcmp(mode, "echo") || !strcmp(mode, "idle")) {
+        printf("RVMM-BENCH hello\n");
+        fflush(stdout);
+        while (!strcmp(mode, "idle")) pause();
+        return 0;
+    }
+    if (!strcmp(mode, "cpu") && argc == 3) return cpu(atol(argv[2]));
+    if (!strcmp(mode, "spin") && argc == 3) return spin(atol(argv[2]));
+    if (!strcmp(mode, "rr-server") && argc == 3) return rr_server(atoi(argv[2]));
+    if (!strcmp(mode, "rr-client") && argc == 5) return rr_client(argv[2], atoi(argv[3]), atol(argv[4]));
+    fprintf(stderr, "usage: agent echo|idle|cpu ROUNDS|spin N|rr-server PORT|rr-client IP PORT N\n");
+    return 2;
+}
