@@ -7,6 +7,8 @@ pub mod config;
 pub mod device_manager;
 pub mod event_loop;
 pub mod exit;
+pub mod kernel_image;
+pub mod seccomp;
 pub mod signals;
 pub mod terminal;
 pub mod vmm;

@@ -13,7 +13,15 @@ fn main() -> ExitCode {
             writeln!(buf, "rvmm: {level}: {}", record.args())
         })
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print as usual.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprintln!("rvmm: error: {}", one_line(&e.to_string()));
+            return ExitCode::FAILURE;
+        }
+    };
     match run(cli) {
         Ok(VmExit::Guest) => ExitCode::SUCCESS,
         // The shell convention for "ended by signal N".
@@ -33,11 +41,25 @@ fn run(cli: Cli) -> Result<VmExit, String> {
     vmm.run().map_err(|e| error_chain(&e))
 }
 
+/// clap's message up to its first blank line (the usage hint after it is dropped), on one line.
+fn one_line(clap_msg: &str) -> String {
+    let first: Vec<&str> = clap_msg
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    first.join(" ").trim_start_matches("error: ").to_string()
+}
+
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut msg = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
-        msg = format!("{msg}: {cause}");
+        // Some errors repeat their cause in their own message.
+        let cause_msg = cause.to_string();
+        if !msg.ends_with(&cause_msg) {
+            msg = format!("{msg}: {cause_msg}");
+        }
         source = cause.source();
     }
     msg
