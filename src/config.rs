@@ -36,6 +36,8 @@ pub enum ConfigError {
     VsockSpec { spec: String, reason: String },
     #[error("{count} virtio devices asked for; the MMIO window and interrupt pins allow {max}")]
     TooManyDevices { count: usize, max: u32 },
+    #[error("initrd {path} ({mib} MiB) does not fit in --memory {memory} MiB")]
+    InitrdTooLarge { path: String, mib: u64, memory: u64 },
     #[error("disk {0} is given twice")]
     DuplicateDisk(String),
     #[error("--cmdline is too long ({0} bytes, at most {max})", max = rvmm_firmware::layout::CMDLINE_MAX_LEN - 1)]
@@ -302,6 +304,14 @@ impl TryFrom<Cli> for VmConfig {
         check_kernel_image(&cli.kernel)?;
         if let Some(initrd) = &cli.initrd {
             check_regular_file("initrd", initrd)?;
+            let size = fs::metadata(initrd).map_or(0, |m| m.len());
+            if size >= cli.memory << 20 {
+                return Err(ConfigError::InitrdTooLarge {
+                    path: initrd.display().to_string(),
+                    mib: size.div_ceil(1 << 20),
+                    memory: cli.memory,
+                });
+            }
         }
         let mut cmdline = cli.cmdline.unwrap_or_else(|| default_cmdline(cli.console));
         let mut disks = Vec::new();

@@ -14,24 +14,13 @@ use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
 
 use common::{
-    can_make_namespaces, debugfs_cat, guest_artifacts, kvm_or_skip, NetNs, TestResult, TestVm,
+    can_make_namespaces, debugfs_cat, guest_artifacts, kvm_or_skip,
+    selftest_pattern as expected_pattern, NetNs, TestResult, TestVm,
+    SELFTEST_PATTERN_LEN as PATTERN_LEN,
 };
 
 const BOOT_LIMIT: Duration = Duration::from_secs(300);
 const DATA_SERIAL: &str = "rvmm-data-1";
-/// What the self-test writes to /rvmm-selftest.dat on the root filesystem.
-const PATTERN_LEN: usize = 65536;
-
-fn expected_pattern() -> Vec<u8> {
-    let mut out = Vec::with_capacity(PATTERN_LEN + 32);
-    let mut n = 0u32;
-    while out.len() < PATTERN_LEN {
-        out.extend_from_slice(format!("rvmm-selftest {n:06}\n").as_bytes());
-        n += 1;
-    }
-    out.truncate(PATTERN_LEN);
-    out
-}
 
 /// Reads `RVMM-SELFTEST ...` lines up to and including the `done` line.
 fn selftest_lines(vm: &mut TestVm) -> TestResult<Vec<String>> {

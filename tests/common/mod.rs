@@ -326,3 +326,18 @@ pub fn debugfs_cat(image: &Path, file: &str) -> TestResult<Vec<u8>> {
     }
     Ok(out.stdout)
 }
+
+/// How long the in-guest self-test's data file /rvmm-selftest.dat is.
+pub const SELFTEST_PATTERN_LEN: usize = 65536;
+
+/// What the self-test's blk-write check writes to /rvmm-selftest.dat on the root filesystem.
+pub fn selftest_pattern() -> Vec<u8> {
+    let mut out = Vec::with_capacity(SELFTEST_PATTERN_LEN + 32);
+    let mut n = 0u32;
+    while out.len() < SELFTEST_PATTERN_LEN {
+        out.extend_from_slice(format!("rvmm-selftest {n:06}\n").as_bytes());
+        n += 1;
+    }
+    out.truncate(SELFTEST_PATTERN_LEN);
+    out
+}
