@@ -175,8 +175,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
 /// Each thread kind gets only the ioctl requests it makes.
 fn ioctl_rules(kind: ThreadKind) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
     let requests: Vec<u64> = match kind {
-        // Restoring the terminal on the way out.
-        ThreadKind::Main => vec![libc::TCSETS],
+        ThreadKind::Main => vec![],
         // KVM_GET_*REGS: the register dump when the guest cannot go on.
         ThreadKind::Vcpu => vec![
             KVM_RUN(),
@@ -187,16 +186,27 @@ fn ioctl_rules(kind: ThreadKind) -> Result<Vec<SeccompRule>, seccompiler::Backen
         // Accepted vsock connections are made non-blocking.
         ThreadKind::Devices => vec![libc::FIONBIO],
     };
-    requests.into_iter().map(|r| arg_eq(1, r)).collect()
+    let mut rules: Vec<SeccompRule> = requests
+        .into_iter()
+        .map(|r| arg_eq(1, r))
+        .collect::<Result<_, _>>()?;
+    // The logger asks whether stderr is a terminal (TCGETS) before it writes, on any thread.
+    rules.push(arg_eq(1, libc::TCGETS)?);
+    // Restoring the terminal on stdin: RawTerminal on the main thread, the SIGSYS handler on
+    // any thread (glibc's tcsetattr reads the settings back).
+    rules.push(SeccompRule::new(vec![
+        cond_eq(0, libc::STDIN_FILENO as u64)?,
+        cond_eq(1, libc::TCSETS)?,
+    ])?);
+    Ok(rules)
 }
 
 fn arg_eq(index: u8, value: u64) -> Result<SeccompRule, seccompiler::BackendError> {
-    SeccompRule::new(vec![SeccompCondition::new(
-        index,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Eq,
-        value,
-    )?])
+    SeccompRule::new(vec![cond_eq(index, value)?])
+}
+
+fn cond_eq(index: u8, value: u64) -> Result<SeccompCondition, seccompiler::BackendError> {
+    SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
 }
 
 fn arg_masked(index: u8, mask: u64, value: u64) -> Result<SeccompRule, seccompiler::BackendError> {
@@ -228,8 +238,9 @@ const MSG_HEAD: &[u8] = b"rvmm: error: seccomp: the ";
 const MSG_MID: &[u8] = b" thread made a forbidden system call, number ";
 const MSG_TAIL: &[u8] = b" (--seccomp off disables the filters)\n";
 
-/// Reports the forbidden call and ends the process. Async-signal-safe: it only formats into
-/// a stack buffer and calls write(2) and _exit(2), both on every allow-list.
+/// Reports the forbidden call, restores the terminal and ends the process. Async-signal-safe:
+/// it only formats into a stack buffer and calls write(2), tcsetattr on stdin and _exit(2),
+/// all on every allow-list.
 extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo_t for SIGSYS, whose `_sigsys` member holds
     // the system call number at this offset.
@@ -250,10 +261,10 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
         len += n;
     }
     // SAFETY: write(2) from a valid buffer, and _exit(2): both async-signal-safe.
-    unsafe {
-        libc::write(libc::STDERR_FILENO, buf.as_ptr().cast(), len);
-        libc::_exit(1);
-    }
+    unsafe { libc::write(libc::STDERR_FILENO, buf.as_ptr().cast(), len) };
+    crate::terminal::restore_from_signal_handler();
+    // SAFETY: _exit(2) ends the process at once; it is async-signal-safe.
+    unsafe { libc::_exit(1) }
 }
 
 /// Writes `n` in decimal into the end of `out` without allocating; returns the digits.

@@ -21,6 +21,13 @@ fn scratch(test: &str) -> PathBuf {
     dir
 }
 
+/// A sparse file of `len` bytes.
+fn sparse(dir: &Path, name: &str, len: u64) -> String {
+    let path = dir.join(name);
+    std::fs::File::create(&path).unwrap().set_len(len).unwrap();
+    path.display().to_string()
+}
+
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
     let path = dir.join(name);
     std::fs::write(&path, bytes).unwrap();
@@ -150,61 +157,37 @@ fn bad_kernels() {
 #[test]
 fn bad_sizes_and_counts() {
     let k = tiny_guest("hello").display().to_string();
-    let k = k.as_str();
-    refused(
-        &["--kernel", k, "--memory", "0"],
-        "--memory must be between 16 and",
-    );
-    refused(
-        &["--kernel", k, "--memory", "99999999999"],
-        "--memory must be between",
-    );
-    refused(
-        &["--kernel", k, "--memory", "-5"],
-        "unexpected argument '-5'",
-    );
-    refused(
-        &["--kernel", k, "--memory", "lots"],
-        "invalid value 'lots' for '--memory",
-    );
-    refused(
-        &["--kernel", k, "--memory", "18446744073709551616"],
-        "--memory",
-    );
-    refused(
-        &["--kernel", k, "--cpus", "0"],
-        "--cpus must be between 1 and 32, got 0",
-    );
-    refused(
-        &["--kernel", k, "--cpus", "33"],
-        "--cpus must be between 1 and 32, got 33",
-    );
-    refused(
-        &["--kernel", k, "--cpus", "4294967296"],
-        "invalid value '4294967296' for '--cpus",
-    );
+    for (args, needle) in [
+        (&["--memory", "0"][..], "--memory must be between 16 and"),
+        (&["--memory", "99999999999"], "--memory must be between"),
+        (&["--memory", "-5"], "unexpected argument '-5'"),
+        (&["--memory", "lots"], "invalid value 'lots' for '--memory"),
+        (&["--memory", "18446744073709551616"], "number too large"),
+        (&["--cpus", "0"], "--cpus must be between 1 and 32, got 0"),
+        (&["--cpus", "33"], "--cpus must be between 1 and 32, got 33"),
+        (
+            &["--cpus", "4294967296"],
+            "invalid value '4294967296' for '--cpus",
+        ),
+        (&["--frobnicate"], "unexpected argument '--frobnicate'"),
+        (
+            &["--seccomp", "maybe"],
+            "invalid value 'maybe' for '--seccomp",
+        ),
+    ] {
+        let mut all = vec!["--kernel", k.as_str()];
+        all.extend_from_slice(args);
+        refused(&all, needle);
+    }
     refused(&["--kernel"], "a value is required for '--kernel");
     refused(&[], "required arguments were not provided: --kernel");
-    refused(
-        &["--kernel", k, "--frobnicate"],
-        "unexpected argument '--frobnicate'",
-    );
-    refused(
-        &["--kernel", k, "--seccomp", "maybe"],
-        "invalid value 'maybe' for '--seccomp",
-    );
 }
 
 #[test]
 fn bad_initrds() {
     let dir = scratch("initrds");
     let k = tiny_guest("hello").display().to_string();
-    let big = dir.join("big.cpio");
-    std::fs::File::create(&big)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let big = big.display().to_string();
+    let big = sparse(&dir, "big.cpio", 64 << 20);
     refused(
         &["--kernel", &k, "--memory", "32", "--initrd", &big],
         "(64 MiB) does not fit in --memory 32 MiB",
@@ -311,12 +294,7 @@ fn bad_inputs_found_while_building_the_vm() {
         "more than the host's RAM and swap",
     );
     // Fits the size check, but not above the kernel in 16 MiB.
-    let initrd = dir.join("initrd");
-    std::fs::File::create(&initrd)
-        .unwrap()
-        .set_len(15 << 20)
-        .unwrap();
-    let initrd = initrd.display().to_string();
+    let initrd = sparse(&dir, "initrd", 15 << 20);
     let sock = dir.join("v.sock");
     let vsock = format!("cid=3,uds={}", sock.display());
     refused(
@@ -328,10 +306,7 @@ fn bad_inputs_found_while_building_the_vm() {
     assert!(!sock.exists(), "the vsock socket file was left behind");
     let far = format!("cid=3,uds={}", dir.join("missing/v.sock").display());
     refused(&["--kernel", k, "--vsock", &far], "cannot bind");
-    refused(
-        &["--kernel", k, "--net", "tap=rvmmnotap0"],
-        "rvmmnotap0",
-    );
+    refused(&["--kernel", k, "--net", "tap=rvmmnotap0"], "rvmmnotap0");
 
     // Read-only on disk (immutable: even root cannot open it for writing) without `ro`.
     let ro = write(&dir, "immutable.img", &[0; 4096]);
@@ -366,12 +341,7 @@ fn a_failed_start_releases_its_tap() {
     let tap = "rvmmbad0";
     let ns = NetNs::create(tap, "172.30.95.1").unwrap();
     let k = tiny_guest("hello").display().to_string();
-    let initrd = dir.join("initrd");
-    std::fs::File::create(&initrd)
-        .unwrap()
-        .set_len(15 << 20)
-        .unwrap();
-    let initrd = initrd.display().to_string();
+    let initrd = sparse(&dir, "initrd", 15 << 20);
     let net = format!("tap={tap}");
     let args = [
         "--kernel", &k, "--memory", "16", "--initrd", &initrd, "--net", &net,

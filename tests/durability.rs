@@ -8,31 +8,22 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{debugfs_cat, guest_artifacts, kvm_or_skip, selftest_pattern, TestResult, TestVm};
+use common::{
+    debugfs_cat, kvm_and_guest_or_skip, selftest_hvc_args, selftest_pattern, TestResult, TestVm,
+};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(300);
 
 #[test]
 fn flushed_data_survives_sigkill() -> TestResult {
-    let name = "flushed_data_survives_sigkill";
-    if !kvm_or_skip(name) {
-        return Ok(());
-    }
-    let Some(guest) = guest_artifacts(name) else {
+    let Some(guest) = kvm_and_guest_or_skip("flushed_data_survives_sigkill") else {
         return Ok(());
     };
     let rootfs = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("durability.ext4");
     std::fs::copy(guest.join("rootfs.ext4"), &rootfs).map_err(|e| e.to_string())?;
-    let mut vm = TestVm::boot([
-        "--kernel".to_string(),
-        guest.join("vmlinux-selftest").display().to_string(),
-        "--console".into(),
-        "virtio".into(),
-        "--cmdline".into(),
-        "console=hvc0 reboot=k panic=1 rvmm_selftest=blk-write".into(),
-        "--rootfs".into(),
-        rootfs.display().to_string(),
-    ])?;
+    let mut args = selftest_hvc_args(&guest, "blk-write");
+    args.extend(["--rootfs".into(), rootfs.display().to_string()]);
+    let mut vm = TestVm::boot(args)?;
     let line = vm.expect_line_within("RVMM-SELFTEST blk-write ", BOOT_LIMIT)?;
     vm.signal(libc::SIGKILL);
     let status = vm.wait_exit(Duration::from_secs(10))?;

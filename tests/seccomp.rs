@@ -5,6 +5,7 @@
 use std::process::Command;
 
 use rvmm::seccomp::{Filters, ThreadKind};
+use rvmm::terminal::RawTerminal;
 
 const TEST: &str = "forbidden_syscall_ends_the_process_with_a_clear_line";
 const CHILD_ENV: &str = "RVMM_SECCOMP_TEST_KIND";
@@ -16,6 +17,8 @@ fn forbidden_call_as(kind_name: &str) -> ! {
         .into_iter()
         .find(|k| k.name() == kind_name)
         .expect("a known thread kind");
+    // As rvmm does; when stdin is a terminal, the SIGSYS handler must restore it.
+    let _terminal = RawTerminal::enter();
     let filters = Filters::new().expect("filters compile");
     let thread = std::thread::spawn(move || {
         filters.apply(kind).expect("filter installs");

@@ -14,7 +14,7 @@ use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
 
 use common::{
-    can_make_namespaces, debugfs_cat, guest_artifacts, kvm_or_skip,
+    can_make_namespaces, debugfs_cat, guest_artifacts, kvm_or_skip, selftest_hvc_args,
     selftest_pattern as expected_pattern, NetNs, TestResult, TestVm,
     SELFTEST_PATTERN_LEN as PATTERN_LEN,
 };
@@ -67,20 +67,20 @@ fn block_and_console_selftest_in_the_guest_kernel() -> TestResult {
     std::fs::copy(guest.join("rootfs.ext4"), &rootfs).map_err(|e| e.to_string())?;
     let data = sized_file("selftest-data.img", 10_000_000);
     let discard = sized_file("selftest-scratch.img", 8 << 20);
-    let mut vm = TestVm::boot([
-        "--kernel".to_string(),
-        guest.join("vmlinux-selftest").display().to_string(),
-        "--console".into(),
-        "virtio".into(),
-        "--cmdline".into(),
-        "console=hvc0 reboot=k panic=1 rvmm_selftest=blk,console".into(),
-        "--rootfs".into(),
-        rootfs.display().to_string(),
-        "--disk".into(),
-        format!("{},ro,serial={DATA_SERIAL}", data.display()),
-        "--disk".into(),
-        discard.display().to_string(),
-    ])?;
+    let mut vm = TestVm::boot(
+        [
+            selftest_hvc_args(&guest, "blk,console"),
+            vec![
+                "--rootfs".into(),
+                rootfs.display().to_string(),
+                "--disk".into(),
+                format!("{},ro,serial={DATA_SERIAL}", data.display()),
+                "--disk".into(),
+                discard.display().to_string(),
+            ],
+        ]
+        .concat(),
+    )?;
     // hvc0 carries the whole console here; Linux's virtio-console drops the boot log replayed
     // before its port is ready, so the first lines to expect are the self-test's own.
     let results = selftest_lines(&mut vm)?;

@@ -58,6 +58,15 @@ pub fn guest_artifacts(test: &str) -> Option<PathBuf> {
     None
 }
 
+/// The guest artifacts when KVM and they are both there; otherwise the test skips (see
+/// [`kvm_or_skip`] and [`guest_artifacts`]).
+pub fn kvm_and_guest_or_skip(test: &str) -> Option<PathBuf> {
+    if !kvm_or_skip(test) {
+        return None;
+    }
+    guest_artifacts(test)
+}
+
 /// A running rvmm with its console captured.
 pub struct TestVm {
     child: Child,
@@ -325,6 +334,19 @@ pub fn debugfs_cat(image: &Path, file: &str) -> TestResult<Vec<u8>> {
         ));
     }
     Ok(out.stdout)
+}
+
+/// The start of an rvmm command line that runs the self-test kernel's `checks` with hvc0 as
+/// the console (the self-test's lines come through it; boot messages before it are lost).
+pub fn selftest_hvc_args(guest: &Path, checks: &str) -> Vec<String> {
+    vec![
+        "--kernel".to_string(),
+        guest.join("vmlinux-selftest").display().to_string(),
+        "--console".into(),
+        "virtio".into(),
+        "--cmdline".into(),
+        format!("console=hvc0 reboot=k panic=1 rvmm_selftest={checks}"),
+    ]
 }
 
 /// How long the in-guest self-test's data file /rvmm-selftest.dat is.
