@@ -170,7 +170,10 @@ impl Vmm {
         let filters = match self.seccomp {
             Seccomp::On => Some(Arc::new(Filters::new().map_err(VmmError::Seccomp)?)),
             Seccomp::Off => {
-                log::warn!("seccomp filters are off (--seccomp off): rvmm's threads may make any system call");
+                log::warn!(
+                    "seccomp filters are off (--seccomp off): rvmm's threads may make any \
+                     system call"
+                );
                 None
             }
         };

@@ -293,6 +293,14 @@ fn bad_inputs_found_while_building_the_vm() {
         &["--kernel", k, "--memory", "1048576"],
         "more than the host's RAM and swap",
     );
+    // Within the host's RAM, but more than this process may map (address-space limit).
+    let mut limited = Command::new("sh");
+    limited.args(["-c", "ulimit -v 3000000 && exec \"$0\" \"$@\""]);
+    refused_with(
+        Some(limited),
+        &["--kernel", k, "--memory", "4096"],
+        "cannot map 4096 MiB of guest memory: ",
+    );
     // Fits the size check, but not above the kernel in 16 MiB.
     let initrd = sparse(&dir, "initrd", 15 << 20);
     let sock = dir.join("v.sock");
