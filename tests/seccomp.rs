@@ -1,8 +1,14 @@
 //! A thread under rvmm's seccomp filter that makes a forbidden system call ends the process
 //! with one clear line on stderr and status 1. The test re-runs itself as a child process,
-//! which installs the same filters rvmm installs and then tries to exec a program.
+//! which installs the same filters rvmm installs and then tries to exec a program. And rvmm's
+//! own stop path runs under the filters: it removes its vsock socket.
+
+mod common;
 
 use std::process::Command;
+use std::time::Duration;
+
+use common::{kvm_or_skip, tiny_guest, TestResult, TestVm};
 
 use rvmm::seccomp::{Filters, ThreadKind};
 use rvmm::terminal::RawTerminal;
@@ -53,4 +59,24 @@ fn forbidden_syscall_ends_the_process_with_a_clear_line() {
         );
         assert_eq!(stderr.trim_end(), expected, "{kind:?}");
     }
+}
+
+#[test]
+fn sigterm_under_seccomp_removes_the_vsock_socket() -> TestResult {
+    if !kvm_or_skip("sigterm_under_seccomp_removes_the_vsock_socket") {
+        return Ok(());
+    }
+    let sock = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("seccomp-stop.sock");
+    let _ = std::fs::remove_file(&sock);
+    let kernel = tiny_guest("spin").display().to_string();
+    let vsock = format!("cid=3,uds={}", sock.display());
+    let mut vm = TestVm::boot(["--kernel", &kernel, "--vsock", &vsock, "--rng"])?;
+    vm.expect_line("RVMM-TINY spinning")?;
+    assert!(sock.exists(), "no vsock socket while rvmm runs");
+    vm.signal(libc::SIGTERM);
+    let status = vm.wait_exit(Duration::from_secs(10))?;
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{}", vm.stderr());
+    assert!(!vm.stderr().contains("seccomp"), "{}", vm.stderr());
+    assert!(!sock.exists(), "the vsock socket was left behind");
+    Ok(())
 }
