@@ -2,7 +2,6 @@
 //! the vCPUs start.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::{self, BzImage, Cmdline, Elf, KernelLoader, KernelLoaderResult};
@@ -10,14 +9,11 @@ use rvmm_firmware::boot_params::{write_boot_params, BootParamsConfig};
 use rvmm_firmware::{gdt, layout, mptable, paging};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::kernel_image::{self, KernelFormat};
 use crate::vstate::vcpu::BootState;
 
 /// The 64-bit entry point of a bzImage's protected-mode kernel sits this far into it.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
-const ELF_MAGIC: [u8; 4] = *b"\x7fELF";
-/// "HdrS" at offset 0x202 marks a bzImage (Linux boot protocol ≥ 2.00).
-const BZIMAGE_MAGIC_OFFSET: u64 = 0x202;
-const BZIMAGE_MAGIC: [u8; 4] = *b"HdrS";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -27,8 +23,12 @@ pub enum BootError {
         #[source]
         source: std::io::Error,
     },
-    #[error("kernel {}: neither an ELF vmlinux nor a bzImage", .0.display())]
-    UnknownFormat(PathBuf),
+    #[error("kernel {}", .path.display())]
+    Image {
+        path: PathBuf,
+        #[source]
+        source: crate::kernel_image::KernelImageError,
+    },
     #[error("kernel {}: cannot load it", .path.display())]
     Load {
         path: PathBuf,
@@ -60,12 +60,6 @@ pub struct BootConfig<'a> {
     pub mem_size: u64,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum KernelFormat {
-    Elf,
-    BzImage,
-}
-
 /// Loads everything into `mem` and returns the vCPUs' boot state.
 pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<BootState, BootError> {
     let read_err = |path: &Path| {
@@ -73,8 +67,10 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<BootState, BootEr
         move |source| BootError::Read { path, source }
     };
     let mut kernel = File::open(cfg.kernel).map_err(read_err(cfg.kernel))?;
-    let format = detect_format(&mut kernel).map_err(read_err(cfg.kernel))?;
-    let format = format.ok_or_else(|| BootError::UnknownFormat(cfg.kernel.to_path_buf()))?;
+    let format = kernel_image::inspect(&mut kernel).map_err(|source| BootError::Image {
+        path: cfg.kernel.to_path_buf(),
+        source,
+    })?;
     let loaded = load_kernel(mem, &mut kernel, &format).map_err(|source| BootError::Load {
         path: cfg.kernel.to_path_buf(),
         source,
@@ -119,20 +115,6 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<BootState, BootEr
         cr3,
         segments,
     })
-}
-
-/// Tells the two supported formats apart by their magic numbers.
-fn detect_format(file: &mut File) -> std::io::Result<Option<KernelFormat>> {
-    let mut magic = [0u8; 4];
-    file.seek(SeekFrom::Start(0))?;
-    if file.read_exact(&mut magic).is_ok() && magic == ELF_MAGIC {
-        return Ok(Some(KernelFormat::Elf));
-    }
-    file.seek(SeekFrom::Start(BZIMAGE_MAGIC_OFFSET))?;
-    if file.read_exact(&mut magic).is_ok() && magic == BZIMAGE_MAGIC {
-        return Ok(Some(KernelFormat::BzImage));
-    }
-    Ok(None)
 }
 
 fn load_kernel(
@@ -181,18 +163,6 @@ mod tests {
         (t, f)
     }
 
-    #[test]
-    fn detects_formats() {
-        let (_t, mut f) = file_with(b"\x7fELF\x02\x01\x01");
-        assert_eq!(detect_format(&mut f).unwrap(), Some(KernelFormat::Elf));
-        let mut bz = vec![0u8; 0x400];
-        bz[0x202..0x206].copy_from_slice(b"HdrS");
-        let (_t, mut f) = file_with(&bz);
-        assert_eq!(detect_format(&mut f).unwrap(), Some(KernelFormat::BzImage));
-        let (_t, mut f) = file_with(b"garbage");
-        assert_eq!(detect_format(&mut f).unwrap(), None);
-    }
-
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap()
     }
@@ -208,8 +178,8 @@ mod tests {
             mem_size: 64 << 20,
         };
         let err = load(&mem(), &cfg).unwrap_err();
-        assert!(matches!(err, BootError::UnknownFormat(_)), "{err}");
-        // An ELF header that is not a loadable x86-64 kernel.
+        assert!(matches!(err, BootError::Image { .. }), "{err}");
+        // An ELF header that is not an x86-64 kernel is refused before loading.
         let (t, _) = file_with(b"\x7fELF\x01\x01\x01\0\0\0\0\0\0\0\0\0");
         let cfg = BootConfig {
             kernel: t.as_path(),
@@ -217,7 +187,7 @@ mod tests {
         };
         assert!(matches!(
             load(&mem(), &cfg).unwrap_err(),
-            BootError::Load { .. }
+            BootError::Image { .. }
         ));
     }
 

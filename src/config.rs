@@ -1,10 +1,13 @@
 //! Command line → validated [`VmConfig`]. Every bad input is refused here with one line.
 
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rvmm_devices::virtio::net::parse_mac;
+
+use crate::kernel_image;
 
 /// Largest guest the layout supports without more memory slots (1 TiB).
 const MAX_MEMORY_MIB: u64 = 1 << 20;
@@ -16,7 +19,7 @@ const MIN_MEMORY_MIB: u64 = 16;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("--cpus must be between 1 and {MAX_VCPUS}, got {0}")]
-    Cpus(u8),
+    Cpus(u32),
     #[error("--memory must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, got {0}")]
     Memory(u64),
     #[error("{what} {path}: {reason}")]
@@ -31,6 +34,10 @@ pub enum ConfigError {
     NetSpec { spec: String, reason: String },
     #[error("--vsock {spec}: {reason}")]
     VsockSpec { spec: String, reason: String },
+    #[error("{count} virtio devices asked for; the MMIO window and interrupt pins allow {max}")]
+    TooManyDevices { count: usize, max: u32 },
+    #[error("initrd {path} ({mib} MiB) does not fit in --memory {memory} MiB")]
+    InitrdTooLarge { path: String, mib: u64, memory: u64 },
     #[error("disk {0} is given twice")]
     DuplicateDisk(String),
     #[error("--cmdline is too long ({0} bytes, at most {max})", max = rvmm_firmware::layout::CMDLINE_MAX_LEN - 1)]
@@ -57,6 +64,15 @@ pub enum ConsoleKind {
     Virtio,
     /// No console device: guest output is discarded.
     None,
+}
+
+/// Whether rvmm's threads run under their seccomp filters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Seccomp {
+    /// Each thread may make only the system calls its kind of thread needs.
+    On,
+    /// No filters (for debugging; rvmm warns).
+    Off,
 }
 
 /// rvmm — boot a Linux guest on KVM.
@@ -99,7 +115,7 @@ pub struct VmArgs {
     pub cmdline: Option<String>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
-    pub cpus: u8,
+    pub cpus: u32,
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 128)]
     pub memory: u64,
@@ -127,6 +143,9 @@ pub struct VmArgs {
     /// the Unix socket PATH and writing "CONNECT P\n"; the guest reaches host port P at PATH_P.
     #[arg(long, value_name = "SPEC")]
     pub vsock: Option<String>,
+    /// Per-thread seccomp filters; `off` is for debugging only.
+    #[arg(long, value_enum, default_value = "on")]
+    pub seccomp: Seccomp,
 }
 
 /// The virtio-vsock device and its Unix-socket host side.
@@ -288,6 +307,7 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     pub rng: bool,
     pub vsock: Option<VsockConfig>,
+    pub seccomp: Seccomp,
 }
 
 impl VmConfig {
@@ -301,15 +321,25 @@ impl TryFrom<VmArgs> for VmConfig {
 
     fn try_from(cli: VmArgs) -> Result<Self, ConfigError> {
         let kernel = cli.kernel.ok_or(ConfigError::NoKernel)?;
-        if cli.cpus == 0 || cli.cpus > MAX_VCPUS {
-            return Err(ConfigError::Cpus(cli.cpus));
-        }
+        let vcpus = match u8::try_from(cli.cpus) {
+            Ok(n) if (1..=MAX_VCPUS).contains(&n) => n,
+            _ => return Err(ConfigError::Cpus(cli.cpus)),
+        };
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&cli.memory) {
             return Err(ConfigError::Memory(cli.memory));
         }
         check_regular_file("kernel", &kernel)?;
+        check_kernel_image(&kernel)?;
         if let Some(initrd) = &cli.initrd {
             check_regular_file("initrd", initrd)?;
+            let size = fs::metadata(initrd).map_or(0, |m| m.len());
+            if size >= cli.memory << 20 {
+                return Err(ConfigError::InitrdTooLarge {
+                    path: initrd.display().to_string(),
+                    mib: size.div_ceil(1 << 20),
+                    memory: cli.memory,
+                });
+            }
         }
         let mut cmdline = cli.cmdline.unwrap_or_else(|| default_cmdline(cli.console));
         let mut disks = Vec::new();
@@ -330,6 +360,16 @@ impl TryFrom<VmArgs> for VmConfig {
             .iter()
             .map(|spec| spec.parse())
             .collect::<Result<Vec<NetConfig>, _>>()?;
+        let vsock = cli.vsock.as_deref().map(str::parse).transpose()?;
+        let count = disks.len()
+            + nets.len()
+            + usize::from(cli.rng)
+            + usize::from(vsock.is_some())
+            + usize::from(cli.console == ConsoleKind::Virtio);
+        let max = crate::device_manager::VirtioSlots::MAX;
+        if count > max as usize {
+            return Err(ConfigError::TooManyDevices { count, max });
+        }
         if cmdline.len() >= rvmm_firmware::layout::CMDLINE_MAX_LEN {
             return Err(ConfigError::CmdlineTooLong(cmdline.len()));
         }
@@ -337,34 +377,48 @@ impl TryFrom<VmArgs> for VmConfig {
             kernel,
             initrd: cli.initrd,
             cmdline,
-            vcpus: cli.cpus,
+            vcpus,
             memory_mib: cli.memory,
             cpu_template: cli.cpu_template,
             console: cli.console,
             disks,
             nets,
             rng: cli.rng,
-            vsock: cli.vsock.as_deref().map(str::parse).transpose()?,
+            vsock,
+            seccomp: cli.seccomp,
         })
     }
 }
 
-/// Every disk must be a non-empty regular file, and none may appear twice: two virtio disks
-/// on one image would corrupt it.
+/// Every disk must be a non-empty regular file, and none may appear twice (under any name:
+/// symbolic or hard links): two virtio disks on one image would corrupt it.
 fn check_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
     let mut seen = Vec::new();
     for disk in disks {
         check_regular_file("disk", &disk.path)?;
-        let id = fs::canonicalize(&disk.path).map_err(|e| ConfigError::File {
+        let meta = fs::metadata(&disk.path).map_err(|e| ConfigError::File {
             what: "disk",
             path: disk.path.display().to_string(),
             reason: e.to_string(),
         })?;
+        let id = (meta.dev(), meta.ino());
         if seen.contains(&id) {
             return Err(ConfigError::DuplicateDisk(disk.path.display().to_string()));
         }
         seen.push(id);
     }
+    Ok(())
+}
+
+/// Refuses a kernel rvmm cannot boot (wrong format, machine or a truncated file).
+fn check_kernel_image(path: &Path) -> Result<(), ConfigError> {
+    let err = |reason: String| ConfigError::File {
+        what: "kernel",
+        path: path.display().to_string(),
+        reason,
+    };
+    let mut file = fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    kernel_image::inspect(&mut file).map_err(|e| err(e.to_string()))?;
     Ok(())
 }
 
@@ -398,7 +452,9 @@ mod tests {
 
     fn kernel_file() -> TempFile {
         let f = TempFile::new().unwrap();
-        std::fs::write(f.as_path(), b"\x7fELF").unwrap();
+        let mut elf = kernel_image::test_elf(16);
+        elf.resize(0x1010, 0);
+        std::fs::write(f.as_path(), elf).unwrap();
         f
     }
 
@@ -538,6 +594,10 @@ mod tests {
         assert_eq!(
             parse(&["--kernel", k, "--cpus", "33"]),
             Err(ConfigError::Cpus(33))
+        );
+        assert_eq!(
+            parse(&["--kernel", k, "--cpus", "100000"]),
+            Err(ConfigError::Cpus(100_000))
         );
         assert_eq!(
             parse(&["--kernel", k, "--memory", "0"]),

@@ -9,6 +9,8 @@ pub mod container;
 pub mod device_manager;
 pub mod event_loop;
 pub mod exit;
+pub mod kernel_image;
+pub mod seccomp;
 pub mod signals;
 pub mod terminal;
 pub mod vmm;
@@ -19,7 +21,11 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut msg = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
-        msg = format!("{msg}: {cause}");
+        // Some errors repeat their cause in their own message.
+        let cause_msg = cause.to_string();
+        if !msg.ends_with(&cause_msg) {
+            msg = format!("{msg}: {cause_msg}");
+        }
         source = cause.source();
     }
     msg

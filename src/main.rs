@@ -14,7 +14,15 @@ fn main() -> ExitCode {
             writeln!(buf, "rvmm: {level}: {}", record.args())
         })
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print as usual.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprintln!("rvmm: error: {}", one_line(&e.to_string()));
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Some(Command::Run(args)) => rvmm::container::main(args),
         Some(Command::Bench(args)) => rvmm::bench::main(args),
@@ -35,4 +43,14 @@ fn boot(args: VmArgs) -> Result<ExitCode, String> {
         // The shell convention for "ended by signal N".
         VmExit::Signal(signo) => Ok(ExitCode::from(128 + signo as u8)),
     }
+}
+
+/// clap's message up to its first blank line (the usage hint after it is dropped), on one line.
+fn one_line(clap_msg: &str) -> String {
+    let first: Vec<&str> = clap_msg
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    first.join(" ").trim_start_matches("error: ").to_string()
 }

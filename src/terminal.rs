@@ -2,6 +2,10 @@
 
 use std::io::IsTerminal;
 use std::os::fd::AsRawFd;
+use std::sync::OnceLock;
+
+/// The settings found at start, for [`restore_from_signal_handler`].
+static SAVED: OnceLock<libc::termios> = OnceLock::new();
 
 /// While alive, stdin (when it is a terminal) passes every key to the guest unprocessed: no
 /// line editing, no echo, and Ctrl-C goes to the guest rather than killing rvmm. The saved
@@ -29,7 +33,18 @@ impl RawTerminal {
         if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
             return RawTerminal { saved: None };
         }
+        let _ = SAVED.set(saved);
         RawTerminal { saved: Some(saved) }
+    }
+}
+
+/// Puts the terminal back as [`RawTerminal::enter`] found it, for a signal handler that ends
+/// the process (no destructor runs then). Async-signal-safe: an atomic load and tcsetattr,
+/// which is one ioctl.
+pub fn restore_from_signal_handler() {
+    if let Some(saved) = SAVED.get() {
+        // SAFETY: restores settings read from stdin in `enter`; `saved` lives forever.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
     }
 }
 

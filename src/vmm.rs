@@ -15,12 +15,13 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootConfig, BootError};
-use crate::config::{CpuTemplate, VmConfig};
+use crate::config::{CpuTemplate, Seccomp, VmConfig};
 use crate::device_manager::{
     attach_legacy, attach_virtio_devices, DeviceError, LegacyDevices, VirtioContext, VirtioSlots,
 };
-use crate::event_loop::DeviceLoop;
+use crate::event_loop::{DeviceLoop, EventLoopError};
 use crate::exit::Buses;
+use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::signals::{ControlWait, SignalError, Wake};
 use crate::vstate::cpuid;
 use crate::vstate::kvm::{KvmError, KvmHost};
@@ -58,8 +59,10 @@ pub enum VmmError {
     Stdin(#[source] std::io::Error),
     #[error("cannot connect stdin to the serial console")]
     SerialInput(#[source] rvmm_devices::legacy::serial::SerialError),
-    #[error("cannot start the device event loop")]
-    EventLoop(#[source] std::io::Error),
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+    #[error("main thread")]
+    Seccomp(#[source] SeccompError),
     #[error("cannot set up the event manager")]
     EventManager(#[source] event_manager::Error),
     #[error("{0}")]
@@ -84,23 +87,18 @@ pub struct Vmm {
     buses: Arc<Buses>,
     legacy: LegacyDevices,
     event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    seccomp: Seccomp,
 }
 
 impl Vmm {
     pub fn build(cfg: &VmConfig) -> Result<Self, VmmError> {
         let host = KvmHost::open()?;
+        host.check_vcpus(cfg.vcpus)?;
         let template = cfg.cpu_template.unwrap_or(if host.emulated {
             CpuTemplate::Baseline
         } else {
             CpuTemplate::Host
         });
-        if host.emulated {
-            log::warn!(
-                "this host's KVM emulates guest kernel code (nested kvm_pvm): guests will be \
-                 slow; using the {} CPU template",
-                template_name(template)
-            );
-        }
         let vm = Vm::new(&host.kvm)?;
         let mem = create_guest_memory(cfg.memory_bytes())?;
         vm.register_memory(&host.kvm, &mem)?;
@@ -140,6 +138,14 @@ impl Vmm {
         )?;
 
         let vcpus = create_vcpus(&host, &vm, template, cfg.vcpus, &boot_state)?;
+        // Only once the VM is built, so that a refused configuration gives just its error.
+        if host.emulated {
+            log::warn!(
+                "this host's KVM emulates guest kernel code (nested kvm_pvm): guests will be \
+                 slow; using the {} CPU template",
+                template_name(template)
+            );
+        }
         Ok(Vmm {
             _mem: mem,
             _vm: vm,
@@ -147,6 +153,7 @@ impl Vmm {
             buses: Arc::new(Buses { pio, mmio }),
             legacy,
             event_manager,
+            seccomp: cfg.seccomp,
         })
     }
 
@@ -160,7 +167,17 @@ impl Vmm {
             self.event_manager
                 .add_subscriber(Arc::new(Mutex::new(input)));
         }
-        let device_loop = DeviceLoop::start(self.event_manager).map_err(VmmError::EventLoop)?;
+        let filters = match self.seccomp {
+            Seccomp::On => Some(Arc::new(Filters::new().map_err(VmmError::Seccomp)?)),
+            Seccomp::Off => {
+                log::warn!(
+                    "seccomp filters are off (--seccomp off): rvmm's threads may make any \
+                     system call"
+                );
+                None
+            }
+        };
+        let device_loop = DeviceLoop::start(self.event_manager, filters.clone())?;
 
         let exit_evt = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?);
         let ctx = RunContext {
@@ -168,6 +185,7 @@ impl Vmm {
             stop: Arc::new(AtomicBool::new(false)),
             outcome: Arc::new(Mutex::new(None)),
             exit_evt: exit_evt.clone(),
+            seccomp: filters.clone(),
         };
         let mut handles = Vec::new();
         let mut started = Ok(());
@@ -175,10 +193,14 @@ impl Vmm {
             match vcpu.start(ctx.clone()) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
-                    started = Err(e);
+                    started = Err(VmmError::Vcpu(e));
                     break;
                 }
             }
+        }
+        // The main thread is restricted last: starting threads needs calls the others lack.
+        if let (Ok(()), Some(filters)) = (&started, &filters) {
+            started = filters.apply(ThreadKind::Main).map_err(VmmError::Seccomp);
         }
         let wake = match started {
             Ok(()) => control.wait(&exit_evt),

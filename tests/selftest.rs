@@ -14,24 +14,13 @@ use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
 
 use common::{
-    can_make_namespaces, debugfs_cat, guest_artifacts, kvm_or_skip, NetNs, TestResult, TestVm,
+    can_make_namespaces, debugfs_cat, guest_artifacts, kvm_or_skip, selftest_hvc_args,
+    selftest_pattern as expected_pattern, NetNs, TestResult, TestVm,
+    SELFTEST_PATTERN_LEN as PATTERN_LEN,
 };
 
 const BOOT_LIMIT: Duration = Duration::from_secs(300);
 const DATA_SERIAL: &str = "rvmm-data-1";
-/// What the self-test writes to /rvmm-selftest.dat on the root filesystem.
-const PATTERN_LEN: usize = 65536;
-
-fn expected_pattern() -> Vec<u8> {
-    let mut out = Vec::with_capacity(PATTERN_LEN + 32);
-    let mut n = 0u32;
-    while out.len() < PATTERN_LEN {
-        out.extend_from_slice(format!("rvmm-selftest {n:06}\n").as_bytes());
-        n += 1;
-    }
-    out.truncate(PATTERN_LEN);
-    out
-}
 
 /// Reads `RVMM-SELFTEST ...` lines up to and including the `done` line.
 fn selftest_lines(vm: &mut TestVm) -> TestResult<Vec<String>> {
@@ -78,20 +67,20 @@ fn block_and_console_selftest_in_the_guest_kernel() -> TestResult {
     std::fs::copy(guest.join("rootfs.ext4"), &rootfs).map_err(|e| e.to_string())?;
     let data = sized_file("selftest-data.img", 10_000_000);
     let discard = sized_file("selftest-scratch.img", 8 << 20);
-    let mut vm = TestVm::boot([
-        "--kernel".to_string(),
-        guest.join("vmlinux-selftest").display().to_string(),
-        "--console".into(),
-        "virtio".into(),
-        "--cmdline".into(),
-        "console=hvc0 reboot=k panic=1 rvmm_selftest=blk,console".into(),
-        "--rootfs".into(),
-        rootfs.display().to_string(),
-        "--disk".into(),
-        format!("{},ro,serial={DATA_SERIAL}", data.display()),
-        "--disk".into(),
-        discard.display().to_string(),
-    ])?;
+    let mut vm = TestVm::boot(
+        [
+            selftest_hvc_args(&guest, "blk,console"),
+            vec![
+                "--rootfs".into(),
+                rootfs.display().to_string(),
+                "--disk".into(),
+                format!("{},ro,serial={DATA_SERIAL}", data.display()),
+                "--disk".into(),
+                discard.display().to_string(),
+            ],
+        ]
+        .concat(),
+    )?;
     // hvc0 carries the whole console here; Linux's virtio-console drops the boot log replayed
     // before its port is ready, so the first lines to expect are the self-test's own.
     let results = selftest_lines(&mut vm)?;

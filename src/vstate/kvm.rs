@@ -13,6 +13,8 @@ pub enum KvmError {
     ApiVersion(i32),
     #[error("the host KVM lacks a capability rvmm needs: {0:?}")]
     MissingCap(Cap),
+    #[error("--cpus {asked} is more than this host's KVM allows ({max})")]
+    TooManyVcpus { asked: u8, max: usize },
 }
 
 /// Capabilities rvmm relies on; their absence is refused up front rather than failing later.
@@ -50,6 +52,17 @@ impl KvmHost {
             kvm,
             emulated: emulating_module_loaded(Path::new("/sys/module")),
         })
+    }
+}
+
+impl KvmHost {
+    /// Refuses more vCPUs than KVM will create (KVM_CAP_MAX_VCPUS) before any is made.
+    pub fn check_vcpus(&self, asked: u8) -> Result<(), KvmError> {
+        let max = self.kvm.get_max_vcpus();
+        if usize::from(asked) > max {
+            return Err(KvmError::TooManyVcpus { asked, max });
+        }
+        Ok(())
     }
 }
 

@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::exit::{handle_exit, Buses, Flow};
+use crate::seccomp::{Filters, ThreadKind};
 use crate::vstate::vm::Vm;
 
 // Control-register and EFER bits of the 64-bit entry state.
@@ -147,6 +148,14 @@ impl Vcpu {
     }
 
     fn run_loop(mut self, ctx: RunContext) {
+        if let Some(filters) = &ctx.seccomp {
+            if let Err(e) = filters.apply(ThreadKind::Vcpu) {
+                let cause = std::error::Error::source(&e).map(|c| format!(": {c}"));
+                let msg = format!("vCPU {}: {e}{}", self.id, cause.unwrap_or_default());
+                ctx.report(self.id, Outcome::Error(msg));
+                return;
+            }
+        }
         let outcome = loop {
             if ctx.stop.load(Ordering::Acquire) {
                 break None;
@@ -220,6 +229,8 @@ pub struct RunContext {
     /// The first outcome wins; later ones (other vCPUs being stopped) are dropped.
     pub outcome: Arc<Mutex<Option<Outcome>>>,
     pub exit_evt: Arc<EventFd>,
+    /// Each vCPU thread installs its filter before it first enters the guest.
+    pub seccomp: Option<Arc<Filters>>,
 }
 
 impl RunContext {

@@ -58,6 +58,15 @@ pub fn guest_artifacts(test: &str) -> Option<PathBuf> {
     None
 }
 
+/// The guest artifacts when KVM and they are both there; otherwise the test skips (see
+/// [`kvm_or_skip`] and [`guest_artifacts`]).
+pub fn kvm_and_guest_or_skip(test: &str) -> Option<PathBuf> {
+    if !kvm_or_skip(test) {
+        return None;
+    }
+    guest_artifacts(test)
+}
+
 /// A running rvmm with its console captured.
 pub struct TestVm {
     child: Child,
@@ -325,4 +334,32 @@ pub fn debugfs_cat(image: &Path, file: &str) -> TestResult<Vec<u8>> {
         ));
     }
     Ok(out.stdout)
+}
+
+/// The start of an rvmm command line that runs the self-test kernel's `checks` with hvc0 as
+/// the console (the self-test's lines come through it; boot messages before it are lost).
+pub fn selftest_hvc_args(guest: &Path, checks: &str) -> Vec<String> {
+    vec![
+        "--kernel".to_string(),
+        guest.join("vmlinux-selftest").display().to_string(),
+        "--console".into(),
+        "virtio".into(),
+        "--cmdline".into(),
+        format!("console=hvc0 reboot=k panic=1 rvmm_selftest={checks}"),
+    ]
+}
+
+/// How long the in-guest self-test's data file /rvmm-selftest.dat is.
+pub const SELFTEST_PATTERN_LEN: usize = 65536;
+
+/// What the self-test's blk-write check writes to /rvmm-selftest.dat on the root filesystem.
+pub fn selftest_pattern() -> Vec<u8> {
+    let mut out = Vec::with_capacity(SELFTEST_PATTERN_LEN + 32);
+    let mut n = 0u32;
+    while out.len() < SELFTEST_PATTERN_LEN {
+        out.extend_from_slice(format!("rvmm-selftest {n:06}\n").as_bytes());
+        n += 1;
+    }
+    out.truncate(SELFTEST_PATTERN_LEN);
+    out
 }

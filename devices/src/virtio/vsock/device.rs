@@ -268,29 +268,38 @@ fn fill_rx(
     Ok(())
 }
 
-/// Binds the listening socket at `path`, replacing a socket file nobody listens on.
+/// Binds the listening socket at `path`, replacing a socket file nobody listens on. The
+/// socket is bound and listening under a temporary name first and then renamed into place, so
+/// `path` never names a socket that refuses connections, and a stale file is replaced in one
+/// step.
 fn bind(path: &Path) -> Result<UnixListener, VsockError> {
     let bind_err = |source| VsockError::Bind {
         path: path.to_owned(),
         source,
     };
-    let listener = match UnixListener::bind(path) {
-        Ok(listener) => listener,
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            let meta = fs::symlink_metadata(path).map_err(bind_err)?;
-            if !meta.file_type().is_socket() {
-                return Err(VsockError::NotSocket(path.to_owned()));
-            }
-            if UnixStream::connect(path).is_ok() {
-                return Err(VsockError::InUse(path.to_owned()));
-            }
-            // Left behind by a process that is gone.
-            fs::remove_file(path).map_err(bind_err)?;
-            UnixListener::bind(path).map_err(bind_err)?
+    match fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(VsockError::NotSocket(path.to_owned()))
         }
-        Err(e) => return Err(bind_err(e)),
-    };
-    listener.set_nonblocking(true).map_err(bind_err)?;
+        Ok(_) if UnixStream::connect(path).is_ok() => {
+            return Err(VsockError::InUse(path.to_owned()))
+        }
+        // Absent, or left behind by a process that is gone.
+        Ok(_) | Err(_) => {}
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    // A leftover of an earlier rvmm with the same pid.
+    let _ = fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(bind_err)?;
+    let placed = listener
+        .set_nonblocking(true)
+        .and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = fs::remove_file(&tmp);
+        return Err(bind_err(e));
+    }
     Ok(listener)
 }
 
@@ -617,6 +626,8 @@ mod tests {
         assert!(path.exists());
         let vsock = Vsock::new(cfg(&dir)).unwrap();
         assert_eq!(vsock.cid(), CID);
+        // Only the socket: its temporary name is gone.
+        assert_eq!(fs::read_dir(dir.as_path()).unwrap().count(), 1);
         drop(vsock);
         assert!(!path.exists());
 
