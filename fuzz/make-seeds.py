@@ -118,6 +118,22 @@ def net_seeds():
     write(t, "wrong-way-and-refused", g.bytes())
 
 
+def net_rx_seeds():
+    t = "virtio_net_rx"
+    g = Guest()
+    for i in range(4):
+        g.chain(0, [(0x1000 + i * 0x800, 0x800, WRITE)])
+    write(t, "four-buffers", g.bytes())
+    g = Guest(QSIZE_16 | 0x08 | 0x10 | EVENT_IDX)
+    for i in range(8):
+        g.chain(0, [(0x1000 + i * 0x1000, 12, WRITE), (0x1000 + i * 0x1000 + 12, 0xFF4, WRITE)])
+    write(t, "merged-split", g.bytes())
+    g = Guest()
+    g.chain(0, [(0x1000, 8, WRITE)])
+    g.chain(0, [(0x2000, 0x800, 0)])
+    write(t, "short-and-readable", g.bytes())
+
+
 def vsock_hdr(op, src_port, dst_port, data=b"", flags=0, src_cid=3, dst_cid=2):
     return struct.pack("<QQIIIHHIII", src_cid, dst_cid, src_port, dst_port, len(data), 1, op, flags, 65536, 0) + data
 
@@ -221,6 +237,7 @@ def config_seeds():
 def main():
     blk_seeds()
     net_seeds()
+    net_rx_seeds()
     vsock_seeds()
     mmio_seeds()
     boot_seeds()
