@@ -2,7 +2,8 @@
 //! and posts malformed descriptor chains to a disk and a net device: buffers outside RAM,
 //! absurd lengths, loops, wrong directions, too many descriptors, a head index beyond the
 //! queue. rvmm must fail each request, keep both devices running, and serve the valid requests
-//! that follow.
+//! that follow. Before that, rings outside RAM must fail activation with DEVICE_NEEDS_RESET,
+//! and a reset must bring the device back.
 
 mod common;
 
@@ -13,7 +14,8 @@ use common::{can_make_namespaces, kvm_or_skip, tiny_guest, NetNs, TestResult, Te
 const LIMIT: Duration = Duration::from_secs(120);
 const SECTOR1: &str = "RVMM-DISK-SECTOR1";
 /// What the guest prints, in order, when every hostile request was refused properly.
-const CASES: [&str; 15] = [
+const CASES: [&str; 16] = [
+    "blk-rings-outside-ram-needs-reset",
     "blk-outside-ram",
     "blk-absurd-length",
     "blk-loop",

@@ -1,10 +1,11 @@
 # A hostile virtio driver. It programs the virtio-mmio registers of a disk (slot 0, 0xd0000000)
-# and a net device (slot 1, 0xd0001000) itself, posts malformed descriptor chains to the blk
-# request queue and the net transmit queue, and checks that each comes back failed (blk: used
-# length 0, or an IOERR status) without the device giving up. Then a valid disk read must still
-# work: the guest prints the start of sector 1, sends one valid frame, checks both devices'
-# status, and resets through the i8042. Output: "RVMM-HOSTILE <case> ok" per case, or
-# "RVMM-HOSTILE <case> FAIL" and an immediate reset.
+# and a net device (slot 1, 0xd0001000) itself. Rings outside RAM must get DEVICE_NEEDS_RESET
+# and a reset must recover. Then it posts malformed descriptor chains to the blk request queue
+# and the net transmit queue, and checks that each comes back failed (blk: used length 0, or
+# an IOERR status) without the device giving up. A valid disk read must still work: the guest
+# prints the start of sector 1, sends one valid frame, checks both devices' status, and resets
+# through the i8042. Output: "RVMM-HOSTILE <case> ok" per case, or "RVMM-HOSTILE <case> FAIL"
+# and an immediate reset.
 .code64
 
 .set BLK, 0xd0000000
@@ -79,18 +80,33 @@
 .globl _start
 _start:
     call map_mmio
+    # Rings in the MMIO hole, outside RAM: the device cannot start and says so with
+    # DEVICE_NEEDS_RESET; the driver resets it and starts over properly.
+    start n_blk_rings
+    mov $BLK, %rbx
+    mov $2, %esi
+    lea bad_queues(%rip), %rdi
+    mov $1, %ecx
+    call init_device
+    cmp $0x4f, %eax
+    jne fail
+    call ok
+    start n_blk_init
     mov $BLK, %rbx
     mov $2, %esi
     lea blk_queues(%rip), %rdi
     mov $1, %ecx
-    lea n_blk_init(%rip), %r15
     call init_device
+    cmp $0xf, %eax
+    jne fail
+    start n_net_init
     mov $NET, %rbx
     mov $1, %esi
     lea net_queues(%rip), %rdi
     mov $2, %ecx
-    lea n_net_init(%rip), %r15
     call init_device
+    cmp $0xf, %eax
+    jne fail
 
     # A data buffer outside guest RAM: no trustworthy status byte, so used length 0.
     start n_blk_outside
@@ -233,8 +249,9 @@ map_mmio:
     mov %rax, %cr3
     ret
 
-# Brings the device at %rbx (device ID %esi) to DRIVER_OK with VERSION_1 only and %ecx
-# queues of QSIZE, whose (desc, avail, used) addresses are quads at %rdi.
+# Resets the device at %rbx (device ID %esi) and sets DRIVER_OK with VERSION_1 only and %ecx
+# queues of QSIZE, whose (desc, avail, used) addresses are quads at %rdi; returns the device
+# status read back in %eax.
 init_device:
     cmpl $0x74726976, R_MAGIC(%rbx)
     jne fail
@@ -268,8 +285,7 @@ init_device:
     cmp %ecx, %edx
     jb 1b
     movl $0xf, R_STATUS(%rbx)
-    cmpl $0xf, R_STATUS(%rbx)
-    jne fail
+    mov R_STATUS(%rbx), %eax
     ret
 
 # Queue state: avail ring, used ring, device base, queue index, next avail index, used
@@ -363,6 +379,7 @@ puts:
 # Driver state, in the (identity-mapped, writable) image itself.
 .balign 8
 blk_queues: .quad BLK_DESC, BLK_DESC + 0x100, BLK_DESC + 0x200
+bad_queues: .quad 0xfff00000, BLK_DESC + 0x100, BLK_DESC + 0x200
 net_queues: .quad NET_RX_DESC, NET_RX_DESC + 0x100, NET_RX_DESC + 0x200
             .quad NET_TX_DESC, NET_TX_DESC + 0x100, NET_TX_DESC + 0x200
 blk:    .quad BLK_DESC + 0x100, BLK_DESC + 0x200, BLK
@@ -379,6 +396,7 @@ s_fail:        .asciz " FAIL\n"
 n_data:        .asciz "RVMM-HOSTILE read: "
 n_blk_init:    .asciz "blk-init"
 n_net_init:    .asciz "net-init"
+n_blk_rings:   .asciz "blk-rings-outside-ram-needs-reset"
 n_blk_outside: .asciz "blk-outside-ram"
 n_blk_length:  .asciz "blk-absurd-length"
 n_blk_loop:    .asciz "blk-loop"
