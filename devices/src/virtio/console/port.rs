@@ -10,7 +10,7 @@ use vm_memory::{GuestMemoryError, GuestMemoryMmap};
 
 use super::chain::{buffers, read_all, ChainError};
 use super::{MAX_TX_CHAIN, RX_CHUNK};
-use crate::virtio::drain::{drain, DrainError};
+use crate::virtio::drain::{drain, pop_chain, DrainError};
 use crate::LogOnce;
 
 /// Errors while serving a queue.
@@ -187,7 +187,7 @@ impl Receiver {
             if !may_read {
                 break RxNext::Watch;
             }
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = pop_chain(mem, queue)? else {
                 if announced {
                     return Err(PortError::BrokenRing);
                 }

@@ -15,6 +15,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use super::{TapIo, ETH_HLEN, HDR_LEN, MAX_PACKET_LEN, NUM_BUFFERS_OFFSET, QUEUE_SIZE};
+use crate::virtio::drain::{pop_chain, DrainError};
 use crate::virtio::sg::{SgError, SgList};
 use crate::LogOnce;
 
@@ -29,8 +30,8 @@ pub enum RxError {
     /// The queue itself is unusable (rings unreadable, avail index insane).
     #[error("virtio queue is broken")]
     Queue(#[source] virtio_queue::Error),
-    /// The driver claims more chains than it made available.
-    #[error("avail ring index is inconsistent")]
+    /// The driver claims more chains than the ring holds, or names a head beyond the queue.
+    #[error("avail ring is inconsistent")]
     BrokenRing,
     /// The used ring or `used_event` could not be accessed.
     #[error("cannot access the used ring")]
@@ -58,6 +59,15 @@ pub enum RxError {
     /// Reading the TAP failed.
     #[error("TAP read failed")]
     Tap(#[source] io::Error),
+}
+
+impl From<DrainError> for RxError {
+    fn from(e: DrainError) -> Self {
+        match e {
+            DrainError::Queue(e) => Self::Queue(e),
+            DrainError::BrokenRing => Self::BrokenRing,
+        }
+    }
 }
 
 /// What the receiver wants from the event loop next.
@@ -232,7 +242,7 @@ impl Receiver {
     fn reserve(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> Result<bool, RxError> {
         let mut announced = false;
         loop {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = pop_chain(mem, queue)? else {
                 if announced {
                     return Err(RxError::BrokenRing);
                 }

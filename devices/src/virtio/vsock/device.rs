@@ -24,7 +24,7 @@ use super::{QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::virtio::device_util::{
     ignore_config_write, read_config_bytes, ready_queues, signal_used_queue, watch_queue_events,
 };
-use crate::virtio::drain::{drain, DrainError};
+use crate::virtio::drain::{drain, pop_chain, DrainError};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::LogOnce;
 
@@ -230,7 +230,7 @@ fn fill_rx(
 ) -> Result<(), DrainError> {
     let mut announced = false;
     while muxer.has_rx() && *used < RX_BUDGET {
-        let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
+        let Some(mut chain) = pop_chain(mem, queue)? else {
             if announced {
                 return Err(DrainError::BrokenRing);
             }

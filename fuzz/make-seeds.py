@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora in fuzz/seeds/<target>/: small valid inputs (plus a few hostile
+ones) in each target's input format, so the fuzzer starts from requests a real driver makes.
+Run it again after changing a format; the files are committed."""
+
+import os
+import struct
+import sys
+
+SEEDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seeds")
+
+# FuzzGuest layout (fuzz/src/lib.rs): queue i at i * 0x400, avail +0x100, used +0x200.
+QSTRIDE, AVAIL, USED = 0x400, 0x100, 0x200
+NEXT, WRITE = 1, 2
+QSIZE_16 = 4  # control bits 0-2: log2 of the queue size
+EVENT_IDX = 0x80
+
+
+class Guest:
+    """Guest memory image plus control byte, in FuzzGuest's input format."""
+
+    def __init__(self, control=QSIZE_16):
+        self.control = control
+        self.mem = bytearray()
+        self.posted = {}
+
+    def put(self, addr, data):
+        end = addr + len(data)
+        if len(self.mem) < end:
+            self.mem.extend(bytes(end - len(self.mem)))
+        self.mem[addr:end] = data
+
+    def chain(self, queue, descs):
+        """Posts a chain of (addr, len, flags) into consecutive descriptor slots."""
+        base = queue * QSTRIDE
+        first = sum(self.posted.get(queue, []))
+        for i, (addr, length, flags) in enumerate(descs):
+            slot = first + i
+            more = i + 1 < len(descs)
+            nxt = slot + 1 if more else 0
+            self.put(base + 16 * slot, struct.pack("<QIHH", addr, length, flags | (NEXT if more else 0), nxt))
+        n = len(self.posted.setdefault(queue, []))
+        self.posted[queue].append(len(descs))
+        self.put(base + AVAIL + 4 + 2 * n, struct.pack("<H", first))
+        self.put(base + AVAIL, struct.pack("<HH", 0, n + 1))
+
+    def raw_desc(self, queue, slot, addr, length, flags, nxt):
+        self.put(queue * QSTRIDE + 16 * slot, struct.pack("<QIHH", addr, length, flags, nxt))
+
+    def avail(self, queue, heads):
+        base = queue * QSTRIDE + AVAIL
+        self.put(base, struct.pack("<HH", 0, len(heads)))
+        for i, h in enumerate(heads):
+            self.put(base + 4 + 2 * i, struct.pack("<H", h))
+
+    def bytes(self):
+        return bytes([self.control]) + bytes(self.mem)
+
+
+def write(target, name, data):
+    d = os.path.join(SEEDS, target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+HDR, DATA, STATUS = 0xC00, 0xE00, 0x1000
+
+
+def blk(req_type, sector, data_descs, extra=b""):
+    g = Guest()
+    g.put(HDR, struct.pack("<IIQ", req_type, 0, sector))
+    if extra:
+        g.put(DATA, extra)
+    g.chain(0, [(HDR, 16, 0)] + data_descs + [(STATUS, 1, WRITE)])
+    return g
+
+
+def blk_seeds():
+    t = "virtio_blk"
+    write(t, "read", blk(0, 1, [(DATA, 512, WRITE)]).bytes())
+    write(t, "write", blk(1, 2, [(DATA, 512, 0)], bytes(range(256)) * 2).bytes())
+    write(t, "flush", blk(4, 0, []).bytes())
+    write(t, "get-id", blk(8, 0, [(DATA, 20, WRITE)]).bytes())
+    rng = struct.pack("<QII", 3, 4, 0)
+    write(t, "discard", blk(11, 0, [(DATA, 16, 0)], rng).bytes())
+    write(t, "write-zeroes", blk(13, 0, [(DATA, 16, 0)], struct.pack("<QII", 1, 2, 1)).bytes())
+    g = blk(0, 15, [(DATA, 512, WRITE), (DATA + 0x200, 512, WRITE)])
+    write(t, "read-past-end", g.bytes())
+    g = Guest(QSIZE_16 | EVENT_IDX)
+    g.put(HDR, struct.pack("<IIQ", 0, 0, 0))
+    g.chain(0, [(HDR, 16, 0), (DATA, 512, WRITE), (STATUS, 1, WRITE)])
+    g.chain(0, [(HDR, 16, 0), (0xFFFF_FFFF_0000, 512, WRITE), (STATUS, 1, WRITE)])
+    write(t, "event-idx-two-chains", g.bytes())
+    g = Guest()
+    g.raw_desc(0, 0, HDR, 16, NEXT, 1)
+    g.raw_desc(0, 1, DATA, 512, NEXT | WRITE, 0)
+    g.avail(0, [0])
+    write(t, "loop", g.bytes())
+
+
+def net_seeds():
+    t = "virtio_net_tx"
+    frame = bytes(12) + b"\xff" * 6 + b"\x52\x54\x00\x12\x34\x56" + b"\x08\x06" + bytes(46)
+    g = Guest()
+    g.put(HDR, frame)
+    g.chain(0, [(HDR, len(frame), 0)])
+    write(t, "one-frame", g.bytes())
+    g = Guest()
+    g.put(HDR, frame)
+    g.chain(0, [(HDR, 12, 0), (HDR + 12, len(frame) - 12, 0)])
+    g.chain(0, [(HDR, 12, 0)])
+    write(t, "split-and-short", g.bytes())
+    g = Guest(QSIZE_16 | EVENT_IDX | 0x08)
+    g.put(HDR, frame)
+    g.chain(0, [(HDR, len(frame), WRITE)])
+    g.chain(0, [(HDR, len(frame), 0)])
+    write(t, "wrong-way-and-refused", g.bytes())
+
+
+def net_rx_seeds():
+    t = "virtio_net_rx"
+    g = Guest()
+    for i in range(4):
+        g.chain(0, [(0x1000 + i * 0x800, 0x800, WRITE)])
+    write(t, "four-buffers", g.bytes())
+    g = Guest(QSIZE_16 | 0x08 | 0x10 | EVENT_IDX)
+    for i in range(8):
+        g.chain(0, [(0x1000 + i * 0x1000, 12, WRITE), (0x1000 + i * 0x1000 + 12, 0xFF4, WRITE)])
+    write(t, "merged-split", g.bytes())
+    g = Guest()
+    g.chain(0, [(0x1000, 8, WRITE)])
+    g.chain(0, [(0x2000, 0x800, 0)])
+    write(t, "short-and-readable", g.bytes())
+
+
+def vsock_hdr(op, src_port, dst_port, data=b"", flags=0, src_cid=3, dst_cid=2):
+    return struct.pack("<QQIIIHHIII", src_cid, dst_cid, src_port, dst_port, len(data), 1, op, flags, 65536, 0) + data
+
+
+def vsock_guest(packets, control=QSIZE_16, rx=4):
+    g = Guest(control)
+    for i in range(rx):
+        g.chain(0, [(0x4000 + i * 0x200, 0x200, WRITE)])
+    addr = 0x1000
+    for p in packets:
+        g.put(addr, p)
+        g.chain(1, [(addr, len(p), 0)])
+        addr += (len(p) + 0xFF) & ~0xFF
+    return g
+
+
+def vsock_seeds():
+    t = "virtio_vsock"
+    req, resp, rst, shut, rw, cu, cr = 1, 2, 3, 4, 5, 6, 7
+    write(t, "connect-send-close", vsock_guest([
+        vsock_hdr(req, 5000, 1024),
+        vsock_hdr(rw, 5000, 1024, b"hello host\n"),
+        vsock_hdr(cr, 5000, 1024),
+        vsock_hdr(cu, 5000, 1024),
+        vsock_hdr(shut, 5000, 1024, flags=3),
+        vsock_hdr(rst, 5000, 1024),
+    ]).bytes())
+    write(t, "refused", vsock_guest([vsock_hdr(req, 5001, 1025), vsock_hdr(rw, 5001, 1025, b"x")]).bytes())
+    # Host connects to guest port 52 (control bit 3); the guest answers the first local port.
+    write(t, "host-connect", vsock_guest([
+        vsock_hdr(resp, 52, 1 << 30),
+        vsock_hdr(rw, 52, 1 << 30, b"hi"),
+    ], QSIZE_16 | 0x08 | EVENT_IDX).bytes())
+    g = vsock_guest([vsock_hdr(req, 5002, 1024, src_cid=9, dst_cid=77)])
+    write(t, "wrong-cids", g.bytes())
+
+
+def mmio_op(write_, offset, value=0, width=4):
+    log = {1: 0, 2: 1, 4: 2, 8: 3}[width]
+    return struct.pack("<BHI", (log << 1) | (1 if write_ else 0), offset, value)
+
+
+def mmio_seeds():
+    t = "virtio_mmio"
+    r = lambda off: mmio_op(False, off)
+    w = lambda off, v: mmio_op(True, off, v)
+    ops = [r(0x0), r(0x4), r(0x8), r(0xC), w(0x70, 1), w(0x70, 3)]
+    ops += [w(0x14, 1), r(0x10), w(0x14, 0), r(0x10), w(0x24, 1), w(0x20, 1), w(0x24, 0), w(0x20, 0x0B)]
+    ops += [w(0x70, 0xB), r(0x70)]
+    for q, base in ((0, 0x1000), (1, 0x4000)):
+        ops += [w(0x30, q), r(0x34), w(0x38, 16), w(0x80, base), w(0x84, 0), w(0x90, base + 0x100), w(0x94, 0)]
+        ops += [w(0xA0, base + 0x200), w(0xA4, 0), w(0x44, 1), r(0x44)]
+    ops += [w(0x70, 0xF), r(0x70), w(0x50, 0), w(0x50, 1), r(0x60), w(0x64, 1), r(0xFC)]
+    ops += [mmio_op(False, 0x100, 0, 8), mmio_op(True, 0x102, 0x4142, 2), w(0x70, 0), r(0x70)]
+    write(t, "init-run-reset", bytes([0]) + b"".join(ops))
+    write(t, "activate-refused", bytes([0x18]) + b"".join(ops))
+    bad = [w(0x70, 0xF), w(0x30, 7), w(0x38, 3), w(0x44, 1), mmio_op(True, 0x71, 1, 1), w(0x70, 0x80)]
+    write(t, "out-of-order", bytes([0]) + b"".join(bad))
+
+
+def elf_minimal():
+    code = b"\xf4\xeb\xfd"  # hlt; jmp .-1
+    entry = 0x200000
+    ehdr = struct.pack("<4sBBBBB7sHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 0, bytes(7),
+                       2, 62, 1, entry, 64, 0, 0, 64, 56, 1, 64, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0x78, entry, entry, len(code), len(code), 0x1000)
+    return ehdr + phdr + code
+
+
+def bzimage_minimal():
+    img = bytearray(0x600)
+    img[0x1F1] = 1  # setup_sects: the protected-mode kernel starts at 0x400
+    img[0x1FE:0x200] = b"\x55\xaa"
+    img[0x202:0x206] = b"HdrS"
+    img[0x206:0x208] = struct.pack("<H", 0x020F)
+    img[0x211] = 1  # loadflags: LOADED_HIGH
+    img[0x400:0x403] = b"\xf4\xeb\xfd"
+    return bytes(img)
+
+
+def boot_seeds():
+    t = "boot_loader"
+    elf = elf_minimal()
+    # The config target loads this one as its kernel (after the control byte).
+    write(t, "elf-minimal", bytes([0]) + elf)
+    write(t, "elf-with-initrd", bytes([0x03]) + struct.pack("<H", 64) + elf + bytes(range(64)))
+    write(t, "bzimage-minimal", bytes([0x0E]) + bzimage_minimal())
+    write(t, "garbage", bytes([0]) + bytes(range(256)) * 4)
+
+
+def config_seeds():
+    t = "config_cmdline"
+    a = lambda opt, v: bytes([opt]) + v.encode() + b"\0"
+    write(t, "disks-net-vsock", a(0, "/etc/passwd,ro,serial=abc") + a(1, "tap=tap0,mac=52:54:00:12:34:56")
+          + a(2, "cid=3,uds=/tmp/rvmm-fuzz.sock") + a(5, "64") + a(6, "2"))
+    write(t, "cmdline-console", a(3, "console=hvc0 quiet") + a(7, "virtio") + a(8, "baseline"))
+    write(t, "rootfs-and-dup", a(4, "/etc/passwd") + a(0, "/etc/passwd") + a(0, "/etc//passwd,serial="))
+    write(t, "bad-specs", a(1, "tap=,mac=zz") + a(2, "cid=2") + a(0, ",ro") + a(6, "0") + a(5, "999999999"))
+
+
+def main():
+    blk_seeds()
+    net_seeds()
+    net_rx_seeds()
+    vsock_seeds()
+    mmio_seeds()
+    boot_seeds()
+    config_seeds()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
