@@ -100,6 +100,10 @@ pub struct Cli {
     /// the Unix socket PATH and writing "CONNECT P\n"; the guest reaches host port P at PATH_P.
     #[arg(long, value_name = "SPEC")]
     pub vsock: Option<String>,
+    /// No ACPI tables: the guest finds its CPUs through the MP table and the virtio devices
+    /// through `virtio_mmio.device=` entries on the command line, and cannot power itself off.
+    #[arg(long)]
+    pub no_acpi: bool,
 }
 
 /// The virtio-vsock device and its Unix-socket host side.
@@ -261,6 +265,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     pub rng: bool,
     pub vsock: Option<VsockConfig>,
+    /// Describe the machine with ACPI tables (and offer S5 power-off).
+    pub acpi: bool,
 }
 
 impl VmConfig {
@@ -317,6 +323,7 @@ impl TryFrom<Cli> for VmConfig {
             nets,
             rng: cli.rng,
             vsock: cli.vsock.as_deref().map(str::parse).transpose()?,
+            acpi: !cli.no_acpi,
         })
     }
 }
@@ -385,6 +392,9 @@ mod tests {
         assert_eq!(cfg.cpu_template, None);
         assert_eq!(cfg.console, ConsoleKind::Serial);
         assert!(cfg.disks.is_empty());
+        assert!(cfg.acpi);
+        let cfg = parse(&["--kernel", k.as_path().to_str().unwrap(), "--no-acpi"]).unwrap();
+        assert!(!cfg.acpi);
     }
 
     #[test]
