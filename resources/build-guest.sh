@@ -30,31 +30,17 @@ prints the directory that holds them.
 EOF
 }
 
-print_dir=0
-force=0
-for arg in "$@"; do
-    case $arg in
-        --print-dir) print_dir=1 ;;
-        --force) force=1 ;;
-        -h | --help) usage; exit 0 ;;
-        *) usage >&2; exit 2 ;;
-    esac
-done
+name=guest
+# shellcheck source=lib.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
+parse_build_args "$@"
 
-here=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
-guest=$here/guest
-selftest=$here/selftest
-cache=${XDG_CACHE_HOME:-$HOME/.cache}/rvmm
+guest=$resources/guest
+selftest=$resources/selftest
 ksrc_pkg="linux-source-6.1"
 ksrc_tar=/usr/src/linux-source-6.1.tar.xz
 busybox=/bin/busybox
 rootfs_size=64M
-start=$SECONDS
-
-die() { echo "build-guest: error: $*" >&2; exit 1; }
-step() { printf '==> [%4ss] %s\n' "$((SECONDS - start))" "$*" >&2; }
-
-pkg_version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || true; }
 
 # --- inputs and cache key -------------------------------------------------------
 [[ $(uname -m) == x86_64 ]] || die "the guest is an x86_64 kernel; build it on an x86_64 host"
@@ -66,34 +52,8 @@ busybox_version=$(pkg_version busybox-static)
 # but the guest has no libc: it must be the static one.
 [[ -n $busybox_version && -x $busybox ]] || die "$busybox missing: install package busybox-static"
 
-key=$(
-    cd -- "$here"
-    printf '%s %s\n' "$ksrc_pkg" "$ksrc_version" busybox-static "$busybox_version"
-    find build-guest.sh guest selftest -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
-)
-key=$(printf '%s\n' "$key" | sha256sum)
-key=${key:0:16}
-out=$cache/guest-$key
-work=$cache/work-$key
-
-link_latest() {
-    # Repoint $cache/guest atomically (rename over the old link), relative so
-    # that the cache directory can be moved.
-    if [[ $(readlink "$cache/guest" 2>/dev/null || true) != "guest-$key" ]]; then
-        ln -sfn "guest-$key" "$cache/guest.tmp.$$"
-        mv -T "$cache/guest.tmp.$$" "$cache/guest"
-    fi
-}
-
-if ((print_dir)); then
-    printf '%s\n' "$out"
-    exit 0
-fi
-if ((!force)) && [[ -e $out/.complete ]]; then
-    link_latest
-    printf '%s\n' "$out"
-    exit 0
-fi
+key=$(input_key "$ksrc_pkg $ksrc_version busybox-static $busybox_version" \
+    build-guest.sh guest selftest)
 
 # --- tools ------------------------------------------------------------------------
 missing=()
@@ -116,22 +76,8 @@ need flock util-linux
 [[ -e /usr/include/gelf.h ]] || missing+=("libelf-dev (for gelf.h, objtool)")
 ((${#missing[@]} == 0)) || die "missing packages: ${missing[*]}"
 
-mkdir -p "$cache"
-# One build at a time per cache (parallel test jobs may all call this script).
-exec 9>"$cache/.lock"
-flock 9
-if ((!force)) && [[ -e $out/.complete ]]; then
-    link_latest
-    printf '%s\n' "$out"
-    exit 0
-fi
-
+cache_setup "$key"
 step "building guest-$key ($ksrc_pkg $ksrc_version, busybox-static $busybox_version)"
-if ((force)); then
-    rm -rf -- "$work"
-fi
-rm -rf -- "$out"
-mkdir -p "$work" "$out"
 linux=$work/linux
 
 # --- kernel -------------------------------------------------------------------------
@@ -269,8 +215,4 @@ fi
 
 # --- done -----------------------------------------------------------------------------
 step "7/7 finishing"
-touch "$out/.complete"
-link_latest
-rm -rf -- "$work"
-step "done: $(cd -- "$out" && echo *)"
-printf '%s\n' "$out"
+cache_finish

@@ -3,7 +3,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use rvmm_devices::virtio::net::parse_mac;
 
 /// Largest guest the layout supports without more memory slots (1 TiB).
@@ -35,6 +35,8 @@ pub enum ConfigError {
     DuplicateDisk(String),
     #[error("--cmdline is too long ({0} bytes, at most {max})", max = rvmm_firmware::layout::CMDLINE_MAX_LEN - 1)]
     CmdlineTooLong(usize),
+    #[error("--kernel is required")]
+    NoKernel,
 }
 
 /// Which CPU features the guest sees.
@@ -59,11 +61,36 @@ pub enum ConsoleKind {
 
 /// rvmm — boot a Linux guest on KVM.
 #[derive(Debug, Parser)]
-#[command(name = "rvmm", version, about, long_about = None)]
+#[command(
+    name = "rvmm",
+    version,
+    about,
+    long_about = None,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub vm: VmArgs,
+}
+
+/// What rvmm does besides booting the VM described by the top-level options.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a command in a container inside a fresh microVM.
+    Run(crate::container::RunArgs),
+    /// Compare a microVM's costs with a container's and a plain process's.
+    Bench(crate::bench::BenchArgs),
+}
+
+/// The VM to boot when no subcommand is given.
+#[derive(Debug, Args)]
+pub struct VmArgs {
     /// Guest kernel: an ELF vmlinux or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required = true)]
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk loaded next to the kernel.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -275,17 +302,18 @@ impl VmConfig {
     }
 }
 
-impl TryFrom<Cli> for VmConfig {
+impl TryFrom<VmArgs> for VmConfig {
     type Error = ConfigError;
 
-    fn try_from(cli: Cli) -> Result<Self, ConfigError> {
+    fn try_from(cli: VmArgs) -> Result<Self, ConfigError> {
+        let kernel = cli.kernel.ok_or(ConfigError::NoKernel)?;
         if cli.cpus == 0 || cli.cpus > MAX_VCPUS {
             return Err(ConfigError::Cpus(cli.cpus));
         }
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&cli.memory) {
             return Err(ConfigError::Memory(cli.memory));
         }
-        check_regular_file("kernel", &cli.kernel)?;
+        check_regular_file("kernel", &kernel)?;
         if let Some(initrd) = &cli.initrd {
             check_regular_file("initrd", initrd)?;
         }
@@ -312,7 +340,7 @@ impl TryFrom<Cli> for VmConfig {
             return Err(ConfigError::CmdlineTooLong(cmdline.len()));
         }
         Ok(VmConfig {
-            kernel: cli.kernel,
+            kernel,
             initrd: cli.initrd,
             cmdline,
             vcpus: cli.cpus,
@@ -372,7 +400,7 @@ mod tests {
     fn parse(args: &[&str]) -> Result<VmConfig, ConfigError> {
         let cli = Cli::try_parse_from(std::iter::once("rvmm").chain(args.iter().copied()))
             .expect("clap accepts the arguments");
-        VmConfig::try_from(cli)
+        VmConfig::try_from(cli.vm)
     }
 
     fn kernel_file() -> TempFile {

@@ -2,8 +2,10 @@
 //! code that touches /dev/kvm; device models live in `rvmm-devices`, boot tables in
 //! `rvmm-firmware`.
 
+pub mod bench;
 pub mod boot;
 pub mod config;
+pub mod container;
 pub mod device_manager;
 pub mod event_loop;
 pub mod exit;
@@ -11,3 +13,14 @@ pub mod signals;
 pub mod terminal;
 pub mod vmm;
 pub mod vstate;
+
+/// An error and its causes joined by ": ", so that every failure prints as one line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        msg = format!("{msg}: {cause}");
+        source = cause.source();
+    }
+    msg
+}

@@ -1,7 +1,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use rvmm::config::{Cli, VmConfig};
+use rvmm::config::{Cli, Command, VmArgs, VmConfig};
+use rvmm::error_chain;
 use rvmm::terminal::RawTerminal;
 use rvmm::vmm::{VmExit, Vmm};
 
@@ -14,31 +15,24 @@ fn main() -> ExitCode {
         })
         .init();
     let cli = Cli::parse();
-    match run(cli) {
-        Ok(VmExit::Guest) => ExitCode::SUCCESS,
-        // The shell convention for "ended by signal N".
-        Ok(VmExit::Signal(signo)) => ExitCode::from(128 + signo as u8),
-        Err(msg) => {
-            eprintln!("rvmm: error: {msg}");
-            ExitCode::FAILURE
-        }
-    }
+    let result = match cli.command {
+        Some(Command::Run(args)) => rvmm::container::main(args),
+        Some(Command::Bench(args)) => rvmm::bench::main(args),
+        None => boot(cli.vm),
+    };
+    result.unwrap_or_else(|msg| {
+        eprintln!("rvmm: error: {msg}");
+        ExitCode::FAILURE
+    })
 }
 
-/// Every failure becomes one line: the error and its causes joined by ": ".
-fn run(cli: Cli) -> Result<VmExit, String> {
-    let cfg = VmConfig::try_from(cli).map_err(|e| error_chain(&e))?;
+fn boot(args: VmArgs) -> Result<ExitCode, String> {
+    let cfg = VmConfig::try_from(args).map_err(|e| error_chain(&e))?;
     let vmm = Vmm::build(&cfg).map_err(|e| error_chain(&e))?;
     let _terminal = RawTerminal::enter();
-    vmm.run().map_err(|e| error_chain(&e))
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut msg = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        msg = format!("{msg}: {cause}");
-        source = cause.source();
+    match vmm.run().map_err(|e| error_chain(&e))? {
+        VmExit::Guest => Ok(ExitCode::SUCCESS),
+        // The shell convention for "ended by signal N".
+        VmExit::Signal(signo) => Ok(ExitCode::from(128 + signo as u8)),
     }
-    msg
 }
