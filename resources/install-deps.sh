@@ -8,6 +8,10 @@ packages=(
     linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils lz4
     # guest root filesystems and their inspection in tests
     busybox-static e2fsprogs
+    # the stock-kernel guest (build-stock-guest.sh runs depmod)
+    kmod
+    # iasl: the DSDT unit test checks rvmm's AML against ACPICA's disassembler
+    acpica-tools
     # the reference VMM for side-by-side comparisons
     qemu-system-x86
     # network tests: namespaces, TAP devices, ping

@@ -95,7 +95,7 @@ mod tests {
     #[test]
     fn other_writes_do_nothing() {
         let (mut dev, evt) = device();
-        for value in [S5 << 2, (3 << 2) | SLP_EN, SLP_EN, 0xff & !SLP_EN] {
+        for value in [S5 << 2, (3 << 2) | SLP_EN, SLP_EN, !SLP_EN] {
             dev.write(0, &[value]);
         }
         dev.write(0, &[]);
