@@ -130,6 +130,7 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<BootState, BootEr
         zero_page: layout::ZERO_PAGE_ADDR,
         cr3,
         segments,
+        legacy_pic: cfg.acpi.is_none(),
     })
 }
 
