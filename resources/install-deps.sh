@@ -10,6 +10,10 @@ packages=(
     busybox-static e2fsprogs
     # the container-host guest (rvmm run): the OCI runtime copied into its root disk
     crun
+    # the stock-kernel guest (build-stock-guest.sh runs depmod)
+    kmod
+    # iasl: the DSDT unit test checks rvmm's AML against ACPICA's disassembler
+    acpica-tools
     # the reference VMM for side-by-side comparisons
     qemu-system-x86
     # network tests: namespaces, TAP devices, ping

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::{self, BzImage, Cmdline, Elf, KernelLoader, KernelLoaderResult};
+use rvmm_firmware::acpi::{write_acpi_tables, AcpiConfig, AcpiError};
 use rvmm_firmware::boot_params::{write_boot_params, BootParamsConfig};
 use rvmm_firmware::{gdt, layout, mptable, paging};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -45,19 +46,25 @@ pub enum BootError {
     BootParams(#[source] rvmm_firmware::boot_params::BootParamsError),
     #[error("MP table")]
     Mptable(#[source] rvmm_firmware::mptable::MptableError),
+    #[error("ACPI tables")]
+    Acpi(#[source] AcpiError),
     #[error("boot GDT")]
     Gdt(#[source] rvmm_firmware::gdt::GdtError),
     #[error("boot page tables")]
     Paging(#[source] rvmm_firmware::paging::PagingError),
 }
 
-/// What to boot and how many processors to announce.
+/// What to boot and how to describe the machine.
 pub struct BootConfig<'a> {
     pub kernel: &'a Path,
     pub initrd: Option<&'a Path>,
     pub cmdline: &'a str,
     pub vcpus: u8,
     pub mem_size: u64,
+    /// ACPI tables to write, if any. The MP table is written either way: Linux prefers the
+    /// MADT when it finds one, and kernels without ACPI (or booted with `acpi=off`) still
+    /// find their CPUs.
+    pub acpi: Option<AcpiConfig<'a>>,
 }
 
 /// Loads everything into `mem` and returns the vCPUs' boot state.
@@ -97,15 +104,20 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<BootState, BootEr
         .as_bytes_with_nul()
         .len();
 
+    mptable::write_mptable(mem, cfg.vcpus).map_err(BootError::Mptable)?;
+    let acpi_rsdp = match &cfg.acpi {
+        Some(acpi) => Some(write_acpi_tables(mem, acpi).map_err(BootError::Acpi)?),
+        None => None,
+    };
     let params = BootParamsConfig {
         cmdline_addr,
         cmdline_size,
         initrd,
         setup_header: loaded.setup_header,
         mem_size: cfg.mem_size,
+        acpi_rsdp,
     };
     write_boot_params(mem, &params).map_err(BootError::BootParams)?;
-    mptable::write_mptable(mem, cfg.vcpus).map_err(BootError::Mptable)?;
     let segments = gdt::write_boot_gdt(mem).map_err(BootError::Gdt)?;
     let cr3 = paging::write_identity_page_tables(mem).map_err(BootError::Paging)?;
     Ok(BootState {
@@ -114,6 +126,7 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<BootState, BootEr
         zero_page: layout::ZERO_PAGE_ADDR,
         cr3,
         segments,
+        legacy_pic: cfg.acpi.is_none(),
     })
 }
 
@@ -176,6 +189,7 @@ mod tests {
             cmdline: "console=ttyS0",
             vcpus: 1,
             mem_size: 64 << 20,
+            acpi: None,
         };
         let err = load(&mem(), &cfg).unwrap_err();
         assert!(matches!(err, BootError::Image { .. }), "{err}");

@@ -146,6 +146,10 @@ pub struct VmArgs {
     /// Per-thread seccomp filters; `off` is for debugging only.
     #[arg(long, value_enum, default_value = "on")]
     pub seccomp: Seccomp,
+    /// No ACPI tables: the guest finds its CPUs through the MP table and the virtio devices
+    /// through `virtio_mmio.device=` entries on the command line, and cannot power itself off.
+    #[arg(long)]
+    pub no_acpi: bool,
 }
 
 /// The virtio-vsock device and its Unix-socket host side.
@@ -308,6 +312,8 @@ pub struct VmConfig {
     pub rng: bool,
     pub vsock: Option<VsockConfig>,
     pub seccomp: Seccomp,
+    /// Describe the machine with ACPI tables (and offer S5 power-off).
+    pub acpi: bool,
 }
 
 impl VmConfig {
@@ -366,7 +372,7 @@ impl TryFrom<VmArgs> for VmConfig {
             + usize::from(cli.rng)
             + usize::from(vsock.is_some())
             + usize::from(cli.console == ConsoleKind::Virtio);
-        let max = crate::device_manager::VirtioSlots::MAX;
+        let max = rvmm_firmware::layout::VIRTIO_SLOT_COUNT;
         if count > max as usize {
             return Err(ConfigError::TooManyDevices { count, max });
         }
@@ -386,6 +392,7 @@ impl TryFrom<VmArgs> for VmConfig {
             rng: cli.rng,
             vsock,
             seccomp: cli.seccomp,
+            acpi: !cli.no_acpi,
         })
     }
 }
@@ -469,6 +476,9 @@ mod tests {
         assert_eq!(cfg.cpu_template, None);
         assert_eq!(cfg.console, ConsoleKind::Serial);
         assert!(cfg.disks.is_empty());
+        assert!(cfg.acpi);
+        let cfg = parse(&["--kernel", k.as_path().to_str().unwrap(), "--no-acpi"]).unwrap();
+        assert!(!cfg.acpi);
     }
 
     #[test]

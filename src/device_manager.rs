@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use event_manager::{MutEventSubscriber, SubscriberOps};
 use rvmm_devices::bus::{Bus, BusError};
 use rvmm_devices::interrupt::EventFdInterrupt;
+use rvmm_devices::legacy::acpi_sleep::{AcpiSleep, ACPI_SLEEP_PORT_LEN};
 use rvmm_devices::legacy::i8042::I8042;
 use rvmm_devices::legacy::serial::Serial;
 use rvmm_devices::virtio::block::{Block, BlockConfig, BlockError};
@@ -16,7 +17,8 @@ use rvmm_devices::virtio::net::{format_mac, Net, NetError};
 use rvmm_devices::virtio::rng::{Rng, RngError};
 use rvmm_devices::virtio::vsock::{Vsock, VsockError};
 use rvmm_devices::virtio::VirtioDevice;
-use rvmm_firmware::layout;
+use rvmm_firmware::acpi::S5_SLEEP_TYPE;
+use rvmm_firmware::layout::{self, VirtioSlot};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -24,10 +26,6 @@ use crate::config::{ConsoleKind, DiskConfig, NetConfig, VmConfig};
 use crate::event_loop::DeviceEventManager;
 use crate::vstate::vm::{Vm, VmError};
 
-/// PC I/O ports and the IO-APIC pin of COM1.
-const COM1_PORT: u64 = 0x3f8;
-const COM1_PORT_COUNT: u64 = 8;
-const COM1_IRQ: u32 = 4;
 const I8042_PORT: u64 = 0x60;
 const I8042_PORT_COUNT: u64 = 5;
 
@@ -63,8 +61,9 @@ pub enum DeviceError {
 pub struct LegacyDevices {
     /// COM1, when the console is the serial port.
     pub serial: Option<Arc<Mutex<Serial>>>,
-    /// Signalled when the guest pulses the i8042 reset line.
-    pub reset_evt: EventFd,
+    /// Signalled when the guest ends itself: a reset through the i8042, or a power-off
+    /// through the ACPI sleep control register.
+    pub guest_stop_evt: EventFd,
 }
 
 /// Writes guest console bytes to stdout straight away: an interactive prompt has no newline
@@ -89,64 +88,69 @@ pub fn attach_legacy(
     pio: &mut Bus,
     console: ConsoleKind,
 ) -> Result<LegacyDevices, DeviceError> {
-    let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
-    let i8042_reset = reset_evt.try_clone().map_err(DeviceError::EventFd)?;
+    let guest_stop_evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+    let i8042_reset = guest_stop_evt.try_clone().map_err(DeviceError::EventFd)?;
     pio.insert(
         Arc::new(Mutex::new(I8042::new(i8042_reset))),
         I8042_PORT,
         I8042_PORT_COUNT,
     )
     .map_err(DeviceError::Bus)?;
+    // Only reachable through the FADT; without ACPI tables the guest never finds it.
+    let poweroff = guest_stop_evt.try_clone().map_err(DeviceError::EventFd)?;
+    pio.insert(
+        Arc::new(Mutex::new(AcpiSleep::new(S5_SLEEP_TYPE, poweroff))),
+        u64::from(layout::ACPI_SLEEP_PORT),
+        ACPI_SLEEP_PORT_LEN,
+    )
+    .map_err(DeviceError::Bus)?;
 
     let serial = match console {
         ConsoleKind::Serial => {
             let irq = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
-            vm.register_irqfd(&irq, COM1_IRQ)
+            vm.register_irqfd(&irq, layout::COM1_IRQ)
                 .map_err(DeviceError::Interrupt)?;
             let serial = Arc::new(Mutex::new(Serial::new(irq, Box::new(ConsoleOut))));
-            pio.insert(serial.clone(), COM1_PORT, COM1_PORT_COUNT)
-                .map_err(DeviceError::Bus)?;
+            pio.insert(
+                serial.clone(),
+                u64::from(layout::COM1_PORT),
+                u64::from(layout::COM1_PORT_COUNT),
+            )
+            .map_err(DeviceError::Bus)?;
             Some(serial)
         }
         ConsoleKind::Virtio | ConsoleKind::None => None,
     };
-    Ok(LegacyDevices { serial, reset_evt })
+    Ok(LegacyDevices {
+        serial,
+        guest_stop_evt,
+    })
 }
 
-/// Where one virtio-mmio device lives: its register window and IO-APIC pin.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VirtioSlot {
-    pub addr: u64,
-    pub irq: u32,
+/// The command-line entry that announces a device to a guest without ACPI.
+pub fn cmdline_entry(slot: &VirtioSlot) -> String {
+    format!("virtio_mmio.device=4K@{:#x}:{}", slot.addr, slot.irq)
 }
 
-impl VirtioSlot {
-    /// The command-line entry that announces the device to a guest without ACPI.
-    pub fn cmdline_entry(&self) -> String {
-        format!("virtio_mmio.device=4K@{:#x}:{}", self.addr, self.irq)
-    }
-}
-
-/// Hands out one window and one interrupt pin per virtio device, in order.
+/// Hands out one window and one interrupt pin per virtio device, in order, and remembers
+/// them: the ACPI tables or the command line describe exactly this list to the guest.
 #[derive(Debug, Default)]
 pub struct VirtioSlots {
-    used: u32,
+    used: Vec<VirtioSlot>,
 }
 
 impl VirtioSlots {
-    /// Devices fit as long as there are free IO-APIC pins; the MMIO window is far larger.
-    pub const MAX: u32 = layout::IRQ_MAX - layout::IRQ_BASE + 1;
-
     pub fn allocate(&mut self) -> Result<VirtioSlot, DeviceError> {
-        if self.used >= Self::MAX {
-            return Err(DeviceError::TooManyDevices(Self::MAX));
-        }
-        let slot = VirtioSlot {
-            addr: layout::VIRTIO_MMIO_BASE + u64::from(self.used) * layout::VIRTIO_MMIO_SIZE,
-            irq: layout::IRQ_BASE + self.used,
-        };
-        self.used += 1;
+        let index = self.used.len() as u32;
+        let slot =
+            VirtioSlot::nth(index).ok_or(DeviceError::TooManyDevices(layout::VIRTIO_SLOT_COUNT))?;
+        self.used.push(slot);
         Ok(slot)
+    }
+
+    /// Every slot handed out so far, in order.
+    pub fn allocated(&self) -> &[VirtioSlot] {
+        &self.used
     }
 }
 
@@ -188,16 +192,14 @@ where
     Ok(slot)
 }
 
-/// Attaches every virtio device the configuration asks for and returns their command-line
-/// entries. Disks come first so that their guest names follow the command line's order.
-pub fn attach_virtio_devices(
-    ctx: &mut VirtioContext,
-    cfg: &VmConfig,
-) -> Result<Vec<String>, DeviceError> {
-    let mut entries = attach_disks(ctx, &cfg.disks)?;
-    entries.extend(attach_nets(ctx, &cfg.nets)?);
+/// Attaches every virtio device the configuration asks for; their slots are in `ctx.slots`.
+/// Disks come first so that their guest names follow the command line's order.
+pub fn attach_virtio_devices(ctx: &mut VirtioContext, cfg: &VmConfig) -> Result<(), DeviceError> {
+    attach_disks(ctx, &cfg.disks)?;
+    attach_nets(ctx, &cfg.nets)?;
     if cfg.rng {
-        entries.push(attach_rng(ctx)?);
+        let rng = Rng::new().map_err(DeviceError::Rng)?;
+        attach_virtio(ctx, Arc::new(Mutex::new(rng)))?;
     }
     if let Some(vsock) = &cfg.vsock {
         let device = Vsock::new(rvmm_devices::virtio::vsock::VsockConfig {
@@ -205,30 +207,19 @@ pub fn attach_virtio_devices(
             uds_path: vsock.uds.clone(),
         })
         .map_err(DeviceError::Vsock)?;
-        entries.push(attach_virtio(ctx, Arc::new(Mutex::new(device)))?.cmdline_entry());
+        attach_virtio(ctx, Arc::new(Mutex::new(device)))?;
     }
     if cfg.console == ConsoleKind::Virtio {
         let stdin = crate::vmm::dup_stdin().map_err(DeviceError::Stdin)?;
-        entries.push(attach_virtio_console(ctx, stdin)?);
+        let console =
+            Console::new(Box::new(ConsoleOut), Some(stdin)).map_err(DeviceError::Console)?;
+        attach_virtio(ctx, Arc::new(Mutex::new(console)))?;
     }
-    Ok(entries)
+    Ok(())
 }
 
-/// Attaches a virtio-console port on stdin/stdout and returns its command-line entry.
-pub fn attach_virtio_console(
-    ctx: &mut VirtioContext,
-    input: std::fs::File,
-) -> Result<String, DeviceError> {
-    let console = Console::new(Box::new(ConsoleOut), Some(input)).map_err(DeviceError::Console)?;
-    Ok(attach_virtio(ctx, Arc::new(Mutex::new(console)))?.cmdline_entry())
-}
-
-/// Attaches the disks in order (vda, vdb, …) and returns their command-line entries.
-pub fn attach_disks(
-    ctx: &mut VirtioContext,
-    disks: &[DiskConfig],
-) -> Result<Vec<String>, DeviceError> {
-    let mut entries = Vec::with_capacity(disks.len());
+/// Attaches the disks in order (vda, vdb, …).
+fn attach_disks(ctx: &mut VirtioContext, disks: &[DiskConfig]) -> Result<(), DeviceError> {
     for disk in disks {
         let block = Block::new(BlockConfig {
             path: disk.path.clone(),
@@ -236,39 +227,27 @@ pub fn attach_disks(
             serial: disk.serial.clone(),
         })
         .map_err(DeviceError::Disk)?;
-        let slot = attach_virtio(ctx, Arc::new(Mutex::new(block)))?;
-        entries.push(slot.cmdline_entry());
+        attach_virtio(ctx, Arc::new(Mutex::new(block)))?;
     }
-    Ok(entries)
+    Ok(())
 }
 
-/// Attaches one virtio-net interface per TAP and returns their command-line entries.
-pub fn attach_nets(
-    ctx: &mut VirtioContext,
-    nets: &[NetConfig],
-) -> Result<Vec<String>, DeviceError> {
-    let mut entries = Vec::with_capacity(nets.len());
-    for cfg in nets {
+/// Attaches one virtio-net interface per TAP (eth0, eth1, …).
+fn attach_nets(ctx: &mut VirtioContext, nets: &[NetConfig]) -> Result<(), DeviceError> {
+    for (index, cfg) in nets.iter().enumerate() {
         let net = Net::new(rvmm_devices::virtio::net::NetConfig {
             tap: cfg.tap.clone(),
             mac: Some(cfg.guest_mac()),
         })
         .map_err(DeviceError::Net)?;
         log::info!(
-            "eth{} on TAP {} has MAC {}",
-            entries.len(),
+            "eth{index} on TAP {} has MAC {}",
             cfg.tap,
             format_mac(&net.mac())
         );
-        entries.push(attach_virtio(ctx, Arc::new(Mutex::new(net)))?.cmdline_entry());
+        attach_virtio(ctx, Arc::new(Mutex::new(net)))?;
     }
-    Ok(entries)
-}
-
-/// Attaches a virtio-rng device and returns its command-line entry.
-pub fn attach_rng(ctx: &mut VirtioContext) -> Result<String, DeviceError> {
-    let rng = Rng::new().map_err(DeviceError::Rng)?;
-    Ok(attach_virtio(ctx, Arc::new(Mutex::new(rng)))?.cmdline_entry())
+    Ok(())
 }
 
 #[cfg(test)]
@@ -286,7 +265,7 @@ mod tests {
                 irq: 5
             }
         );
-        assert_eq!(first.cmdline_entry(), "virtio_mmio.device=4K@0xd0000000:5");
+        assert_eq!(cmdline_entry(&first), "virtio_mmio.device=4K@0xd0000000:5");
         let second = slots.allocate().unwrap();
         assert_eq!(
             second,
@@ -295,12 +274,14 @@ mod tests {
                 irq: 6
             }
         );
-        for _ in 2..VirtioSlots::MAX {
+        for _ in 2..layout::VIRTIO_SLOT_COUNT {
             slots.allocate().unwrap();
         }
         assert!(matches!(
             slots.allocate(),
             Err(DeviceError::TooManyDevices(19))
         ));
+        assert_eq!(slots.allocated().len(), 19);
+        assert_eq!(slots.allocated()[..2], [first, second]);
     }
 }

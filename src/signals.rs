@@ -1,5 +1,5 @@
-//! What the main thread waits for once the VM runs: a vCPU ending the VM, the guest's i8042
-//! reset line, or SIGINT/SIGTERM (taken through a signalfd so no handler runs on an
+//! What the main thread waits for once the VM runs: a vCPU ending the VM, the guest ending
+//! itself (i8042 reset line, ACPI power-off), or SIGINT/SIGTERM (taken through a signalfd so no handler runs on an
 //! arbitrary thread).
 
 use std::fs::File;
@@ -25,19 +25,20 @@ pub enum SignalError {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Wake {
     VcpuExit,
-    Reset,
+    /// The guest reset or powered itself off.
+    GuestStop,
     Signal(i32),
 }
 
 pub struct ControlWait<'a> {
-    reset_evt: &'a EventFd,
+    guest_stop_evt: &'a EventFd,
     signal_fd: File,
 }
 
 impl<'a> ControlWait<'a> {
     /// Blocks the stop signals for this thread and every thread it starts afterwards, so they
     /// are only ever seen through the signalfd.
-    pub fn new(reset_evt: &'a EventFd) -> Result<Self, SignalError> {
+    pub fn new(guest_stop_evt: &'a EventFd) -> Result<Self, SignalError> {
         let set = create_sigset(&STOP_SIGNALS)
             .map_err(|e| SignalError::Block(std::io::Error::from_raw_os_error(e.errno())))?;
         // SAFETY: `set` is a valid, initialised sigset; a null old-set pointer is allowed.
@@ -53,7 +54,7 @@ impl<'a> ControlWait<'a> {
         // SAFETY: `fd` is a new descriptor owned by nothing else.
         let signal_fd = unsafe { File::from_raw_fd(fd) };
         Ok(ControlWait {
-            reset_evt,
+            guest_stop_evt,
             signal_fd,
         })
     }
@@ -62,7 +63,7 @@ impl<'a> ControlWait<'a> {
     pub fn wait(&self, vcpu_exit_evt: &EventFd) -> Result<Wake, SignalError> {
         let mut fds = [
             pollfd(vcpu_exit_evt.as_raw_fd()),
-            pollfd(self.reset_evt.as_raw_fd()),
+            pollfd(self.guest_stop_evt.as_raw_fd()),
             pollfd(self.signal_fd.as_raw_fd()),
         ];
         loop {
@@ -79,7 +80,7 @@ impl<'a> ControlWait<'a> {
                 return Ok(Wake::VcpuExit);
             }
             if fds[1].revents != 0 {
-                return Ok(Wake::Reset);
+                return Ok(Wake::GuestStop);
             }
             if fds[2].revents != 0 {
                 return Ok(Wake::Signal(self.read_signal()));

@@ -11,13 +11,15 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use rvmm_devices::bus::Bus;
 use rvmm_devices::legacy::serial::SerialInput;
+use rvmm_firmware::acpi::AcpiConfig;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootConfig, BootError};
 use crate::config::{CpuTemplate, Seccomp, VmConfig};
 use crate::device_manager::{
-    attach_legacy, attach_virtio_devices, DeviceError, LegacyDevices, VirtioContext, VirtioSlots,
+    attach_legacy, attach_virtio_devices, cmdline_entry, DeviceError, LegacyDevices, VirtioContext,
+    VirtioSlots,
 };
 use crate::event_loop::{DeviceLoop, EventLoopError};
 use crate::exit::Buses;
@@ -120,11 +122,19 @@ impl Vmm {
             cmdline.push(' ');
             cmdline.push_str(cpuid::BASELINE_KERNEL_PARAMS);
         }
-        let entries = attach_virtio_devices(&mut virtio, cfg)?;
-        for entry in entries {
-            cmdline.push(' ');
-            cmdline.push_str(&entry);
+        attach_virtio_devices(&mut virtio, cfg)?;
+        // With ACPI the DSDT describes the devices; without it the command line must.
+        if !cfg.acpi {
+            for slot in slots.allocated() {
+                cmdline.push(' ');
+                cmdline.push_str(&cmdline_entry(slot));
+            }
         }
+        let acpi = cfg.acpi.then(|| AcpiConfig {
+            num_cpus: cfg.vcpus,
+            virtio: slots.allocated(),
+            serial: legacy.serial.is_some(),
+        });
 
         let boot_state = boot::load(
             &mem,
@@ -134,6 +144,7 @@ impl Vmm {
                 cmdline: &cmdline,
                 vcpus: cfg.vcpus,
                 mem_size: cfg.memory_bytes(),
+                acpi,
             },
         )?;
 
@@ -160,7 +171,7 @@ impl Vmm {
     /// Runs the guest to its end. The calling thread waits for the end; vCPUs and devices
     /// run on their own threads.
     pub fn run(mut self) -> Result<VmExit, VmmError> {
-        let control = ControlWait::new(&self.legacy.reset_evt)?;
+        let control = ControlWait::new(&self.legacy.guest_stop_evt)?;
         if let Some(serial) = &self.legacy.serial {
             let stdin = dup_stdin().map_err(VmmError::Stdin)?;
             let input = SerialInput::new(serial.clone(), stdin).map_err(VmmError::SerialInput)?;
@@ -213,7 +224,7 @@ impl Vmm {
         let wake = wake?;
 
         match wake {
-            Wake::Reset => Ok(VmExit::Guest),
+            Wake::GuestStop => Ok(VmExit::Guest),
             Wake::Signal(signo) => Ok(VmExit::Signal(signo)),
             Wake::VcpuExit => {
                 let outcome = ctx.outcome.lock().unwrap_or_else(|p| p.into_inner()).take();

@@ -1,5 +1,6 @@
 //! virtio-blk through the real binary: image locking with a tiny guest, and a Linux boot whose
-//! root filesystem and extra disks come from rvmm's virtio-mmio block devices.
+//! root filesystem and extra disks come from rvmm's virtio-mmio block devices, found through
+//! the ACPI tables alone.
 
 mod common;
 
@@ -75,6 +76,15 @@ fn linux_mounts_its_root_from_virtio_blk_and_sees_every_disk() -> TestResult {
         "--disk".into(),
         scratch.display().to_string(),
     ])?;
+    // ACPI is on by default: the tables carry rvmm's OEM id, the DSDT names the three
+    // virtio-mmio devices (the command line has no virtio_mmio.device= hints) and S5.
+    let cmdline = vm.expect_line_within("Command line: ", BOOT_LIMIT)?;
+    assert!(!cmdline.contains("virtio_mmio"), "{cmdline}");
+    for table in ["RSDP", "XSDT", "FACP", "DSDT", "APIC"] {
+        let line = vm.expect_line_within(&format!("ACPI: {table} 0x"), BOOT_LIMIT)?;
+        assert!(line.contains("RVMM"), "{line}");
+    }
+    vm.expect_line_within("ACPI: PM: (supports S0 S5)", BOOT_LIMIT)?;
     for (disk, sectors) in [("vda", root_sectors), ("vdb", 19531), ("vdc", 16384)] {
         let line = vm.expect_line_within(&format!("[{disk}]"), BOOT_LIMIT)?;
         assert!(

@@ -16,7 +16,12 @@ const MEMORY_MIB: u64 = 256;
 
 /// Kernel messages that must appear, in this order, on every host (the memory line between
 /// the first two groups is checked separately).
-const EARLY_MILESTONES: &[&str] = &["Linux version 6.1", "Command line: console=ttyS0"];
+const EARLY_MILESTONES: &[&str] = &[
+    "Linux version 6.1",
+    "Command line: console=ttyS0",
+    // Linux prefers the MADT to the MP table, which rvmm writes as well.
+    "ACPI: Using ACPI (MADT) for SMP configuration information",
+];
 const LATE_MILESTONES: &[&str] = &[
     "smp: Brought up 1 node, 2 CPUs",
     "Serial: 8250/16550 driver",

@@ -51,8 +51,17 @@ fn guest_kernel_answers_ping_over_virtio_net_and_resets_an_unheard_vsock_port() 
         "--cmdline",
         &cmdline,
     ])
-    .args(["--net", &net, "--rng", "--vsock", &vsock]);
+    .args(["--net", &net, "--rng", "--vsock", &vsock])
+    // This boot covers the no-ACPI path: MP table, and the devices named on the command line.
+    .arg("--no-acpi");
     let mut vm = TestVm::spawn(cmd)?;
+
+    let cmdline = vm.expect_line_within("Command line: ", BOOT_LIMIT)?;
+    for (addr, irq) in [("0xd0000000", 5), ("0xd0001000", 6), ("0xd0002000", 7)] {
+        let entry = format!("virtio_mmio.device=4K@{addr}:{irq}");
+        assert!(cmdline.contains(&entry), "{cmdline}");
+    }
+    vm.expect_line_within("found SMP MP-table", BOOT_LIMIT)?;
 
     vm.expect_line_within("IP-Config: Complete:", BOOT_LIMIT)?;
     // The kernel prints the configured interface on the next line.

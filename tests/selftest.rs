@@ -10,6 +10,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
 
@@ -67,26 +68,35 @@ fn block_and_console_selftest_in_the_guest_kernel() -> TestResult {
     std::fs::copy(guest.join("rootfs.ext4"), &rootfs).map_err(|e| e.to_string())?;
     let data = sized_file("selftest-data.img", 10_000_000);
     let discard = sized_file("selftest-scratch.img", 8 << 20);
-    let mut vm = TestVm::boot(
-        [
-            selftest_hvc_args(&guest, "blk,console"),
-            vec![
-                "--rootfs".into(),
-                rootfs.display().to_string(),
-                "--disk".into(),
-                format!("{},ro,serial={DATA_SERIAL}", data.display()),
-                "--disk".into(),
-                discard.display().to_string(),
-            ],
-        ]
-        .concat(),
-    )?;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rvmm"));
+    cmd.env("RUST_LOG", "rvmm_devices::legacy::acpi_sleep=info");
+    cmd.args(selftest_hvc_args(
+        &guest,
+        "blk,console,acpi rvmm_selftest.poweroff=1",
+    ));
+    cmd.args([
+        "--rootfs".into(),
+        rootfs.display().to_string(),
+        "--disk".into(),
+        format!("{},ro,serial={DATA_SERIAL}", data.display()),
+        "--disk".into(),
+        discard.display().to_string(),
+    ]);
+    let mut vm = TestVm::spawn(cmd)?;
     // hvc0 carries the whole console here; Linux's virtio-console drops the boot log replayed
     // before its port is ready, so the first lines to expect are the self-test's own.
     let results = selftest_lines(&mut vm)?;
     eprintln!("NOTE {name}: self-test done after {:.0?}", vm.elapsed());
+    // The self-test powers the guest off: ACPI S5 through rvmm's sleep control register ends
+    // rvmm with 0 (not the i8042 reset).
+    vm.expect_line_within("reboot: Power down", BOOT_LIMIT)?;
     let status = vm.wait_exit(BOOT_LIMIT)?;
     assert_eq!(status.code(), Some(0), "{}", vm.stderr());
+    assert!(
+        vm.stderr().contains("guest powered off (ACPI S5)"),
+        "{}",
+        vm.stderr()
+    );
 
     let result = |check: &str| check_result(&results, check);
     for check in [
@@ -96,6 +106,7 @@ fn block_and_console_selftest_in_the_guest_kernel() -> TestResult {
         "blk-serial",
         "blk-discard",
         "console",
+        "acpi",
     ] {
         assert!(
             result(check).starts_with("ok"),
@@ -105,6 +116,13 @@ fn block_and_console_selftest_in_the_guest_kernel() -> TestResult {
     }
     assert!(result("blk-serial").contains(&format!("vdb={DATA_SERIAL}")));
     assert!(result("done").contains("failed=0"), "{}", result("done"));
+    // Every table /sys/firmware/acpi/tables would list, and one LNRO0005 device per virtio
+    // device (vda, vdb, vdc, hvc0) found without command-line hints.
+    assert!(
+        result("acpi").contains("tables=FACP,APIC,DSDT, oem=RVMM LNRO0005=4"),
+        "{}",
+        result("acpi")
+    );
     // hvc0 output reached rvmm's stdout.
     assert!(
         vm.console()

@@ -39,6 +39,9 @@ pub struct BootParamsConfig {
     pub setup_header: Option<setup_header>,
     /// Guest RAM size; the e820 map is derived from it via [`crate::layout::ram_regions`].
     pub mem_size: u64,
+    /// Where the ACPI RSDP is, when there are ACPI tables (Linux would also find it by
+    /// scanning the BIOS area, but the zero page is the boot protocol's direct way).
+    pub acpi_rsdp: Option<GuestAddress>,
 }
 
 /// Errors from writing the zero page.
@@ -112,6 +115,7 @@ pub fn write_boot_params(
         params.ext_ramdisk_size = high32(size as u64);
     }
     params.ext_cmd_line_ptr = high32(cfg.cmdline_addr.0);
+    params.acpi_rsdp_addr = cfg.acpi_rsdp.map_or(0, |addr| addr.0);
     fill_e820(&mut params, mem, cfg.mem_size)?;
 
     let page = BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_ADDR));
@@ -259,6 +263,7 @@ mod tests {
             initrd: None,
             setup_header: None,
             mem_size: MEM_SIZE,
+            acpi_rsdp: None,
         }
     }
 
@@ -281,6 +286,18 @@ mod tests {
         assert_eq!({ p.hdr.cmdline_size }, 32);
         assert_eq!({ p.hdr.ramdisk_image }, 0);
         assert_eq!({ p.hdr.ramdisk_size }, 0);
+        assert_eq!({ p.acpi_rsdp_addr }, 0);
+    }
+
+    #[test]
+    fn rsdp_address_is_passed() {
+        let m = mem(MEM_SIZE);
+        let cfg = BootParamsConfig {
+            acpi_rsdp: Some(GuestAddress(crate::layout::ACPI_START)),
+            ..cfg()
+        };
+        write_boot_params(&m, &cfg).unwrap();
+        assert_eq!({ read_back(&m).acpi_rsdp_addr }, crate::layout::ACPI_START);
     }
 
     #[test]

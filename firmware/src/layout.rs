@@ -38,6 +38,10 @@ pub const CMDLINE_MAX_LEN: usize = 4096;
 /// Linux scans for the MP floating pointer. Everything from here up to `HIMEM_START` is
 /// reported as reserved in the e820 map.
 pub const EBDA_START: u64 = 0x9fc00;
+/// The ACPI tables: the RSDP at the start of the BIOS area (Linux scans 0xE0000-0xFFFFF for
+/// it on 16-byte boundaries), the other tables after it. Like the MP table they sit in the
+/// range e820 reports as reserved.
+pub const ACPI_START: u64 = 0xe_0000;
 /// Where the kernel is loaded (1 MiB).
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole: [3 GiB, 4 GiB) holds no RAM.
@@ -56,6 +60,38 @@ pub const APIC_ADDR: u64 = 0xfee0_0000;
 pub const IRQ_BASE: u32 = 5;
 /// Last IO-APIC pin (the IO-APIC has 24 pins).
 pub const IRQ_MAX: u32 = 23;
+/// How many virtio-mmio devices fit: one free IO-APIC pin each (the MMIO window is larger).
+pub const VIRTIO_SLOT_COUNT: u32 = IRQ_MAX - IRQ_BASE + 1;
+/// ISA interrupt of the PIT (KVM's in-kernel PIT raises GSI 0).
+pub const PIT_IRQ: u32 = 0;
+/// COM1's I/O ports and ISA interrupt.
+pub const COM1_PORT: u16 = 0x3f8;
+/// Number of COM1 registers.
+pub const COM1_PORT_COUNT: u16 = 8;
+/// COM1's ISA interrupt, IO-APIC pin 4.
+pub const COM1_IRQ: u32 = 4;
+/// I/O port of the ACPI sleep control and status registers of the hardware-reduced FADT
+/// (one byte; the port QEMU's ICH9 uses for its PM block, unused by anything else here).
+pub const ACPI_SLEEP_PORT: u16 = 0x600;
+
+/// Where one virtio-mmio device lives: its register window and IO-APIC pin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioSlot {
+    /// Start of the device's [`VIRTIO_MMIO_SIZE`] register window.
+    pub addr: u64,
+    /// IO-APIC pin (GSI) of its interrupt.
+    pub irq: u32,
+}
+
+impl VirtioSlot {
+    /// The `index`-th slot (from 0), if there is one.
+    pub fn nth(index: u32) -> Option<Self> {
+        (index < VIRTIO_SLOT_COUNT).then(|| VirtioSlot {
+            addr: VIRTIO_MMIO_BASE + u64::from(index) * VIRTIO_MMIO_SIZE,
+            irq: IRQ_BASE + index,
+        })
+    }
+}
 
 /// Highest address an initrd may end at when the kernel's own limit is unknown. Old kernels
 /// set `initrd_addr_max` to 0x37ff_ffff (896 MiB, the old lowmem limit); modern x86_64
@@ -223,7 +259,8 @@ mod tests {
             (BOOT_STACK_POINTER, BOOT_STACK_POINTER + 1),
             (PML4_ADDR, PML4_ADDR + 3 * PAGE_SIZE),
             (CMDLINE_ADDR, CMDLINE_ADDR + CMDLINE_MAX_LEN as u64),
-            (EBDA_START, HIMEM_START),
+            (EBDA_START, ACPI_START),
+            (ACPI_START, HIMEM_START),
         ];
         for (i, a) in areas.iter().enumerate() {
             for b in &areas[i + 1..] {
@@ -234,6 +271,22 @@ mod tests {
         for addr in [VIRTIO_MMIO_BASE, IOAPIC_ADDR, APIC_ADDR] {
             assert!((MMIO_GAP_START..MMIO_GAP_END).contains(&addr));
         }
+    }
+
+    #[test]
+    fn virtio_slots_are_consecutive_and_bounded() {
+        assert_eq!(
+            VirtioSlot::nth(0),
+            Some(VirtioSlot {
+                addr: 0xd000_0000,
+                irq: 5
+            })
+        );
+        let last = VirtioSlot::nth(VIRTIO_SLOT_COUNT - 1).unwrap();
+        assert_eq!(last.irq, IRQ_MAX);
+        assert!(last.addr + VIRTIO_MMIO_SIZE <= IOAPIC_ADDR);
+        assert_eq!(VirtioSlot::nth(VIRTIO_SLOT_COUNT), None);
+        const { assert!(COM1_IRQ < IRQ_BASE && PIT_IRQ < IRQ_BASE) };
     }
 
     #[test]

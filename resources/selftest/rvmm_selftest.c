@@ -25,7 +25,12 @@
  *	RVMM-SELFTEST done passed=<n> failed=<m>
  *
  * and then the machine is restarted (kernel_restart()); with reboot=k rvmm
- * sees the keyboard-controller reset and exits 0. rvmm's host tests parse
+ * sees the keyboard-controller reset and exits 0. With
+ *
+ *	rvmm_selftest.poweroff=1
+ *
+ * it is powered off instead (kernel_power_off(): ACPI S5 through rvmm's sleep
+ * control register, which also ends rvmm with 0). rvmm's host tests parse
  * these lines: keep the format exactly as it is.
  *
  * The VM the host test starts has: vda = ext4 root (rw), vdb = read-only disk
@@ -40,6 +45,10 @@
  *	rvmm_selftest.vsock_port=<port>			(vsock-connect, to CID 2)
  *	rvmm_selftest.vsock_listen=<port>		(vsock-listen, default 5001)
  *
+ * "acpi" reports the ACPI tables rvmm generated (their signatures and OEM id,
+ * as /sys/firmware/acpi/tables would list them) and how many virtio-mmio
+ * devices (LNRO0005) the DSDT described to the kernel.
+ *
  * Guest kernel code may run at ~1 MIPS (emulated), so the checks move little
  * data and avoid expensive formatting in loops.
  *
@@ -47,6 +56,7 @@
  * the checks[] table with its name and group.
  */
 
+#include <linux/acpi.h>
 #include <linux/blkdev.h>
 #include <linux/inet.h>
 #include <linux/in.h>
@@ -129,6 +139,17 @@ static int __init rvmm_selftest_vsock_listen_setup(char *str)
 	return 1;
 }
 __setup("rvmm_selftest.vsock_listen=", rvmm_selftest_vsock_listen_setup);
+
+/* rvmm_selftest.poweroff=1: end with kernel_power_off() instead of kernel_restart(). */
+static bool selftest_poweroff;
+
+static int __init rvmm_selftest_poweroff_setup(char *str)
+{
+	if (kstrtobool(str, &selftest_poweroff))
+		selftest_poweroff = false;
+	return 1;
+}
+__setup("rvmm_selftest.poweroff=", rvmm_selftest_poweroff_setup);
 
 /*
  * A check fills @detail (one line, no newline) and returns true if it passed.
@@ -935,6 +956,40 @@ out:
 
 /* ---- the table of checks and the runner ------------------------------------------ */
 
+/* ---- acpi: the tables the kernel found and the devices the DSDT described ---- */
+
+static bool check_acpi(char *detail, size_t len)
+{
+#ifdef CONFIG_ACPI
+	static const char *const sigs[] = { ACPI_SIG_FADT, ACPI_SIG_MADT, ACPI_SIG_DSDT };
+	char oem[ACPI_OEM_ID_SIZE + 1] = "";
+	struct acpi_table_header *hdr;
+	struct acpi_device *adev;
+	unsigned int virtio = 0;
+	size_t i, off = 0;
+	bool ok = true;
+
+	off += scnprintf(detail + off, len - off, "tables=");
+	for (i = 0; i < ARRAY_SIZE(sigs); i++) {
+		if (ACPI_FAILURE(acpi_get_table((char *)sigs[i], 1, &hdr))) {
+			off += scnprintf(detail + off, len - off, "%s-missing,", sigs[i]);
+			ok = false;
+			continue;
+		}
+		memcpy(oem, hdr->oem_id, ACPI_OEM_ID_SIZE);
+		acpi_put_table(hdr);
+		off += scnprintf(detail + off, len - off, "%s,", sigs[i]);
+	}
+	for_each_acpi_dev_match(adev, "LNRO0005", NULL, -1)
+		virtio++;
+	scnprintf(detail + off, len - off, " oem=%s LNRO0005=%u", strim(oem), virtio);
+	return ok && virtio > 0;
+#else
+	scnprintf(detail, len, "kernel built without CONFIG_ACPI");
+	return false;
+#endif
+}
+
 struct selftest_check {
 	const char *name;	/* printed in the result line; selects this check */
 	const char *group;	/* selects every check of the group */
@@ -953,6 +1008,7 @@ static const struct selftest_check checks[] = {
 	{ "net-tcp",       "net",   check_net_tcp },
 	{ "vsock-connect", "vsock", check_vsock_connect },
 	{ "vsock-listen",  "vsock", check_vsock_listen },
+	{ "acpi",          "acpi",  check_acpi },
 };
 
 /* Whether the comma-separated @list names @check or its group. */
@@ -1038,5 +1094,7 @@ void rvmm_selftest_run(void)
 
 	/* printk is synchronous here; the pause lets a buffering console drain. */
 	msleep(20);
+	if (selftest_poweroff)
+		kernel_power_off();
 	kernel_restart(NULL);
 }

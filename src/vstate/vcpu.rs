@@ -46,6 +46,7 @@ const APIC_LVT0: usize = 0x350;
 const APIC_LVT1: usize = 0x360;
 const APIC_MODE_EXTINT: u32 = 0x7;
 const APIC_MODE_NMI: u32 = 0x4;
+const APIC_LVT_MASKED: u32 = 1 << 16;
 
 /// Bit 1 of RFLAGS is reserved and must be set.
 const RFLAGS_RESERVED: u64 = 0x2;
@@ -83,6 +84,11 @@ pub struct BootState {
     pub zero_page: u64,
     pub cr3: u64,
     pub segments: BootSegments,
+    /// Whether the guest is told about the 8259 PIC (MP table only). Otherwise LINT0 is
+    /// masked: under hardware-reduced ACPI Linux never programs the 8259, and KVM's in-kernel
+    /// PIC left at reset (nothing masked, vectors from 0) delivered through LINT0 and hung the
+    /// boot here at the switch to the kvm-clock clocksource.
+    pub legacy_pic: bool,
 }
 
 pub struct Vcpu {
@@ -133,6 +139,9 @@ impl Vcpu {
         let mut lapic = self.fd.get_lapic().map_err(setup("get lapic"))?;
         set_lvt_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
         set_lvt_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
+        if !boot.legacy_pic {
+            update_lvt(&mut lapic.regs, APIC_LVT0, |v| v | APIC_LVT_MASKED);
+        }
         self.fd.set_lapic(&lapic).map_err(setup("lapic"))
     }
 
@@ -335,11 +344,16 @@ fn kvm_seg(s: &Segment) -> kvm_segment {
 
 /// Sets the delivery-mode field (bits 10:8) of a local APIC LVT register.
 fn set_lvt_mode(regs: &mut [libc::c_char; 1024], offset: usize, mode: u32) {
+    update_lvt(regs, offset, |v| (v & !0x700) | (mode << 8));
+}
+
+/// Rewrites the 32-bit local APIC register at `offset` through `f`.
+fn update_lvt(regs: &mut [libc::c_char; 1024], offset: usize, f: impl Fn(u32) -> u32) {
     let mut bytes = [0u8; 4];
     for (b, r) in bytes.iter_mut().zip(&regs[offset..offset + 4]) {
         *b = *r as u8;
     }
-    let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+    let value = f(u32::from_le_bytes(bytes));
     for (r, b) in regs[offset..offset + 4].iter_mut().zip(value.to_le_bytes()) {
         *r = b as libc::c_char;
     }
@@ -360,6 +374,10 @@ mod tests {
         assert_eq!(regs[APIC_LVT0 + 2] as u8, 0x01);
         set_lvt_mode(&mut regs, APIC_LVT0, APIC_MODE_NMI);
         assert_eq!(regs[APIC_LVT0 + 1] as u8, 0x04);
+        regs[APIC_LVT0 + 2] = 0;
+        update_lvt(&mut regs, APIC_LVT0, |v| v | APIC_LVT_MASKED);
+        assert_eq!(regs[APIC_LVT0 + 2] as u8, 0x01);
+        assert_eq!(regs[APIC_LVT0 + 1] as u8, 0x04);
     }
 
     #[test]
@@ -370,6 +388,7 @@ mod tests {
             zero_page: 0x7000,
             cr3: 0x9000,
             segments: BootSegments::default(),
+            legacy_pic: true,
         };
         let r = boot_regs(&boot);
         assert_eq!(

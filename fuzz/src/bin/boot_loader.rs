@@ -1,7 +1,8 @@
 //! Kernel and initrd loaders: the input is a kernel image (ELF vmlinux, bzImage or garbage)
 //! loaded with the boot tables into 64 MiB of guest memory. With control bit 0, the input's
 //! last N bytes are an initrd, N being the 16-bit number in bytes 1-2; bits 1-3 pick 1 to 8
-//! vCPUs for the MP table.
+//! vCPUs for the MP table, bits 4-6 the number of virtio devices in the DSDT, and bit 7
+//! turns the ACPI tables off.
 // `cargo test` builds every binary as a test harness, which brings its own `main`.
 #![cfg_attr(not(test), no_main)]
 
@@ -9,6 +10,8 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use rvmm::boot::{load, BootConfig};
+use rvmm_firmware::acpi::AcpiConfig;
+use rvmm_firmware::layout::VirtioSlot;
 use rvmm_fuzz::scratch_file;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::tempfile::TempFile;
@@ -49,12 +52,21 @@ fuzz_target!(|data: &[u8]| {
     if let Some(initrd) = initrd {
         std::fs::write(rig.initrd.as_path(), initrd).expect("writing the initrd");
     }
+    let vcpus = 1 + (control >> 1 & 0x7);
+    let devices: Vec<VirtioSlot> = (0..u32::from(control >> 4 & 0x7))
+        .filter_map(VirtioSlot::nth)
+        .collect();
     let cfg = BootConfig {
         kernel: rig.kernel.as_path(),
         initrd: initrd.map(|_| rig.initrd.as_path()),
         cmdline: "console=ttyS0 panic=1",
-        vcpus: 1 + (control >> 1 & 0x7),
+        vcpus,
         mem_size: MEM_SIZE,
+        acpi: (control & 0x80 == 0).then_some(AcpiConfig {
+            num_cpus: vcpus,
+            virtio: &devices,
+            serial: true,
+        }),
     };
     let _ = load(&rig.mem, &cfg);
 });

@@ -13,6 +13,7 @@ use clap::Parser;
 use libfuzzer_sys::fuzz_target;
 use rvmm::boot::{load, BootConfig};
 use rvmm::config::{Cli, DiskConfig, NetConfig, VmConfig, VsockConfig};
+use rvmm_firmware::acpi::AcpiConfig;
 use rvmm_fuzz::scratch_file;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::tempfile::TempFile;
@@ -88,6 +89,11 @@ fuzz_target!(|data: &[u8]| {
         cmdline: &cfg.cmdline,
         vcpus: cfg.vcpus,
         mem_size: MEM_SIZE,
+        acpi: cfg.acpi.then_some(AcpiConfig {
+            num_cpus: cfg.vcpus,
+            virtio: &[],
+            serial: true,
+        }),
     };
     let _ = load(&rig.mem, &boot);
 });
