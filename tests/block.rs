@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{
-    debugfs_cat, guest_artifacts, kvm_is_emulated, kvm_or_skip, tiny_guest, TestResult, TestVm,
+    debugfs_cat, guest_artifacts, kvm_or_skip, tiny_guest, userspace_kernel, TestResult, TestVm,
 };
 
 const BOOT_LIMIT: Duration = Duration::from_secs(300);
@@ -68,7 +68,7 @@ fn linux_mounts_its_root_from_virtio_blk_and_sees_every_disk() -> TestResult {
     let scratch = scratch_file("scratch.img", 8 << 20);
     let mut vm = TestVm::boot([
         "--kernel".to_string(),
-        guest.join("vmlinux").display().to_string(),
+        guest.join(userspace_kernel()).display().to_string(),
         "--rootfs".into(),
         rootfs.display().to_string(),
         "--disk".into(),
@@ -94,23 +94,12 @@ fn linux_mounts_its_root_from_virtio_blk_and_sees_every_disk() -> TestResult {
     }
     vm.expect_line_within("EXT4-fs (vda): mounted filesystem", BOOT_LIMIT)?;
     vm.expect_line_within("VFS: Mounted root (ext4 filesystem)", BOOT_LIMIT)?;
-    if kvm_is_emulated() {
-        eprintln!(
-            "NOTE {name}: emulated KVM: root mounted after {:.0?}; init cannot run here, so \
-             writes, flushes and the ro disk are checked by the in-guest self-test instead",
-            vm.elapsed()
-        );
-        vm.expect_line_within("Attempted to kill init", BOOT_LIMIT)?;
-    } else {
-        let root = vm.expect_line_within("RVMM-INIT root=", BOOT_LIMIT)?;
-        assert!(root.contains("root=/dev/vda"), "{root}");
-        vm.expect_line_within("RVMM-INIT written=", BOOT_LIMIT)?;
-    }
+    let root = vm.expect_line_within("RVMM-INIT root=", BOOT_LIMIT)?;
+    assert!(root.contains("root=/dev/vda"), "{root}");
+    vm.expect_line_within("RVMM-INIT written=", BOOT_LIMIT)?;
     assert_eq!(vm.wait_exit(BOOT_LIMIT)?.code(), Some(0), "{}", vm.stderr());
-    if !kvm_is_emulated() {
-        // What the guest's init wrote and synced is in the image on the host.
-        let written = debugfs_cat(&rootfs, "/rvmm-written")?;
-        assert_eq!(written, b"rvmm guest wrote this line\n");
-    }
+    // What the guest's init wrote and synced is in the image on the host.
+    let written = debugfs_cat(&rootfs, "/rvmm-written")?;
+    assert_eq!(written, b"rvmm guest wrote this line\n");
     Ok(())
 }

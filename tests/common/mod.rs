@@ -35,6 +35,22 @@ pub fn kvm_is_emulated() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
 
+/// The guest kernel whose userspace can run on this host: `vmlinux` on hardware KVM. An
+/// emulating KVM fails to enter system calls, so there it is `vmlinux-selftest`, whose test
+/// patch (resources/guest/test-patches/0002-…) completes them in the page-fault handler.
+pub fn userspace_kernel() -> &'static str {
+    if kvm_is_emulated() {
+        "vmlinux-selftest"
+    } else {
+        "vmlinux"
+    }
+}
+
+/// True when init can run under `kernel` (a file name from the guest artifacts) on this host.
+pub fn userspace_runs(kernel: &str) -> bool {
+    !kvm_is_emulated() || kernel == "vmlinux-selftest"
+}
+
 /// Where resources/build-guest.sh put the guest kernel and images.
 pub fn guest_artifacts(test: &str) -> Option<PathBuf> {
     let dir = std::env::var_os("RVMM_GUEST_DIR")
