@@ -9,8 +9,9 @@
 # Inputs: this script, lib.sh, the version of the kernel image package the metapackage
 # points at, busybox-static. Nothing is installed: the package is fetched with
 # `apt-get download` (so only from the configured apt sources).
-# Output: ${XDG_CACHE_HOME:-$HOME/.cache}/rvmm/stock-<key>/{vmlinuz,initramfs.cpio,
-# modules.load,kernel-version}; ${XDG_CACHE_HOME:-$HOME/.cache}/rvmm/stock links to the
+# Output: ${XDG_CACHE_HOME:-$HOME/.cache}/rvmm/stock-<key>/{vmlinuz,vmlinux,initramfs.cpio,
+# modules.load,kernel-version}, where vmlinux is the ELF kernel inside vmlinuz, decompressed
+# here (the same code; on an emulating KVM the guest-side decompressor takes minutes); ${XDG_CACHE_HOME:-$HOME/.cache}/rvmm/stock links to the
 # newest. stdout carries only that directory; progress goes to stderr.
 set -euo pipefail
 
@@ -51,6 +52,31 @@ image_version=$(apt-cache policy "$image_pkg" | awk '/Candidate:/ { print $2 }')
 [[ -n $image_version && $image_version != "(none)" ]] || die "no candidate version of $image_pkg"
 kver=${image_pkg#linux-image-}
 
+# extract_vmlinux BZIMAGE OUT: the compressed payload of a bzImage (boot protocol 2.08+:
+# payload_offset/payload_length after the setup sectors), decompressed by the tool its magic
+# names. The payload ends with the 4-byte uncompressed size, which no decompressor expects.
+extract_vmlinux() {
+    local image=$1 out=$2 setup_sects offset length magic
+    u32() { od -An -tu4 -j "$1" -N4 -- "$image" | tr -d ' '; }
+    setup_sects=$(od -An -tu1 -j 0x1f1 -N1 -- "$image" | tr -d ' ')
+    ((setup_sects)) || setup_sects=4
+    offset=$(((setup_sects + 1) * 512 + $(u32 0x248)))
+    length=$(($(u32 0x24c) - 4))
+    magic=$(od -An -tx1 -j "$offset" -N4 -- "$image" | tr -d ' ')
+    local unpack
+    case $magic in
+        02214c18) unpack="lz4 -dc" ;;
+        1f8b*) unpack="gzip -dc" ;;
+        fd377a58) unpack="xz -dc" ;;
+        28b52ffd) unpack="zstd -qdc" ;;
+        *) die "$image: unknown payload compression (magic $magic)" ;;
+    esac
+    tail -c "+$((offset + 1))" -- "$image" | head -c "$length" | $unpack >"$out" ||
+        die "$image: cannot decompress its payload with $unpack"
+    [[ $(od -An -tx1 -N4 -- "$out" | tr -d ' ') == 7f454c46 ]] ||
+        die "$image: its payload is not an ELF kernel"
+}
+
 key=$(input_key "$image_pkg $image_version busybox-static $busybox_version" build-stock-guest.sh)
 cache_setup "$key"
 step "building $name-$key ($image_pkg $image_version)"
@@ -63,6 +89,7 @@ moddir=$work/pkg/lib/modules/$kver
 # The package ships no modules.dep (its postinst runs depmod): make it the same way.
 depmod -b "$work/pkg" "$kver"
 cp -- "$work/pkg/boot/vmlinuz-$kver" "$out/vmlinuz"
+extract_vmlinux "$out/vmlinuz" "$out/vmlinux"
 printf '%s %s\n' "$image_pkg" "$image_version" >"$out/kernel-version"
 
 step "2/3 resolving ${wanted[*]} in modules.dep"

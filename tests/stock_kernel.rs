@@ -4,8 +4,10 @@
 //!
 //! On an emulating KVM this kernel cannot get far: it lacks the two compat patches the
 //! project's kernel carries (its INT3 self-test and an FWAIT are instructions the emulator
-//! cannot do), and its decompressor runs emulated. There the test asserts what the kernel
-//! reaches before that (its log of rvmm's ACPI tables and the MADT) and stops the VM.
+//! cannot do), and its bzImage decompressor alone runs emulated for over ten minutes. There
+//! the test boots the ELF kernel inside that bzImage (decompressed on the host by the build
+//! script: the same code), asserts what the kernel reaches (its log of rvmm's ACPI tables and
+//! the MADT) and stops the VM.
 
 mod common;
 
@@ -14,8 +16,8 @@ use std::time::Duration;
 
 use common::{guest_artifacts, kvm_is_emulated, kvm_or_skip, TestResult, TestVm};
 
-/// The decompressor alone runs for minutes when guest kernel code is emulated.
-const BOOT_LIMIT: Duration = Duration::from_secs(900);
+/// Guest kernel code runs emulated on some hosts: minutes to the first milestones.
+const BOOT_LIMIT: Duration = Duration::from_secs(600);
 
 /// Where resources/build-stock-guest.sh put the stock kernel and its initramfs.
 fn stock_artifacts(test: &str) -> Option<PathBuf> {
@@ -27,7 +29,7 @@ fn stock_artifacts(test: &str) -> Option<PathBuf> {
                 .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
             cache.join("rvmm/stock")
         });
-    if dir.join("vmlinuz").is_file() {
+    if dir.join("vmlinuz").is_file() && dir.join("vmlinux").is_file() {
         return Some(dir);
     }
     if std::env::var("RVMM_REQUIRE_KVM").as_deref() == Ok("1") {
@@ -54,9 +56,14 @@ fn debian_cloud_kernel_finds_rvmm_through_acpi() -> TestResult {
     };
     let rootfs = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("stock-rootfs.ext4");
     std::fs::copy(guest.join("rootfs.ext4"), &rootfs).map_err(|e| e.to_string())?;
+    let kernel = if kvm_is_emulated() {
+        "vmlinux"
+    } else {
+        "vmlinuz"
+    };
     let mut vm = TestVm::boot([
         "--kernel".to_string(),
-        stock.join("vmlinuz").display().to_string(),
+        stock.join(kernel).display().to_string(),
         "--initrd".into(),
         stock.join("initramfs.cpio").display().to_string(),
         "--rootfs".into(),
@@ -70,7 +77,7 @@ fn debian_cloud_kernel_finds_rvmm_through_acpi() -> TestResult {
         "console=ttyS0 earlyprintk=serial reboot=k panic=1".into(),
     ])?;
     vm.expect_line_within("Linux version 6.1", BOOT_LIMIT)?;
-    eprintln!("NOTE {name}: decompressed after {:.0?}", vm.elapsed());
+    eprintln!("NOTE {name}: {kernel} started after {:.0?}", vm.elapsed());
     for table in ["RSDP", "XSDT", "FACP", "DSDT", "APIC"] {
         let line = vm.expect_line_within(&format!("ACPI: {table} 0x"), BOOT_LIMIT)?;
         assert!(line.contains("RVMM"), "{line}");
