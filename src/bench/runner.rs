@@ -68,6 +68,9 @@ pub struct Watch<'a> {
     pub on_marker: Option<&'a mut dyn FnMut(u32) -> bool>,
     /// A non-zero exit is an error unless this is set.
     pub any_status: bool,
+    /// A stdout line containing one of these before the marker means the marker will never
+    /// come: the command is stopped at once and the line kept in [`Measured::gave_up`].
+    pub give_up: &'a [&'a str],
 }
 
 impl<'a> Watch<'a> {
@@ -78,6 +81,7 @@ impl<'a> Watch<'a> {
             marker,
             on_marker: None,
             any_status: false,
+            give_up: &[],
         }
     }
 }
@@ -91,6 +95,8 @@ pub struct Measured {
     /// User + system seconds of the command and the children it waited for.
     pub cpu: f64,
     pub max_rss_kib: u64,
+    /// The `give_up` line that made the runner stop the command.
+    pub gave_up: Option<String>,
     pub stdout: String,
     pub stderr: String,
 }
@@ -177,9 +183,16 @@ pub fn run(cmd: &mut Command, mut watch: Watch) -> Result<Measured, RunError> {
             });
         }
         poll_pipes(&mut pipes);
-        if m.first_line.is_none() {
+        if m.first_line.is_none() && m.gave_up.is_none() {
             if let Some(out) = &pipes[0] {
-                if out.text.lines().any(|l| l.contains(watch.marker)) {
+                m.gave_up = out
+                    .text
+                    .lines()
+                    .find(|l| watch.give_up.iter().any(|g| l.contains(g)))
+                    .map(|l| l.trim().to_string());
+                if m.gave_up.is_some() {
+                    group.kill();
+                } else if out.text.lines().any(|l| l.contains(watch.marker)) {
                     m.first_line = Some(start.elapsed().as_secs_f64());
                     if let Some(hook) = watch.on_marker.as_mut() {
                         if hook(group.pid()) {
@@ -202,7 +215,7 @@ pub fn run(cmd: &mut Command, mut watch: Watch) -> Result<Measured, RunError> {
     m.max_rss_kib = u64::try_from(usage.ru_maxrss).unwrap_or(0);
     let killed = libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL;
     let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-    let stopped_by_us = killed && m.first_line.is_some();
+    let stopped_by_us = killed && (m.first_line.is_some() || m.gave_up.is_some());
     if !(ok || watch.any_status || stopped_by_us) {
         return Err(RunError::Failed {
             what: watch.what.to_string(),
@@ -279,5 +292,25 @@ fn poll_pipes(pipes: &mut [Option<Pipe>; 2]) {
         if ready.next() == Some(true) {
             pipe.read_some();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_give_up_line_stops_the_command_at_once() {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "echo booting; echo 'Kernel panic - not syncing: x'; exec sleep 60",
+        ]);
+        let mut watch = Watch::new("sh", Duration::from_secs(30), "ready");
+        watch.give_up = &["Kernel panic"];
+        let m = run(&mut cmd, watch).unwrap();
+        assert_eq!(m.gave_up.as_deref(), Some("Kernel panic - not syncing: x"));
+        assert_eq!(m.first_line, None);
+        assert!(m.wall < 20.0, "waited {} s", m.wall);
     }
 }
