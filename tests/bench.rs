@@ -230,6 +230,7 @@ fn bench_report_holds_the_measured_samples() -> TestResult {
         ("start.exit", "rvmm"),
         ("start.peak_rss", "rvmm"),
         ("memory.pss", "rvmm"),
+        ("memory.pss", "container"),
         ("memory.guest", "rvmm"),
         ("cpu.matmul", "process"),
         ("cpu.matmul", "container"),

@@ -174,7 +174,10 @@ pub fn run(cmd: &mut Command, mut watch: Watch) -> Result<Measured, RunError> {
         child.stderr.take().map(Pipe::new),
     ];
     let mut m = Measured::default();
-    while pipes.iter().any(Option::is_some) {
+    // Once we stop the command, its output no longer matters: a process it started outside
+    // its group (a container's init) may hold the pipes open until its own cleanup.
+    let mut stopped = false;
+    while !stopped && pipes.iter().any(Option::is_some) {
         check_cancel()?;
         if start.elapsed() > watch.timeout {
             return Err(RunError::Timeout {
@@ -185,25 +188,26 @@ pub fn run(cmd: &mut Command, mut watch: Watch) -> Result<Measured, RunError> {
         poll_pipes(&mut pipes);
         if m.first_line.is_none() && m.gave_up.is_none() {
             if let Some(out) = &pipes[0] {
-                m.gave_up = out
-                    .text
+                let complete = &out.text[..out.text.rfind('\n').map_or(0, |i| i + 1)];
+                m.gave_up = complete
                     .lines()
                     .find(|l| watch.give_up.iter().any(|g| l.contains(g)))
                     .map(|l| l.trim().to_string());
                 if m.gave_up.is_some() {
-                    group.kill();
+                    stopped = true;
                 } else if out.text.lines().any(|l| l.contains(watch.marker)) {
                     m.first_line = Some(start.elapsed().as_secs_f64());
                     if let Some(hook) = watch.on_marker.as_mut() {
-                        if hook(group.pid()) {
-                            group.kill();
-                        }
+                        stopped = hook(group.pid());
                     }
+                }
+                if stopped {
+                    group.kill();
                 }
             }
         }
         for (slot, text) in pipes.iter_mut().zip([&mut m.stdout, &mut m.stderr]) {
-            if slot.as_ref().is_some_and(|p| p.eof) {
+            if stopped || slot.as_ref().is_some_and(|p| p.eof) {
                 *text = slot.take().map(|p| p.text).unwrap_or_default();
             }
         }
