@@ -264,19 +264,23 @@ fn create_vcpus(
     Ok(vcpus)
 }
 
-/// Sets the stop flag and kicks every vCPU out of KVM_RUN until its thread ends.
+/// Sets the stop flag, kicks every vCPU out of KVM_RUN and waits for each thread to end. The
+/// wait returns as soon as a thread ends; a kick is repeated only if the first one landed
+/// just before the thread re-entered the guest.
 fn stop_vcpus(stop: &AtomicBool, handles: Vec<VcpuHandle>) {
     stop.store(true, Ordering::Release);
     let deadline = Instant::now() + STOP_TIMEOUT;
-    while handles.iter().any(|h| !h.is_finished()) {
-        if Instant::now() > deadline {
-            log::error!("a vCPU did not stop within {STOP_TIMEOUT:?}");
-            return;
-        }
-        for h in handles.iter().filter(|h| !h.is_finished()) {
+    for h in &handles {
+        h.kick();
+    }
+    for h in &handles {
+        while !h.wait_end(KICK_INTERVAL) {
+            if Instant::now() > deadline {
+                log::error!("a vCPU did not stop within {STOP_TIMEOUT:?}");
+                return;
+            }
             h.kick();
         }
-        std::thread::sleep(KICK_INTERVAL);
     }
     handles.into_iter().for_each(VcpuHandle::join);
 }

@@ -14,6 +14,7 @@
 #include <net/if.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +23,7 @@
 #include <sys/reboot.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -93,7 +95,7 @@ static int rr_client(const char *ip, int port, long n) {
     return 0;
 }
 
-// Runs a program from the guest initramfs and waits for it.
+// Runs a program from the guest root and waits for it.
 static void run(char *const argv[]) {
     pid_t pid = fork();
     if (pid == 0) {
@@ -118,6 +120,8 @@ static int net_up(const char *addr) {
     return ioctl(s, SIOCSIFFLAGS, &ifr);
 }
 
+static void on_alarm(int sig) { (void)sig; }
+
 static int guest_init(void) {
     char cmdline[4096] = {0}, steps[256] = "", guest_ip[32] = "", host_ip[32] = "";
     mount("proc", "/proc", "proc", 0, 0);
@@ -131,11 +135,11 @@ static int guest_init(void) {
     printf("RVMM-BENCH-GUEST ready\n");
     if (strstr(steps, "cpu")) cpu(atol(strstr(steps, "cpu:") ? strstr(steps, "cpu:") + 4 : "20"));
     if (strstr(steps, "disk")) {
-        run((char *const[]){"/bin/fio", "--name=randread", "--filename=/dev/vda", "--readonly",
+        run((char *const[]){"/bin/fio", "--name=randread", "--filename=/dev/vdb", "--readonly",
                             "--direct=1", "--ioengine=libaio", "--rw=randread", "--bs=4k",
                             "--iodepth=32", "--runtime=3", "--time_based", "--output-format=terse",
                             "--terse-version=3", 0});
-        run((char *const[]){"/bin/fio", "--name=seqread", "--filename=/dev/vda", "--readonly",
+        run((char *const[]){"/bin/fio", "--name=seqread", "--filename=/dev/vdb", "--readonly",
                             "--direct=1", "--ioengine=libaio", "--rw=read", "--bs=1M",
                             "--iodepth=4", "--runtime=3", "--time_based", "--output-format=terse",
                             "--terse-version=3", 0});
@@ -147,6 +151,13 @@ static int guest_init(void) {
         rr_client(host_ip, 5299, 2000);
     }
     printf("RVMM-BENCH-GUEST done\n");
+    // The console tty sends its queue from the UART interrupt: a reboot now would drop the
+    // last lines. Wait for it to drain, but at most 5 s (the alarm interrupts tcdrain).
+    struct sigaction wake = {.sa_handler = on_alarm};
+    sigaction(SIGALRM, &wake, 0);
+    alarm(5);
+    tcdrain(STDOUT_FILENO);
+    alarm(0);
     sync();
     reboot(RB_AUTOBOOT);
     return 0;

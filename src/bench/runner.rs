@@ -68,6 +68,9 @@ pub struct Watch<'a> {
     pub on_marker: Option<&'a mut dyn FnMut(u32) -> bool>,
     /// A non-zero exit is an error unless this is set.
     pub any_status: bool,
+    /// A stdout line containing one of these before the marker means the marker will never
+    /// come: the command is stopped at once and the line kept in [`Measured::gave_up`].
+    pub give_up: &'a [&'a str],
 }
 
 impl<'a> Watch<'a> {
@@ -78,6 +81,7 @@ impl<'a> Watch<'a> {
             marker,
             on_marker: None,
             any_status: false,
+            give_up: &[],
         }
     }
 }
@@ -91,6 +95,8 @@ pub struct Measured {
     /// User + system seconds of the command and the children it waited for.
     pub cpu: f64,
     pub max_rss_kib: u64,
+    /// The `give_up` line that made the runner stop the command.
+    pub gave_up: Option<String>,
     pub stdout: String,
     pub stderr: String,
 }
@@ -168,7 +174,10 @@ pub fn run(cmd: &mut Command, mut watch: Watch) -> Result<Measured, RunError> {
         child.stderr.take().map(Pipe::new),
     ];
     let mut m = Measured::default();
-    while pipes.iter().any(Option::is_some) {
+    // Once we stop the command, its output no longer matters: a process it started outside
+    // its group (a container's init) may hold the pipes open until its own cleanup.
+    let mut stopped = false;
+    while !stopped && pipes.iter().any(Option::is_some) {
         check_cancel()?;
         if start.elapsed() > watch.timeout {
             return Err(RunError::Timeout {
@@ -177,20 +186,28 @@ pub fn run(cmd: &mut Command, mut watch: Watch) -> Result<Measured, RunError> {
             });
         }
         poll_pipes(&mut pipes);
-        if m.first_line.is_none() {
+        if m.first_line.is_none() && m.gave_up.is_none() {
             if let Some(out) = &pipes[0] {
-                if out.text.lines().any(|l| l.contains(watch.marker)) {
+                let complete = &out.text[..out.text.rfind('\n').map_or(0, |i| i + 1)];
+                m.gave_up = complete
+                    .lines()
+                    .find(|l| watch.give_up.iter().any(|g| l.contains(g)))
+                    .map(|l| l.trim().to_string());
+                if m.gave_up.is_some() {
+                    stopped = true;
+                } else if out.text.lines().any(|l| l.contains(watch.marker)) {
                     m.first_line = Some(start.elapsed().as_secs_f64());
                     if let Some(hook) = watch.on_marker.as_mut() {
-                        if hook(group.pid()) {
-                            group.kill();
-                        }
+                        stopped = hook(group.pid());
                     }
+                }
+                if stopped {
+                    group.kill();
                 }
             }
         }
         for (slot, text) in pipes.iter_mut().zip([&mut m.stdout, &mut m.stderr]) {
-            if slot.as_ref().is_some_and(|p| p.eof) {
+            if stopped || slot.as_ref().is_some_and(|p| p.eof) {
                 *text = slot.take().map(|p| p.text).unwrap_or_default();
             }
         }
@@ -202,7 +219,7 @@ pub fn run(cmd: &mut Command, mut watch: Watch) -> Result<Measured, RunError> {
     m.max_rss_kib = u64::try_from(usage.ru_maxrss).unwrap_or(0);
     let killed = libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL;
     let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-    let stopped_by_us = killed && m.first_line.is_some();
+    let stopped_by_us = killed && (m.first_line.is_some() || m.gave_up.is_some());
     if !(ok || watch.any_status || stopped_by_us) {
         return Err(RunError::Failed {
             what: watch.what.to_string(),
@@ -279,5 +296,25 @@ fn poll_pipes(pipes: &mut [Option<Pipe>; 2]) {
         if ready.next() == Some(true) {
             pipe.read_some();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_give_up_line_stops_the_command_at_once() {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "echo booting; echo 'Kernel panic - not syncing: x'; exec sleep 60",
+        ]);
+        let mut watch = Watch::new("sh", Duration::from_secs(30), "ready");
+        watch.give_up = &["Kernel panic"];
+        let m = run(&mut cmd, watch).unwrap();
+        assert_eq!(m.gave_up.as_deref(), Some("Kernel panic - not syncing: x"));
+        assert_eq!(m.first_line, None);
+        assert!(m.wall < 20.0, "waited {} s", m.wall);
     }
 }

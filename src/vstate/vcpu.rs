@@ -2,8 +2,10 @@
 //! that runs KVM_RUN and hands each exit to [`crate::exit::handle_exit`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use kvm_bindings::{
     kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_EXIT_INTERNAL_ERROR,
@@ -149,11 +151,17 @@ impl Vcpu {
     pub fn start(self, ctx: RunContext) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let name = format!("vcpu{}", self.id);
+        // Nothing is ever sent: the sender is dropped when the thread ends, panics included,
+        // which wakes whoever waits on `done` at once.
+        let (ended, done) = channel::<()>();
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || self.run_loop(ctx))
+            .spawn(move || {
+                let _ended = ended;
+                self.run_loop(ctx)
+            })
             .map_err(VcpuError::Spawn)?;
-        Ok(VcpuHandle { thread })
+        Ok(VcpuHandle { thread, done })
     }
 
     fn run_loop(mut self, ctx: RunContext) {
@@ -258,6 +266,7 @@ impl RunContext {
 
 pub struct VcpuHandle {
     thread: JoinHandle<()>,
+    done: Receiver<()>,
 }
 
 impl VcpuHandle {
@@ -269,8 +278,12 @@ impl VcpuHandle {
         unsafe { libc::pthread_kill(self.thread.as_pthread_t(), SIGRTMIN()) };
     }
 
-    pub fn is_finished(&self) -> bool {
-        self.thread.is_finished()
+    /// Waits up to `timeout` for the thread to end; true once it has.
+    pub fn wait_end(&self, timeout: Duration) -> bool {
+        matches!(
+            self.done.recv_timeout(timeout),
+            Err(RecvTimeoutError::Disconnected) | Ok(())
+        )
     }
 
     pub fn join(self) {
