@@ -30,7 +30,7 @@ pub fn kvm_or_skip(test: &str) -> bool {
 }
 
 /// The emulating nested KVM of some CI machines: guest kernels are slow and guest userspace
-/// cannot make system calls.
+/// can make system calls only under the test kernel (see [`userspace_kernel`]).
 pub fn kvm_is_emulated() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
