@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-seconds=${1:-40}
+seconds=${1:-20}
 shift || true
 if [ $# -gt 0 ]; then
     targets=("$@")

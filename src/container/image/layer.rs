@@ -34,6 +34,32 @@ fn clean(path: &Path) -> Result<Option<PathBuf>, ImageError> {
     Ok((!out.as_os_str().is_empty()).then_some(out))
 }
 
+/// Refuses a directory path `dir` (relative to `root`) that goes through a symlink: an earlier
+/// layer may have planted `a -> /etc`, and removing `root/a/passwd` would then delete the
+/// host's file. (Unpacking itself is checked by the tar crate; removals are ours.)
+fn check_no_symlink(root: &Path, dir: &Path) -> Result<(), ImageError> {
+    let mut at = root.to_path_buf();
+    for part in dir.components() {
+        at.push(part);
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(ImageError::BadEntry(format!(
+                    "{} (goes through a symbolic link)",
+                    dir.display()
+                )))
+            }
+            Ok(_) => {}
+            // Nothing there: nothing to remove below it either.
+            Err(_) => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
+fn parent_of(path: &Path) -> &Path {
+    path.parent().unwrap_or(Path::new(""))
+}
+
 /// Removes whatever is at `path` (file, link or whole tree) without following symlinks.
 fn remove_any(path: &Path) -> io::Result<()> {
     match fs::symlink_metadata(path) {
@@ -102,6 +128,7 @@ pub fn apply(layer: impl Read, root: &Path, owners: &mut Owners) -> Result<(), I
             continue;
         }
         let dst = root.join(&path);
+        check_no_symlink(root, parent_of(&path))?;
         // A later layer may replace a directory by a file or the other way round.
         if let Ok(old) = fs::symlink_metadata(&dst) {
             if !(old.is_dir() && kind == EntryType::Directory) {
@@ -129,10 +156,13 @@ fn apply_whiteouts(
     owners: &mut Owners,
 ) -> Result<(), ImageError> {
     for dir in &whiteouts.opaque_dirs {
+        // Its entries are listed and removed, so the directory must not be a symlink either.
+        check_no_symlink(root, dir)?;
         clear_lower(root, dir, written).map_err(|e| ImageError::Unpack(dir.clone(), e))?;
         owners.retain(|p, _| !p.starts_with(dir) || p == dir || written.contains(p));
     }
     for hidden in &whiteouts.files {
+        check_no_symlink(root, parent_of(hidden))?;
         remove_any(&root.join(hidden)).map_err(|e| ImageError::Unpack(hidden.clone(), e))?;
         owners.retain(|p, _| !p.starts_with(hidden));
     }
@@ -197,6 +227,44 @@ pub(crate) mod tests {
             apply(layer.as_slice(), dir.as_path(), &mut owners).unwrap();
         }
         (dir, owners)
+    }
+
+    /// A tar with one symlink entry.
+    fn symlink_tar(path: &str, target: &Path) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_link(&mut h, path, target).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn removals_never_go_through_a_planted_symlink() {
+        let outside = TempDir::new().unwrap();
+        let victim = outside.as_path().join("victim");
+        fs::create_dir(outside.as_path().join("dir")).unwrap();
+        fs::write(outside.as_path().join("dir/inner"), b"x").unwrap();
+        fs::write(&victim, b"host data").unwrap();
+        let link = symlink_tar("a", outside.as_path());
+        for upper in [
+            tar_of(&[("a/.wh.victim", Some(b""))]),
+            tar_of(&[("a/victim", Some(b"overwritten"))]),
+            tar_of(&[("a/dir/.wh..wh..opq", Some(b""))]),
+            tar_of(&[("a/.wh..wh..opq", Some(b""))]),
+        ] {
+            let root = TempDir::new().unwrap();
+            let mut owners = Owners::new();
+            apply(link.as_slice(), root.as_path(), &mut owners).unwrap();
+            let err = apply(upper.as_slice(), root.as_path(), &mut owners).unwrap_err();
+            assert!(err.to_string().contains("symbolic link"), "{err}");
+            assert_eq!(fs::read(&victim).unwrap(), b"host data");
+            assert!(outside.as_path().join("dir/inner").exists());
+        }
     }
 
     #[test]
