@@ -4,7 +4,9 @@ ones) in each target's input format, so the fuzzer starts from requests a real d
 Run it again after changing a format; the files are committed."""
 
 import os
+import io
 import struct
+import tarfile
 import sys
 
 SEEDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seeds")
@@ -234,7 +236,63 @@ def config_seeds():
     write(t, "bad-specs", a(1, "tap=,mac=zz") + a(2, "cid=2") + a(0, ",ro") + a(6, "0") + a(5, "999999999"))
 
 
+def frame(payload, version=1):
+    """A host-agent protocol frame: version, little-endian length, bincode payload."""
+    return bytes([version]) + struct.pack("<I", len(payload)) + payload
+
+
+def bytes_field(data):
+    """bincode (varint) encoding of a byte string or string shorter than 251 bytes."""
+    return bytes([len(data)]) + data
+
+
+def protocol_seeds():
+    t = "agent_protocol"
+    hello = frame(bytes([0]) + bytes_field(b"rvmm-agent 0.1"))
+    write(t, "hello", hello)
+    write(t, "stdin-close-shutdown", frame(bytes([2]) + bytes_field(b"hello\n")) + frame(bytes([3]))
+          + frame(bytes([9])))
+    # Exit(Code(3)): zigzag varint 6; Signal(9): zigzag 18.
+    write(t, "stdout-exit", frame(bytes([5]) + bytes_field(b"out")) + frame(bytes([7, 0, 6]))
+          + frame(bytes([4, 18])))
+    write(t, "bad-version-and-length", frame(bytes([3]), version=2) + b"\x01\xff\xff\xff\x7f")
+
+
+def tar_entry(tar, name, data=None, link=None, kind=None):
+    info = tarfile.TarInfo(name)
+    if link is not None:
+        info.type = tarfile.SYMTYPE
+        info.linkname = link
+    elif kind is not None:
+        info.type = kind
+    else:
+        info.size = len(data or b"")
+    tar.addfile(info, io.BytesIO(data or b"") if info.size else None)
+
+
+def layer_seeds():
+    t = "container_layer"
+    entries = {
+        "files-and-dirs": [("bin/", None, None, tarfile.DIRTYPE), ("bin/sh", b"#!", None, None),
+                           ("etc/hostname", b"rvmm\n", None, None)],
+        "whiteouts": [("etc/.wh.passwd", b"", None, None), ("usr/.wh..wh..opq", b"", None, None),
+                      ("usr/lib/keep", b"k", None, None)],
+        "escapes": [("../outside/x", b"x", None, None), ("out/.wh.canary", b"", None, None),
+                    ("rel/.wh..wh..opq", b"", None, None), ("out/new", b"n", None, None)],
+        "links": [("l", None, "/etc", None), ("l/passwd", b"p", None, None),
+                  ("h", None, "../../outside/canary", None)],
+    }
+    for name, items in entries.items():
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for path, data, link, kind in items:
+                tar_entry(tar, path, data, link, kind)
+        write(t, name, buf.getvalue())
+
+
 def main():
+    protocol_seeds()
+    layer_seeds()
     blk_seeds()
     net_seeds()
     net_rx_seeds()

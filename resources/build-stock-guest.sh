@@ -71,7 +71,8 @@ extract_vmlinux() {
         28b52ffd) unpack="zstd -qdc" ;;
         *) die "$image: unknown payload compression (magic $magic)" ;;
     esac
-    tail -c "+$((offset + 1))" -- "$image" | head -c "$length" | $unpack >"$out" ||
+    dd if="$image" bs=64K iflag=skip_bytes,count_bytes skip="$offset" count="$length" \
+        status=none | $unpack >"$out" ||
         die "$image: cannot decompress its payload with $unpack"
     [[ $(od -An -tx1 -N4 -- "$out" | tr -d ' ') == 7f454c46 ]] ||
         die "$image: its payload is not an ELF kernel"

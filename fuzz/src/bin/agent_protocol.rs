@@ -1,0 +1,17 @@
+//! The host–agent protocol: any bytes as a stream of frames, decoded one after another as the
+//! agent and `rvmm run` read them. Whatever decodes must encode to the same frame.
+// `cargo test` builds every binary as a test harness, which brings its own `main`.
+#![cfg_attr(not(test), no_main)]
+
+use libfuzzer_sys::fuzz_target;
+use rvmm_agent::protocol::{decode, encode};
+
+fuzz_target!(|data: &[u8]| {
+    let mut rest = data;
+    while let Ok((msg, used)) = decode(rest) {
+        assert!(used > 0 && used <= rest.len());
+        let frame = encode(&msg).expect("a decoded message encodes");
+        assert_eq!(frame.as_slice(), &rest[..used]);
+        rest = &rest[used..];
+    }
+});
