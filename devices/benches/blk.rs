@@ -10,6 +10,8 @@
 //! (default: the temp dir); the Markdown table also goes to `RVMM_BENCH_OUT` (default:
 //! `<target dir>/bench-blk.md`).
 
+#[path = "common/report.rs"]
+mod report;
 #[path = "common/ring.rs"]
 mod ring;
 
@@ -259,11 +261,6 @@ fn round(mut batch: impl FnMut(&mut Offsets) -> BenchResult<()>, w: &Workload) -
     Ok(requests as f64 / start.elapsed().as_secs_f64())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Checks that the device moved the right bytes before timing it.
 fn verify(file: &File, w: &Workload) -> BenchResult<()> {
     let mut driver = Driver::new(file, w)?;
@@ -292,7 +289,7 @@ fn measure(file: &File, w: &Workload) -> BenchResult<(f64, f64)> {
         driver.check()?;
         plain.push(round(|o| Ok(host.run_batch(o)?), w)?);
     }
-    Ok((median(dev), median(plain)))
+    Ok((report::median(dev), report::median(plain)))
 }
 
 /// A scratch file with distinct contents, written back and read once so every request hits
@@ -308,14 +305,6 @@ fn scratch_file() -> BenchResult<TempFile> {
     file.sync_all()?;
     io::copy(&mut File::open(tmp.as_path())?, &mut io::sink())?;
     Ok(tmp)
-}
-
-/// CPU count and load, since other work on the host skews the numbers.
-fn host_line() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load = load.split_whitespace().next().unwrap_or("?");
-    format!("{cpus} CPUs, 1-minute load average {load} at start")
 }
 
 fn table(rows: &[(&Workload, f64, f64)], path: &str, host: &str) -> String {
@@ -348,25 +337,11 @@ fn table(rows: &[(&Workload, f64, f64)], path: &str, host: &str) -> String {
     out
 }
 
-fn out_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("RVMM_BENCH_OUT") {
-        return PathBuf::from(path);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"),
-        PathBuf::from,
-    );
-    target.join("bench-blk.md")
-}
-
 fn main() -> BenchResult<()> {
-    // `cargo bench` passes `--bench`; a plain `cargo test` run of benches passes nothing and
-    // should stay quick.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("blk bench: skipped (run with `cargo bench`)");
+    if !report::requested("blk") {
         return Ok(());
     }
-    let host = host_line();
+    let host = report::host_line();
     let tmp = scratch_file()?;
     let mut rows = Vec::new();
     for w in &WORKLOADS {
@@ -374,9 +349,6 @@ fn main() -> BenchResult<()> {
         rows.push((w, dev, host));
     }
     let text = table(&rows, &tmp.as_path().display().to_string(), &host);
-    print!("{text}");
-    let path = out_path();
-    std::fs::write(&path, &text)?;
-    println!("\nwritten to {}", path.display());
+    report::publish("blk", &text)?;
     Ok(())
 }

@@ -14,11 +14,12 @@
 //! Run: `cargo bench -p rvmm-devices --bench net`. The Markdown table also goes to
 //! `RVMM_BENCH_OUT` (default: `<target dir>/bench-net.md`).
 
+#[path = "common/report.rs"]
+mod report;
 #[path = "common/ring.rs"]
 mod ring;
 
 use std::io;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -143,11 +144,6 @@ fn round(mut batch: impl FnMut() -> BenchResult<()>) -> BenchResult<f64> {
     Ok(frames as f64 / start.elapsed().as_secs_f64())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Frames per second of (device, host), medians over alternating rounds.
 fn measure(tap: &mut Tap, frame_len: usize) -> BenchResult<(f64, f64)> {
     let mut driver = Driver::new(frame_len)?;
@@ -160,7 +156,7 @@ fn measure(tap: &mut Tap, frame_len: usize) -> BenchResult<(f64, f64)> {
         driver.check()?;
         plain.push(round(|| Ok(host_batch(tap, &packets)?))?);
     }
-    Ok((median(dev), median(plain)))
+    Ok((report::median(dev), report::median(plain)))
 }
 
 /// Moves this (single-threaded) process into a fresh network namespace and creates an up TAP
@@ -186,14 +182,6 @@ fn private_tap() -> Result<Tap, String> {
         }
     }
     Tap::open(TAP_NAME).map_err(|e| e.to_string())
-}
-
-/// CPU count and load, since other work on the host skews the numbers.
-fn host_line() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load = load.split_whitespace().next().unwrap_or("?");
-    format!("{cpus} CPUs, 1-minute load average {load} at start")
 }
 
 fn table(rows: &[(usize, f64, f64)], host: &str) -> String {
@@ -222,25 +210,11 @@ fn table(rows: &[(usize, f64, f64)], host: &str) -> String {
     out
 }
 
-fn out_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("RVMM_BENCH_OUT") {
-        return PathBuf::from(path);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"),
-        PathBuf::from,
-    );
-    target.join("bench-net.md")
-}
-
 fn main() -> BenchResult<()> {
-    // `cargo bench` passes `--bench`; a plain `cargo test` run of benches passes nothing and
-    // should stay quick.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("net bench: skipped (run with `cargo bench`)");
+    if !report::requested("net") {
         return Ok(());
     }
-    let host = host_line();
+    let host = report::host_line();
     let mut tap = match private_tap() {
         Ok(tap) => tap,
         Err(why) => {
@@ -254,9 +228,6 @@ fn main() -> BenchResult<()> {
         rows.push((len, dev, host));
     }
     let text = table(&rows, &host);
-    print!("{text}");
-    let path = out_path();
-    std::fs::write(&path, &text)?;
-    println!("\nwritten to {}", path.display());
+    report::publish("net", &text)?;
     Ok(())
 }

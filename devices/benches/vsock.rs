@@ -10,6 +10,8 @@
 //! Run: `cargo bench -p rvmm-devices --bench vsock`. The Markdown table also goes to
 //! `RVMM_BENCH_OUT` (default: `<target dir>/bench-vsock.md`).
 
+#[path = "common/report.rs"]
+mod report;
 #[path = "common/ring.rs"]
 mod ring;
 
@@ -311,11 +313,6 @@ fn plain_round(chunk: usize) -> BenchResult<f64> {
     Ok(mib_per_s(start))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 struct Row {
     direction: &'static str,
     chunk: usize,
@@ -335,24 +332,20 @@ fn measure(guest: &mut Guest, host: &UnixStream) -> BenchResult<Vec<Row>> {
             rows.push(Row {
                 direction,
                 chunk,
-                device: median(device),
-                plain: median(plain),
+                device: report::median(device),
+                plain: report::median(plain),
             });
         }
     }
     Ok(rows)
 }
 
-fn table(rows: &[Row]) -> String {
-    let cpus = thread::available_parallelism().map_or(0, usize::from);
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load = load.split_whitespace().next().unwrap_or("?");
+fn table(rows: &[Row], host: &str) -> String {
     let mut out = format!(
         "virtio-vsock device model vs a plain Unix-socket pair: one stream connection from a \
          guest port to a host listener (`PATH_{HOST_PORT}`), {} MiB per round, median of \
          {ROUNDS} alternating rounds; the driver polls the used rings (no interrupts), the guest \
-         advertises {} KiB of receive buffer. Host: {cpus} CPUs, 1-minute load average {load} \
-         at start.\n\n",
+         advertises {} KiB of receive buffer. Host: {host}.\n\n",
         ROUND_BYTES >> 20,
         GUEST_BUF_ALLOC >> 10,
     );
@@ -372,21 +365,8 @@ fn table(rows: &[Row]) -> String {
     out
 }
 
-fn out_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("RVMM_BENCH_OUT") {
-        return PathBuf::from(path);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"),
-        PathBuf::from,
-    );
-    target.join("bench-vsock.md")
-}
-
 fn main() -> BenchResult<()> {
-    // `cargo bench` passes `--bench`; a plain `cargo test` run of benches should stay quick.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("vsock bench: skipped (run with `cargo bench`)");
+    if !report::requested("vsock") {
         return Ok(());
     }
     let dir = TempDir::new_with_prefix("/tmp/rvmm-vsock-bench-")?;
@@ -394,10 +374,8 @@ fn main() -> BenchResult<()> {
     let listener = UnixListener::bind(port_path(&uds_path, HOST_PORT))?;
     let mut guest = Guest::new(uds_path)?;
     let host = guest.connect(&listener)?;
-    let text = table(&measure(&mut guest, &host)?);
-    print!("{text}");
-    let path = out_path();
-    std::fs::write(&path, &text)?;
-    println!("\nwritten to {}", path.display());
+    let host_line = report::host_line();
+    let text = table(&measure(&mut guest, &host)?, &host_line);
+    report::publish("vsock", &text)?;
     Ok(())
 }
