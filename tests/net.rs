@@ -1,18 +1,27 @@
-//! virtio-net and virtio-vsock against a real Linux guest, with no guest userspace: the guest
-//! kernel configures eth0 itself from `ip=` and answers ICMP echo, and it answers a vsock
-//! connection to a port nobody listens on with a reset. All traffic stays between this host
-//! and its guest, inside a network namespace the test creates.
+//! virtio-net, virtio-vsock and virtio-rng against a real Linux guest's userspace, in one boot
+//! (issue #4): the guest (init = tests/guests/net_init.sh on a copy of rootfs.ext4, with
+//! tests/guests/net_probe.c for what busybox cannot do) brings eth0 up on a private /30,
+//! pings the host, reads /dev/hwrng, sends a file over TCP to a listener here that checks its
+//! SHA-256, calls a host vsock listener and serves a vsock echo the host calls. The host also
+//! pings the guest and gets a reset from a vsock port nobody listens on. All traffic stays
+//! between this host and its guest, inside a network namespace the test creates. The boot has
+//! no ACPI: it is the suite's coverage of the MP table and command-line device discovery.
 
 mod common;
 
 use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
 
 use common::{
-    can_make_namespaces, guest_artifacts, initramfs_with_init, kvm_or_skip, NetNs, TestResult,
-    TestVm,
+    can_make_namespaces, guest_artifacts, kvm_or_skip, serve_vsock_pong, static_c_program,
+    userspace_kernel, vsock_echo, NetNs, TestResult, TestVm,
 };
 
 const BOOT_LIMIT: Duration = Duration::from_secs(300);
@@ -20,62 +29,110 @@ const HOST_IP: &str = "172.30.94.1";
 const GUEST_IP: &str = "172.30.94.2";
 const GUEST_MAC: &str = "52:54:00:94:00:02";
 const GUEST_CID: u32 = 42;
+const TCP_PORT: u16 = 5001;
+/// Issue #4 asks for 16 MiB. On this emulating KVM (guest kernel code ~1.25 MIPS) a run
+/// measured ~32 KiB/s over TCP (1 MiB in 32 s) plus ~13 s to write and hash 1 MiB in tmpfs:
+/// 16 MiB would take ~10 minutes, so 1 MiB keeps the boot under 3. Raise it on real KVM.
+const TCP_BYTES: u64 = 1 << 20;
+const HOST_VSOCK_PORT: u32 = 5000;
+const GUEST_VSOCK_PORT: u32 = 5002;
+const ECHO_LINE: &str = "rvmm host says hello over vsock\n";
 
-#[test]
-fn guest_kernel_answers_ping_over_virtio_net_and_resets_an_unheard_vsock_port() -> TestResult {
-    let name = "guest_kernel_answers_ping_over_virtio_net_and_resets_an_unheard_vsock_port";
-    if !kvm_or_skip(name) || !can_make_namespaces(name) {
-        return Ok(());
+fn scratch(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join(name)
+}
+
+/// A copy of the guest's rootfs.ext4 with /net_init.sh and /net_probe written in by debugfs.
+fn net_rootfs(guest: &Path) -> TestResult<PathBuf> {
+    let rootfs = scratch("net-rootfs.ext4");
+    std::fs::copy(guest.join("rootfs.ext4"), &rootfs).map_err(|e| e.to_string())?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests/net_init.sh");
+    let probe = static_c_program("net_probe");
+    let commands = format!(
+        "write {} net_init.sh\nsif net_init.sh mode 0100755\n\
+         write {} net_probe\nsif net_probe mode 0100755\n",
+        script.display(),
+        probe.display()
+    );
+    let cmds = scratch("net-rootfs.debugfs");
+    std::fs::write(&cmds, commands).map_err(|e| e.to_string())?;
+    let out = Command::new("debugfs")
+        .args(["-w", "-f"])
+        .arg(&cmds)
+        .arg(&rootfs)
+        .output()
+        .map_err(|e| format!("debugfs: {e}"))?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || log.contains("rror") {
+        return Err(format!("debugfs -w failed: {log}"));
     }
-    let Some(guest) = guest_artifacts(name) else {
-        return Ok(());
-    };
-    let ns = NetNs::create("tap0", HOST_IP)?;
-    let uds = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("vsock-{}.sock", ns.name));
-    let kernel = guest.join("vmlinux").display().to_string();
-    // An init that spins in user mode without system calls keeps the kernel serving the
-    // network on hosts where guest system calls fault (and anywhere else).
-    let initrd = initramfs_with_init("spin_init").display().to_string();
+    Ok(rootfs)
+}
+
+/// What the host's TCP listener received: byte count and SHA-256 (hex).
+type Received = std::io::Result<(u64, String)>;
+
+/// Takes one connection, reads it to EOF and hashes it; reports the rate on stderr.
+fn serve_tcp_sha256(listener: TcpListener) -> Receiver<Received> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let served = (|| {
+            let (mut stream, _) = listener.accept()?;
+            let start = Instant::now();
+            stream.set_read_timeout(Some(BOOT_LIMIT))?;
+            let mut hash = Sha256::new();
+            let mut buf = vec![0; 1 << 16];
+            let mut total = 0u64;
+            loop {
+                let n = stream.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                hash.update(&buf[..n]);
+                total += n as u64;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            eprintln!(
+                "NOTE TCP: {total} bytes in {secs:.1} s ({:.2} MiB/s)",
+                total as f64 / secs / f64::from(1 << 20)
+            );
+            Ok((total, format!("{:x}", hash.finalize())))
+        })();
+        let _ = tx.send(served);
+    });
+    rx
+}
+
+/// Starts rvmm in the namespace with every device, the userspace kernel and no ACPI.
+fn boot(ns: &NetNs, guest: &Path, rootfs: &Path, uds: &Path) -> TestResult<TestVm> {
+    let kernel = guest.join(userspace_kernel()).display().to_string();
     let cmdline = format!(
-        "console=ttyS0 reboot=k panic=1 ip={GUEST_IP}::{HOST_IP}:255.255.255.252::eth0:off"
+        "console=ttyS0 reboot=k panic=1 init=/net_init.sh net_host={HOST_IP} \
+         net_guest={GUEST_IP} net_port={TCP_PORT} net_bytes={TCP_BYTES} \
+         vsock_call={HOST_VSOCK_PORT} vsock_echo={GUEST_VSOCK_PORT}"
     );
     let net = format!("tap=tap0,mac={GUEST_MAC}");
     let vsock = format!("cid={GUEST_CID},uds={}", uds.display());
     let mut cmd = ns.command(&["env", "RUST_LOG=rvmm_devices::virtio::vsock=debug"]);
-    cmd.arg(env!("CARGO_BIN_EXE_rvmm"));
-    cmd.args([
-        "--kernel",
-        &kernel,
-        "--initrd",
-        &initrd,
-        "--cmdline",
-        &cmdline,
-    ])
-    .args(["--net", &net, "--rng", "--vsock", &vsock])
-    // This boot covers the no-ACPI path: MP table, and the devices named on the command line.
-    .arg("--no-acpi");
-    let mut vm = TestVm::spawn(cmd)?;
+    cmd.arg(env!("CARGO_BIN_EXE_rvmm"))
+        .args(["--kernel", &kernel, "--cmdline", &cmdline])
+        .args(["--rootfs", &rootfs.display().to_string()])
+        .args(["--net", &net, "--rng", "--vsock", &vsock])
+        // The no-ACPI path: MP table, and the devices named on the command line.
+        .arg("--no-acpi");
+    TestVm::spawn(cmd)
+}
 
-    let cmdline = vm.expect_line_within("Command line: ", BOOT_LIMIT)?;
-    for (addr, irq) in [("0xd0000000", 5), ("0xd0001000", 6), ("0xd0002000", 7)] {
-        let entry = format!("virtio_mmio.device=4K@{addr}:{irq}");
-        assert!(cmdline.contains(&entry), "{cmdline}");
-    }
-    vm.expect_line_within("found SMP MP-table", BOOT_LIMIT)?;
+/// The text after `RVMM-NET <what> ` on the next such line.
+fn guest_result(vm: &mut TestVm, what: &str) -> TestResult<String> {
+    let tag = format!("RVMM-NET {what} ");
+    let line = vm.expect_line_within(&tag, BOOT_LIMIT)?;
+    Ok(line.split_once(&tag).unwrap().1.to_string())
+}
 
-    vm.expect_line_within("IP-Config: Complete:", BOOT_LIMIT)?;
-    // The kernel prints the configured interface on the next line.
-    let config = vm.expect_line_within("device=eth0", BOOT_LIMIT)?;
-    assert!(config.contains(&format!("hwaddr={GUEST_MAC}")), "{config}");
-    assert!(config.contains(&format!("ipaddr={GUEST_IP}")), "{config}");
-    vm.expect_line_within("Run /init as init process", BOOT_LIMIT)?;
-
-    // The guest kernel replies to ICMP echo without any userspace.
-    let ping = ns.run(&["ping", "-c", "3", "-W", "20", GUEST_IP], true)?;
-    assert!(ping.contains("3 received"), "{ping}");
-
-    // Nothing listens on guest port 1234: the guest's reset closes our stream without "OK".
-    let mut stream = UnixStream::connect(&uds).map_err(|e| format!("vsock uds: {e}"))?;
+/// Nothing listens on guest vsock port 1234: the guest's reset closes our stream without "OK".
+fn connect_unheard_vsock_port(uds: &Path) -> TestResult {
+    let mut stream = UnixStream::connect(uds).map_err(|e| format!("vsock uds: {e}"))?;
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
@@ -85,9 +142,78 @@ fn guest_kernel_answers_ping_over_virtio_net_and_resets_an_unheard_vsock_port() 
         .read_to_string(&mut reply)
         .map_err(|e| format!("no answer from the guest's vsock: {e}"))?;
     assert_eq!((n, reply.as_str()), (0, ""), "guest accepted port 1234?");
+    Ok(())
+}
 
-    vm.signal(libc::SIGTERM);
-    vm.wait_exit(Duration::from_secs(20))?;
+#[test]
+fn guest_userspace_uses_net_rng_and_vsock_without_acpi() -> TestResult {
+    let name = "guest_userspace_uses_net_rng_and_vsock_without_acpi";
+    if !kvm_or_skip(name) || !can_make_namespaces(name) {
+        return Ok(());
+    }
+    let Some(guest) = guest_artifacts(name) else {
+        return Ok(());
+    };
+    let rootfs = net_rootfs(&guest)?;
+    let ns = NetNs::create("tap0", HOST_IP)?;
+    let tcp = serve_tcp_sha256(ns.tcp_listener(HOST_IP, TCP_PORT)?);
+    let uds = scratch(&format!("vsock-{}.sock", ns.name));
+    let pong = serve_vsock_pong(&uds, HOST_VSOCK_PORT)?;
+    let mut vm = boot(&ns, &guest, &rootfs, &uds)?;
+
+    let cmdline = vm.expect_line_within("Command line: ", BOOT_LIMIT)?;
+    // Block, net, rng and vsock, in that order, each on its own pin.
+    for (i, irq) in (5..9).enumerate() {
+        let entry = format!(
+            "virtio_mmio.device=4K@{:#x}:{irq}",
+            0xd000_0000 + i * 0x1000
+        );
+        assert!(cmdline.contains(&entry), "{cmdline}");
+    }
+    vm.expect_line_within("found SMP MP-table", BOOT_LIMIT)?;
+    vm.expect_line_within("Run /net_init.sh as init process", BOOT_LIMIT)?;
+
+    let eth0 = guest_result(&mut vm, "eth0")?;
+    assert_eq!(eth0, format!("{GUEST_MAC} inet {GUEST_IP}/30"));
+    let ping = guest_result(&mut vm, "ping")?;
+    assert!(ping.contains("3 packets received"), "{ping}");
+    // The guest answers too (its kernel does, whatever userspace is doing).
+    let ping = ns.run(&["ping", "-c", "3", "-W", "20", GUEST_IP], true)?;
+    assert!(ping.contains("3 received"), "{ping}");
+    connect_unheard_vsock_port(&uds)?;
+
+    let hwrng = guest_result(&mut vm, "hwrng")?;
+    let (rng, bytes) = hwrng.split_once(' ').unwrap_or_default();
+    assert_eq!(rng, "virtio_rng.0", "{hwrng}");
+    assert_eq!(bytes.len(), 64, "32 bytes in hex: {hwrng}");
+    assert!(bytes.chars().all(|c| c.is_ascii_hexdigit()), "{hwrng}");
+    assert_ne!(bytes, "0".repeat(64), "{hwrng}");
+
+    let sent = guest_result(&mut vm, "tcp")?;
+    vm.expect_line_within("RVMM-NET tcp sent", BOOT_LIMIT)?;
+    let (len, sha) = tcp
+        .recv_timeout(BOOT_LIMIT)
+        .map_err(|e| format!("TCP listener: {e}"))?
+        .map_err(|e| format!("TCP listener: {e}"))?;
+    assert_eq!(len, TCP_BYTES);
+    assert_eq!(sent, format!("{TCP_BYTES} bytes sha256 {sha}  -"));
+
+    let replied = guest_result(&mut vm, "vsock host replied:")?;
+    assert_eq!(replied, "pong");
+    let called = pong
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|e| format!("vsock listener: {e}"))?
+        .map_err(|e| format!("vsock listener: {e}"))?;
+    assert_eq!(called, "hello from the guest\n");
+    guest_result(&mut vm, "vsock echo listening on port")?;
+    let (ok, echo) = vsock_echo(&uds, GUEST_VSOCK_PORT, ECHO_LINE)?;
+    assert!(ok.starts_with("OK "), "CONNECT answer: {ok:?}");
+    assert_eq!(echo, ECHO_LINE);
+    let served = guest_result(&mut vm, "vsock echo served")?;
+    assert_eq!(served, format!("{} bytes", ECHO_LINE.len()));
+    vm.expect_line_within("RVMM-NET done", BOOT_LIMIT)?;
+
+    assert_eq!(vm.wait_exit(BOOT_LIMIT)?.code(), Some(0), "{}", vm.stderr());
     // The stream was closed because the guest kernel answered with a reset, not locally.
     let log = vm.stderr();
     assert!(

@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::io::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc::{channel, Receiver};
@@ -16,7 +14,7 @@ use std::time::Duration;
 
 use common::{
     can_make_namespaces, debugfs_cat, guest_artifacts, kvm_or_skip, selftest_hvc_args,
-    selftest_pattern as expected_pattern, NetNs, TestResult, TestVm,
+    selftest_pattern as expected_pattern, serve_vsock_pong, vsock_echo, NetNs, TestResult, TestVm,
     SELFTEST_PATTERN_LEN as PATTERN_LEN,
 };
 
@@ -161,23 +159,6 @@ fn len_and_sum32(data: &[u8]) -> String {
     format!("{} {sum}\n", data.len())
 }
 
-/// A TCP listener on `HOST_IP:TCP_PORT` inside the namespace: a thread enters it with
-/// setns(2) (which only moves that thread) and binds there; the socket stays in it.
-fn tcp_listener_in(ns: &NetNs) -> TestResult<TcpListener> {
-    let path = format!("/run/netns/{}", ns.name);
-    std::thread::spawn(move || -> TestResult<TcpListener> {
-        let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
-        // SAFETY: a valid namespace fd; CLONE_NEWNET only changes this thread's namespace.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
-        }
-        TcpListener::bind((HOST_IP, TCP_PORT))
-            .map_err(|e| format!("bind {HOST_IP}:{TCP_PORT}: {e}"))
-    })
-    .join()
-    .unwrap()
-}
-
 /// The host half of net-tcp: take one connection, read to EOF, answer `<len> <sum32>\n`.
 /// Sends back everything received.
 fn serve_tcp(listener: TcpListener) -> Receiver<std::io::Result<Vec<u8>>> {
@@ -196,49 +177,6 @@ fn serve_tcp(listener: TcpListener) -> Receiver<std::io::Result<Vec<u8>>> {
     rx
 }
 
-/// The host half of vsock-connect: take one connection on `<uds>_<port>`, read a line, answer
-/// `pong\n`. Sends back the line received.
-fn serve_vsock_pong(listener: UnixListener) -> Receiver<std::io::Result<String>> {
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        let served = (|| {
-            let (stream, _) = listener.accept()?;
-            stream.set_read_timeout(Some(BOOT_LIMIT))?;
-            let mut line = String::new();
-            BufReader::new(&stream).read_line(&mut line)?;
-            (&stream).write_all(b"pong\n")?;
-            Ok(line)
-        })();
-        let _ = tx.send(served);
-    });
-    rx
-}
-
-/// The host half of vsock-listen: connect to the guest's port through rvmm's socket, send a
-/// line and return what comes back.
-fn vsock_echo(uds: &Path) -> TestResult<(String, String)> {
-    let stream = UnixStream::connect(uds).map_err(|e| format!("vsock uds: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    (&stream)
-        .write_all(format!("CONNECT {GUEST_VSOCK_PORT}\n").as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut reader = BufReader::new(&stream);
-    let mut ok = String::new();
-    reader
-        .read_line(&mut ok)
-        .map_err(|e| format!("CONNECT: {e}"))?;
-    (&stream)
-        .write_all(HOST_LINE.as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut echo = String::new();
-    reader
-        .read_line(&mut echo)
-        .map_err(|e| format!("echo: {e}"))?;
-    Ok((ok, echo))
-}
-
 #[test]
 fn rng_net_and_vsock_selftest_in_the_guest_kernel() -> TestResult {
     let name = "rng_net_and_vsock_selftest_in_the_guest_kernel";
@@ -249,11 +187,9 @@ fn rng_net_and_vsock_selftest_in_the_guest_kernel() -> TestResult {
         return Ok(());
     };
     let ns = NetNs::create("tap0", HOST_IP)?;
-    let tcp = serve_tcp(tcp_listener_in(&ns)?);
+    let tcp = serve_tcp(ns.tcp_listener(HOST_IP, TCP_PORT)?);
     let uds = scratch(&format!("selftest-vsock-{}.sock", ns.name));
-    let pong_path = PathBuf::from(format!("{}_{HOST_VSOCK_PORT}", uds.display()));
-    let _ = std::fs::remove_file(&pong_path);
-    let pong = serve_vsock_pong(UnixListener::bind(&pong_path).map_err(|e| e.to_string())?);
+    let pong = serve_vsock_pong(&uds, HOST_VSOCK_PORT)?;
 
     let kernel = guest.join("vmlinux-selftest").display().to_string();
     let rootfs = scratch("selftest-net-rootfs.ext4");
@@ -280,7 +216,7 @@ fn rng_net_and_vsock_selftest_in_the_guest_kernel() -> TestResult {
         }
         results.push(line);
     }
-    let (ok, echo) = vsock_echo(&uds)?;
+    let (ok, echo) = vsock_echo(&uds, GUEST_VSOCK_PORT, HOST_LINE)?;
     results.extend(selftest_lines(&mut vm)?);
     eprintln!("NOTE {name}: self-test done after {:.0?}", vm.elapsed());
     let status = vm.wait_exit(BOOT_LIMIT)?;
@@ -319,7 +255,6 @@ fn rng_net_and_vsock_selftest_in_the_guest_kernel() -> TestResult {
     assert_eq!(ping, "rvmm-selftest vsock ping\n");
     assert!(ok.starts_with("OK "), "CONNECT answer: {ok:?}");
     assert_eq!(echo, HOST_LINE);
-    let _ = std::fs::remove_file(&pong_path);
     Ok(())
 }
 

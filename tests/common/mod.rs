@@ -3,7 +3,10 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the fixture
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
@@ -246,6 +249,22 @@ fn assemble(name: &str, link_args: &[&str]) -> PathBuf {
     out
 }
 
+/// Compiles `tests/guests/NAME.c` into a static program for the guest's userspace.
+pub fn static_c_program(name: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/guests")
+        .join(format!("{name}.c"));
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let status = Command::new("cc")
+        .args(["-static", "-O2", "-Wall", "-Werror", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("cc (from build-essential) compiles the guest test programs");
+    assert!(status.success(), "compiling {}", src.display());
+    out
+}
+
 /// An initramfs whose /init is the user program `tests/guests/NAME.S` (built with cpio).
 pub fn initramfs_with_init(name: &str) -> PathBuf {
     let elf = assemble(name, &[]);
@@ -292,6 +311,23 @@ impl NetNs {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name]).args(args);
         cmd
+    }
+
+    /// A TCP listener on `ip:port` inside the namespace: a thread enters it with setns(2)
+    /// (which only moves that thread) and binds there; the socket stays in it.
+    pub fn tcp_listener(&self, ip: &str, port: u16) -> TestResult<TcpListener> {
+        let path = format!("/run/netns/{}", self.name);
+        let ip = ip.to_string();
+        std::thread::spawn(move || -> TestResult<TcpListener> {
+            let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+            // SAFETY: a valid namespace fd; CLONE_NEWNET only changes this thread's namespace.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
+            }
+            TcpListener::bind((ip.as_str(), port)).map_err(|e| format!("bind {ip}:{port}: {e}"))
+        })
+        .join()
+        .unwrap()
     }
 
     pub fn run(&self, args: &[&str], inside: bool) -> TestResult<String> {
@@ -378,4 +414,51 @@ pub fn selftest_pattern() -> Vec<u8> {
     }
     out.truncate(SELFTEST_PATTERN_LEN);
     out
+}
+
+/// A host listener for guest vsock connections to host port `port` (rvmm's `<uds>_<port>`):
+/// takes one connection, reads a line and answers `pong\n`. Sends back the line received.
+pub fn serve_vsock_pong(uds: &Path, port: u32) -> TestResult<Receiver<std::io::Result<String>>> {
+    let path = PathBuf::from(format!("{}_{port}", uds.display()));
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let served = (|| {
+            let (stream, _) = listener.accept()?;
+            stream.set_read_timeout(Some(Duration::from_secs(300)))?;
+            let mut line = String::new();
+            BufReader::new(&stream).read_line(&mut line)?;
+            (&stream).write_all(b"pong\n")?;
+            Ok(line)
+        })();
+        let _ = std::fs::remove_file(&path);
+        let _ = tx.send(served);
+    });
+    Ok(rx)
+}
+
+/// Reaches guest vsock port `port` through rvmm's socket `uds`, sends `line` and returns
+/// rvmm's answer to `CONNECT` and the line that comes back.
+pub fn vsock_echo(uds: &Path, port: u32, line: &str) -> TestResult<(String, String)> {
+    let stream = UnixStream::connect(uds).map_err(|e| format!("vsock uds: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    (&stream)
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(&stream);
+    let mut ok = String::new();
+    reader
+        .read_line(&mut ok)
+        .map_err(|e| format!("CONNECT: {e}"))?;
+    (&stream)
+        .write_all(line.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut echo = String::new();
+    reader
+        .read_line(&mut echo)
+        .map_err(|e| format!("echo: {e}"))?;
+    Ok((ok, echo))
 }

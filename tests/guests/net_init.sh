@@ -1,0 +1,32 @@
+#!/bin/sh
+# Guest side of tests/net.rs: init (init=/net_init.sh) on a copy of rootfs.ext4, whose busybox
+# has every applet. The kernel hands the test's parameters from its command line to init as
+# environment: net_host, net_guest (the /30's two ends), net_port (the host's TCP listener),
+# net_bytes (how much to send), vsock_call (host vsock port), vsock_echo (guest vsock port).
+# Every result is an "RVMM-NET " line in the kernel log, which the test reads on the console.
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t tmpfs tmpfs /tmp
+report() { echo "RVMM-NET $*" >/dev/kmsg; }
+
+ip addr add "$net_guest/30" dev eth0
+ip link set eth0 up
+report "eth0 $(cat /sys/class/net/eth0/address) $(ip -4 addr show dev eth0 | grep -o 'inet [0-9./]*')"
+
+ping -c 3 -W 10 "$net_host" >/tmp/ping 2>&1
+report "ping $(grep 'packets received' /tmp/ping)"
+
+report "hwrng $(cat /sys/class/misc/hw_random/rng_current)" \
+    "$(dd if=/dev/hwrng bs=32 count=1 2>/dev/null | od -An -tx1 | tr -d ' \n')"
+
+# Generated in user mode (the emulated kernel's /dev/urandom gave < 80 KiB/s) into tmpfs
+# first: busybox sh has no process substitution to hash a stream on its way to nc.
+/net_probe data "$net_bytes" >/tmp/data
+report "tcp $(wc -c </tmp/data) bytes sha256 $(sha256sum </tmp/data)"
+nc "$net_host" "$net_port" </tmp/data && report "tcp sent"
+
+# One after the other, so that the console lines come in a fixed order.
+/net_probe call "$vsock_call" "hello from the guest"
+/net_probe echo "$vsock_echo"
+report "done"
+reboot -f
