@@ -7,6 +7,7 @@ use std::io::Cursor;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use common::{guest_artifacts, kvm_is_emulated, kvm_or_skip, userspace_kernel};
@@ -165,6 +166,10 @@ fn processes_naming(marker: &str) -> Vec<String> {
     found
 }
 
+/// The VM tests run one at a time: each checks that no run directory or VM process is left
+/// behind, which the other's would look like.
+static ONE_VM_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 fn run_dirs() -> Vec<PathBuf> {
     std::fs::read_dir("/tmp")
         .unwrap()
@@ -177,6 +182,7 @@ fn run_dirs() -> Vec<PathBuf> {
 /// A guest whose agent never answers: one error line, exit 1, no VM and no sockets left.
 #[test]
 fn agent_timeout_fails_cleanly() {
+    let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let test = "agent_timeout_fails_cleanly";
     if !kvm_or_skip(test) {
         return;
@@ -262,6 +268,7 @@ fn run(session: &mut Session, req: RunRequest, stdin: Option<&[u8]>) -> Ran {
 /// One boot serving several requests, as `rvmm run` would send them.
 #[test]
 fn container_vm_serves_several_requests() {
+    let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let test = "container_vm_serves_several_requests";
     if !kvm_or_skip(test) {
         return;

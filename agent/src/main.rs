@@ -17,6 +17,14 @@ use rvmm_agent::bundle::{config_json, runtime_spec, BundleParams, PIDS_LIMIT, RO
 use rvmm_agent::protocol::{self, ExitStatus, Message, RunRequest, CHUNK};
 use rvmm_agent::user;
 
+/// One line on the console. As PID 1 the agent must not die if the console cannot be written
+/// (eprintln! panics on a write error, and PID 1 exiting panics the guest kernel).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(io::stderr(), "rvmm-agent: {}", format_args!($($arg)*));
+    }};
+}
+
 const CRUN: &str = "/usr/bin/crun";
 const IMAGE_DIR: &str = "/mnt/image";
 const BUNDLES: &str = "/run/rvmm";
@@ -26,29 +34,29 @@ type Writer = Arc<Mutex<File>>;
 fn send(writer: &Writer, msg: &Message) {
     let mut out = writer.lock().unwrap_or_else(|p| p.into_inner());
     if let Err(e) = protocol::send(&mut *out, msg) {
-        eprintln!("rvmm-agent: cannot send to the host: {e}");
+        say!("cannot send to the host: {e}");
     }
 }
 
 fn main() {
     if std::process::id() != 1 {
-        eprintln!("rvmm-agent: must run as the guest's init (PID 1)");
+        say!("must run as the guest's init (PID 1)");
         std::process::exit(1);
     }
     let opts = match Options::parse(std::env::args().skip(1)) {
         Ok(opts) => opts,
         Err(e) => {
-            eprintln!("rvmm-agent: {e}");
+            say!("{e}");
             guest::power_off();
         }
     };
     if let Err(e) = guest::setup(&opts.image_disk, IMAGE_DIR) {
-        eprintln!("rvmm-agent: guest setup failed: {e}");
+        say!("guest setup failed: {e}");
         guest::power_off();
     }
     match guest::connect_host(protocol::AGENT_PORT, opts.unix.as_deref()) {
         Ok(conn) => serve(conn),
-        Err(e) => eprintln!("rvmm-agent: cannot reach the host: {e}"),
+        Err(e) => say!("cannot reach the host: {e}"),
     }
     guest::power_off();
 }
@@ -72,7 +80,7 @@ impl Options {
                 "--image-disk" => opts.image_disk = value()?.into(),
                 "--unix" => opts.unix = Some(value()?.into()),
                 // The kernel hands init the command-line words it does not know itself.
-                _ => eprintln!("rvmm-agent: ignoring argument {arg:?}"),
+                _ => say!("ignoring argument {arg:?}"),
             }
         }
         Ok(opts)
@@ -88,7 +96,7 @@ struct Running {
 fn serve(conn: File) {
     let mut reader = match conn.try_clone() {
         Ok(r) => r,
-        Err(e) => return eprintln!("rvmm-agent: {e}"),
+        Err(e) => return say!("{e}"),
     };
     let writer: Writer = Arc::new(Mutex::new(conn));
     send(
@@ -103,7 +111,7 @@ fn serve(conn: File) {
         let msg = match protocol::recv(&mut reader) {
             Ok(msg) => msg,
             Err(protocol::ProtocolError::Closed) => return,
-            Err(e) => return eprintln!("rvmm-agent: {e}"),
+            Err(e) => return say!("{e}"),
         };
         let mut running = current.lock().unwrap_or_else(|p| p.into_inner());
         match msg {
@@ -136,7 +144,7 @@ fn serve(conn: File) {
                 }
             }
             Message::Shutdown => return,
-            other => eprintln!("rvmm-agent: unexpected message {other:?}"),
+            other => say!("unexpected message {other:?}"),
         }
     }
 }
