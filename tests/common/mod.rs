@@ -9,6 +9,7 @@ use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -237,16 +238,27 @@ fn assemble(name: &str, link_args: &[&str]) -> PathBuf {
         .join("tests/guests")
         .join(format!("{name}.S"));
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.elf"));
-    let status = Command::new("cc")
-        .args(["-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none"])
-        .args(link_args)
-        .arg("-o")
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("cc (from build-essential) assembles the test programs");
-    assert!(status.success(), "assembling {}", src.display());
+    let mut args = vec!["-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none"];
+    args.extend(link_args);
+    cc(&args, &src, &out);
     out
+}
+
+/// Runs `cc ARGS -o OUT SRC` through a private file renamed into place: tests that build the
+/// same program at the same time must never run a half-written one.
+fn cc(args: &[&str], src: &Path, out: &Path) {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let unique = NEXT.fetch_add(1, Ordering::Relaxed);
+    let tmp = out.with_extension(format!("tmp-{}-{unique}", std::process::id()));
+    let status = Command::new("cc")
+        .args(args)
+        .arg("-o")
+        .arg(&tmp)
+        .arg(src)
+        .status()
+        .expect("cc (from build-essential) builds the test programs");
+    assert!(status.success(), "building {}", src.display());
+    std::fs::rename(&tmp, out).unwrap();
 }
 
 /// Compiles `tests/guests/NAME.c` into a static program for the guest's userspace.
@@ -255,13 +267,7 @@ pub fn static_c_program(name: &str) -> PathBuf {
         .join("tests/guests")
         .join(format!("{name}.c"));
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let status = Command::new("cc")
-        .args(["-static", "-O2", "-Wall", "-Werror", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("cc (from build-essential) compiles the guest test programs");
-    assert!(status.success(), "compiling {}", src.display());
+    cc(&["-static", "-O2", "-Wall", "-Werror"], &src, &out);
     out
 }
 
