@@ -86,8 +86,8 @@ fn block_and_console_selftest_in_the_guest_kernel() -> TestResult {
     let results = selftest_lines(&mut vm)?;
     eprintln!("NOTE {name}: self-test done after {:.0?}", vm.elapsed());
     // The self-test powers the guest off: ACPI S5 through rvmm's sleep control register ends
-    // rvmm with 0 (not the i8042 reset).
-    vm.expect_line_within("reboot: Power down", BOOT_LIMIT)?;
+    // rvmm with 0 (not the i8042 reset). The kernel's own "reboot: Power down" need not reach
+    // hvc0 (the kernel shuts its devices down first); rvmm's log line is the proof.
     let status = vm.wait_exit(BOOT_LIMIT)?;
     assert_eq!(status.code(), Some(0), "{}", vm.stderr());
     assert!(
