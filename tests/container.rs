@@ -28,6 +28,23 @@ fn strings(s: &[&str]) -> Vec<String> {
     s.iter().map(|s| s.to_string()).collect()
 }
 
+/// The request `rvmm run` sends for `argv` with `-e` entries `env` (and `-i` when `stdin`), on
+/// top of the image's own settings.
+fn request(image: &Image, argv: &[&str], env: &[&str], stdin: bool) -> RunRequest {
+    let command = strings(argv);
+    let env = strings(env);
+    run_request(
+        &image.settings,
+        &Overrides {
+            command: &command,
+            env: &env,
+            stdin,
+            ..Overrides::default()
+        },
+    )
+    .unwrap()
+}
+
 fn debugfs(disk: &Path, request: &str) -> String {
     let out = Command::new("debugfs")
         .args(["-R", request])
@@ -80,17 +97,7 @@ fn host_side_builds_the_disk_and_bundle_the_guest_gets() {
         );
         assert!(debugfs(&disk, "stat /bin/busybox").contains("Type: regular"));
 
-        let command = strings(&["sh", "-c", "echo $FOO"]);
-        let env = strings(&["FOO=bar"]);
-        let req = run_request(
-            &image.settings,
-            &Overrides {
-                command: &command,
-                env: &env,
-                ..Overrides::default()
-            },
-        )
-        .unwrap();
+        let req = request(&image, &["sh", "-c", "echo $FOO"], &["FOO=bar"], false);
         // What the agent does with it, from the image's own passwd and group.
         let passwd = debugfs(&disk, "cat /etc/passwd");
         let group = debugfs(&disk, "cat /etc/group");
@@ -105,7 +112,10 @@ fn host_side_builds_the_disk_and_bundle_the_guest_gets() {
         .unwrap();
         let config: serde_json::Value = serde_json::from_str(&config_json(&spec).unwrap()).unwrap();
         let process = &config["process"];
-        assert_eq!(process["args"], serde_json::json!(command));
+        assert_eq!(
+            process["args"],
+            serde_json::json!(["sh", "-c", "echo $FOO"])
+        );
         let env = process["env"].as_array().unwrap();
         assert!(env.contains(&"FOO=bar".into()), "{env:?}");
         assert!(env.contains(&testimage::IMAGE_ENV.into()), "{env:?}");
@@ -302,20 +312,7 @@ fn container_vm_serves_several_requests() {
     })
     .unwrap();
     let mut session = vm.connect(Duration::from_secs(600)).unwrap();
-    let req = |argv: &[&str], env: &[&str], stdin: bool| {
-        let command = strings(argv);
-        let env = strings(env);
-        run_request(
-            &image.settings,
-            &Overrides {
-                command: &command,
-                env: &env,
-                stdin,
-                ..Overrides::default()
-            },
-        )
-        .unwrap()
-    };
+    let req = |argv: &[&str], env: &[&str], stdin: bool| request(&image, argv, env, stdin);
     let ran = run(&mut session, req(&["echo", "hello"], &[], false), None);
     assert_eq!(
         (ran.status, ran.stdout.as_str()),
@@ -375,17 +372,12 @@ fn host_crun_runs_the_generated_bundle() {
     std::fs::create_dir_all(&rootfs).unwrap();
     let image = Image::open(&docker, dir.as_path()).unwrap();
     image.unpack(&rootfs, &mut Default::default()).unwrap();
-    let command = strings(&["sh", "-c", "echo $FOO; ls /etc; ps -o pid,comm; exit 3"]);
-    let env = strings(&["FOO=bar"]);
-    let req = run_request(
-        &image.settings,
-        &Overrides {
-            command: &command,
-            env: &env,
-            ..Overrides::default()
-        },
-    )
-    .unwrap();
+    let req = request(
+        &image,
+        &["sh", "-c", "echo $FOO; ls /etc; ps -o pid,comm; exit 3"],
+        &["FOO=bar"],
+        false,
+    );
     let user = resolve(&req.user, "", "").unwrap();
     let id = format!("rvmm-test-{}", std::process::id());
     let cgroup = format!("/rvmm-test/{id}");
