@@ -9,6 +9,7 @@ use rvmm_devices::bus::{Bus, BusError};
 use rvmm_devices::interrupt::EventFdInterrupt;
 use rvmm_devices::legacy::acpi_sleep::{AcpiSleep, ACPI_SLEEP_PORT_LEN};
 use rvmm_devices::legacy::i8042::I8042;
+use rvmm_devices::legacy::ioapic::{IoApic, IOAPIC_MMIO_LEN};
 use rvmm_devices::legacy::serial::Serial;
 use rvmm_devices::virtio::block::{Block, BlockConfig, BlockError};
 use rvmm_devices::virtio::console::{Console, ConsoleError};
@@ -125,6 +126,17 @@ pub fn attach_legacy(
         serial,
         guest_stop_evt,
     })
+}
+
+/// The I/O APIC model of the split irqchip, at the address and with the id the MADT gives.
+pub fn attach_ioapic(vm: &Vm, mmio: &mut Bus, num_cpus: u8) -> Result<(), DeviceError> {
+    let ioapic = IoApic::new(layout::ioapic_id(num_cpus), Box::new(vm.msi_routes()));
+    mmio.insert(
+        Arc::new(Mutex::new(ioapic)),
+        layout::IOAPIC_ADDR,
+        IOAPIC_MMIO_LEN,
+    )
+    .map_err(DeviceError::Bus)
 }
 
 /// The command-line entry that announces a device to a guest without ACPI.

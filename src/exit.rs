@@ -67,7 +67,11 @@ pub fn handle_exit(exit: VcpuExit<'_>, buses: &Buses) -> Result<Flow, ExitError>
             }
             Ok(Flow::Continue)
         }
-        // With the in-kernel irqchip HLT stays in KVM; one that reaches us can never wake.
+        // The split irqchip reports the end of a level-triggered interrupt. rvmm's lines are
+        // all edge-triggered, so only a guest that set a pin to level gets here: nothing to
+        // re-deliver.
+        VcpuExit::IoapicEoi(_) => Ok(Flow::Continue),
+        // With the in-kernel local APICs HLT stays in KVM; one that reaches us can never wake.
         VcpuExit::Hlt => Ok(Flow::Shutdown),
         VcpuExit::Shutdown => Ok(Flow::Reset),
         VcpuExit::SystemEvent(SYSTEM_EVENT_RESET, _) => Ok(Flow::Reset),
@@ -151,6 +155,10 @@ mod tests {
     fn stops_and_errors() {
         let (b, _, _) = buses();
         assert_eq!(handle_exit(VcpuExit::Hlt, &b), Ok(Flow::Shutdown));
+        assert_eq!(
+            handle_exit(VcpuExit::IoapicEoi(0x21), &b),
+            Ok(Flow::Continue)
+        );
         assert_eq!(handle_exit(VcpuExit::Shutdown, &b), Ok(Flow::Reset));
         assert_eq!(
             handle_exit(VcpuExit::SystemEvent(SYSTEM_EVENT_RESET, &[]), &b),

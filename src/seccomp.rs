@@ -12,7 +12,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 use vmm_sys_util::signal::register_signal_handler;
-use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -95,6 +95,12 @@ ioctl_ior_nr!(
     0x83,
     kvm_bindings::kvm_sregs
 );
+ioctl_iow_nr!(
+    KVM_SET_GSI_ROUTING,
+    kvm_bindings::KVMIO,
+    0x6a,
+    kvm_bindings::kvm_irq_routing
+);
 
 /// What any thread does: memory allocation, locks, logging, signals, and ending itself.
 const COMMON: &[i64] = &[
@@ -151,7 +157,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
     let own = match kind {
         ThreadKind::Main => MAIN,
         // Device register accesses on the vCPU thread only signal eventfds (write) and may
-        // set the TAP's offloads (an ioctl, below).
+        // set the TAP's offloads or the interrupt routes (ioctls, below).
         ThreadKind::Vcpu => &[],
         ThreadKind::Devices => DEVICES,
     };
@@ -176,11 +182,13 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
 fn ioctl_rules(kind: ThreadKind) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
     let requests: Vec<u64> = match kind {
         ThreadKind::Main => vec![],
-        // KVM_GET_*REGS: the register dump when the guest cannot go on.
+        // KVM_GET_*REGS: the register dump when the guest cannot go on. KVM_SET_GSI_ROUTING:
+        // the guest programming the I/O APIC model.
         ThreadKind::Vcpu => vec![
             KVM_RUN(),
             KVM_GET_REGS(),
             KVM_GET_SREGS(),
+            KVM_SET_GSI_ROUTING(),
             libc::TUNSETOFFLOAD,
         ],
         // Accepted vsock connections are made non-blocking.
@@ -321,5 +329,6 @@ mod tests {
         assert_eq!(KVM_RUN(), 0xae80);
         assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS(), 0x8138_ae83);
+        assert_eq!(KVM_SET_GSI_ROUTING(), 0x4008_ae6a);
     }
 }

@@ -18,8 +18,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::boot::{self, BootConfig, BootError};
 use crate::config::{CpuTemplate, Seccomp, VmConfig};
 use crate::device_manager::{
-    attach_legacy, attach_virtio_devices, cmdline_entry, DeviceError, LegacyDevices, VirtioContext,
-    VirtioSlots,
+    attach_ioapic, attach_legacy, attach_virtio_devices, cmdline_entry, DeviceError, LegacyDevices,
+    VirtioContext, VirtioSlots,
 };
 use crate::event_loop::{DeviceLoop, EventLoopError};
 use crate::exit::Buses;
@@ -29,7 +29,7 @@ use crate::vstate::cpuid;
 use crate::vstate::kvm::{KvmError, KvmHost};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{BootState, Outcome, RunContext, Vcpu, VcpuError, VcpuHandle};
-use crate::vstate::vm::{Vm, VmError};
+use crate::vstate::vm::{IrqChip, Vm, VmError};
 
 /// How long stopping may take before rvmm gives up on a vCPU thread and exits anyway.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -101,11 +101,20 @@ impl Vmm {
         } else {
             CpuTemplate::Host
         });
-        let vm = Vm::new(&host.kvm, !cfg.acpi)?;
+        // The MP table describes a PC with PIC and PIT; ACPI a hardware-reduced platform.
+        let irqchip = if cfg.acpi {
+            IrqChip::Split
+        } else {
+            IrqChip::Legacy
+        };
+        let vm = Vm::new(&host.kvm, irqchip)?;
         let mem = create_guest_memory(cfg.memory_bytes())?;
 
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
+        if irqchip == IrqChip::Split {
+            attach_ioapic(&vm, &mut mmio, cfg.vcpus)?;
+        }
         let legacy = attach_legacy(&vm, &mut pio, cfg.console)?;
         let mut event_manager = EventManager::new().map_err(VmmError::EventManager)?;
         let mut slots = VirtioSlots::default();
@@ -148,8 +157,8 @@ impl Vmm {
         )?;
 
         let vcpus = create_vcpus(&host, &vm, template, cfg.vcpus, &boot_state)?;
-        // Last: KVM finishes a grace period begun by the irqchip's creation before it adds a
-        // memory slot, so the work above overlaps that wait (~7 ms on the emulating KVM).
+        // Last: with the legacy irqchip KVM finishes a grace period begun by its creation
+        // before it adds a memory slot, so the work above overlaps that wait.
         vm.register_memory(&host.kvm, &mem)?;
         // Only once the VM is built, so that a refused configuration gives just its error.
         if host.emulated {

@@ -54,6 +54,11 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// IO-APIC register window.
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+
+/// The IO-APIC's APIC id: the first one after the vCPUs' (0..num_cpus).
+pub fn ioapic_id(num_cpus: u8) -> u8 {
+    num_cpus
+}
 /// Local APIC register window.
 pub const APIC_ADDR: u64 = 0xfee0_0000;
 /// First IO-APIC pin handed out to devices (0-4 are the timer, keyboard, cascade and serial).

@@ -14,7 +14,7 @@
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
-use crate::layout::{APIC_ADDR, EBDA_START, HIMEM_START, IOAPIC_ADDR, IRQ_MAX};
+use crate::layout::{ioapic_id, APIC_ADDR, EBDA_START, HIMEM_START, IOAPIC_ADDR, IRQ_MAX};
 
 /// Most vCPUs the table can describe: APIC ids are 8 bits, 0xff is the broadcast id, and
 /// the IO-APIC takes the id after the last CPU.
@@ -113,7 +113,7 @@ fn floating_pointer(table_addr: u32) -> [u8; FLOATING_POINTER_SIZE] {
 
 /// The configuration table: header followed by the base entries, checksum filled in.
 fn config_table(num_cpus: u8) -> Result<Vec<u8>, MptableError> {
-    let ioapic_id = num_cpus;
+    let ioapic_id = ioapic_id(num_cpus);
     let mut entries = Vec::new();
     for cpu in 0..num_cpus {
         entries.extend_from_slice(&processor_entry(cpu));

@@ -1,5 +1,7 @@
-//! Legacy PC devices on the port-I/O bus, and the ACPI sleep registers that sit beside them.
+//! Legacy PC devices on the port-I/O bus, the ACPI sleep registers that sit beside them, and
+//! the I/O APIC of the split irqchip.
 
 pub mod acpi_sleep;
 pub mod i8042;
+pub mod ioapic;
 pub mod serial;

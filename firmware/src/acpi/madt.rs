@@ -13,7 +13,7 @@ use zerocopy::little_endian::{U16, U32};
 use zerocopy::{Immutable, IntoBytes};
 
 use super::{aml_bytes, OEM_ID, OEM_REVISION, OEM_TABLE_ID};
-use crate::layout::{APIC_ADDR, COM1_IRQ, IOAPIC_ADDR, PIT_IRQ};
+use crate::layout::{ioapic_id, APIC_ADDR, COM1_IRQ, IOAPIC_ADDR, PIT_IRQ};
 
 const ENTRY_INTERRUPT_SOURCE_OVERRIDE: u8 = 2;
 const ENTRY_LOCAL_APIC_NMI: u8 = 4;
@@ -77,7 +77,7 @@ pub fn madt(num_cpus: u8) -> Vec<u8> {
     for cpu in 0..num_cpus {
         madt.add_structure(ProcessorLocalApic::new(cpu, cpu, EnabledStatus::Enabled));
     }
-    madt.add_structure(IoApic::new(num_cpus, IOAPIC_ADDR as u32, 0));
+    madt.add_structure(IoApic::new(ioapic_id(num_cpus), IOAPIC_ADDR as u32, 0));
     for irq in ISA_IRQS {
         madt.add_structure(InterruptSourceOverride::identity(irq as u8));
     }
