@@ -86,9 +86,9 @@ pub struct BootState {
     pub zero_page: u64,
     pub cr3: u64,
     pub segments: BootSegments,
-    /// Whether the guest is told about the 8259 PIC (MP table only). Otherwise LINT0 is
-    /// masked: under hardware-reduced ACPI Linux never programs the 8259, and KVM's in-kernel
-    /// PIC left at reset (nothing masked, vectors from 0) delivered through LINT0 and hung the
+    /// Whether the guest has an 8259 PIC behind LINT0 (the MP-table platform). Otherwise
+    /// LINT0 is masked: the hardware-reduced platform has no PIC, and when it still had KVM's
+    /// (left at reset, never programmed by Linux there) its interrupts through LINT0 hung the
     /// boot here at the switch to the kvm-clock clocksource.
     pub legacy_pic: bool,
 }
