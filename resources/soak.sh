@@ -20,7 +20,7 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 if [ -z "${RVMM:-}" ]; then
     (cd "$ROOT" && nice -n 10 cargo build --release --bin rvmm -q)
-    RVMM=$ROOT/target/release/rvmm
+    RVMM=$ROOT/target/x86_64-unknown-linux-gnu/release/rvmm
 fi
 for g in hello spin; do
     cc -nostdlib -static -no-pie -Wl,--build-id=none -Wl,-Ttext=0x200000 \
