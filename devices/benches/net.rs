@@ -190,19 +190,19 @@ fn table(rows: &[(usize, f64, f64)], host: &str) -> String {
          a private network namespace, link up, no addresses: the kernel drops the frames. \
          Batches of {BATCH} chains (header + frame descriptors) per queue notification, the \
          device side including the driver's ring updates; median of {ROUNDS} alternating \
-         rounds of {} ms. Host: {host}.\n\n",
+         rounds of {} ms; Gbit/s counts Ethernet frame bytes, not the header. Host: {host}.\n\n",
         ROUND_TIME.as_millis()
     );
     out.push_str(
-        "| frame | device frames/s | host frames/s | device MiB/s | host MiB/s | ratio | \
+        "| frame | device frames/s | host frames/s | device Gbit/s | host Gbit/s | ratio | \
          overhead µs/frame |\n|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for &(len, dev, host) in rows {
-        let mib = |fps: f64| fps * len as f64 / f64::from(1 << 20);
+        let gbit = |fps: f64| fps * len as f64 * 8.0 / 1e9;
         out.push_str(&format!(
-            "| {len} B | {dev:.0} | {host:.0} | {:.1} | {:.1} | {:.3} | {:.2} |\n",
-            mib(dev),
-            mib(host),
+            "| {len} B | {dev:.0} | {host:.0} | {:.2} | {:.2} | {:.3} | {:.2} |\n",
+            gbit(dev),
+            gbit(host),
             dev / host,
             (1.0 / dev - 1.0 / host) * 1e6
         ));
