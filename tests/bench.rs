@@ -239,6 +239,7 @@ fn bench_report_holds_the_measured_samples() -> TestResult {
             return Err(format!("{id} has no {variant} samples:\n{md}"));
         }
     }
+    check_peak_rss(&report)?;
     // The guest pass: measured on hardware KVM; here, skipped with what the guest did.
     let guest = reason_of(&report, "cpu.matmul", "rvmm");
     if common::kvm_is_emulated() {
@@ -250,6 +251,33 @@ fn bench_report_holds_the_measured_samples() -> TestResult {
     {
         return Err(format!(
             "cpu.matmul rvmm skipped on hardware KVM: {guest:?}"
+        ));
+    }
+    Ok(())
+}
+
+fn median_of(report: &Value, id: &str, variant: &str) -> Option<f64> {
+    report["figures"]
+        .as_array()?
+        .iter()
+        .filter(|f| f["id"] == id)
+        .flat_map(|f| f["rows"].as_array().into_iter().flatten())
+        .find(|r| r["variant"] == variant)
+        .and_then(samples_of)
+        .map(|s| median(&s))
+}
+
+/// Peak RSS is each command's own, not the bench's that a child inherits across fork+exec:
+/// the static C agent peaks well under 1 MiB, below the bench's own peak, and rvmm above it.
+fn check_peak_rss(report: &Value) -> TestResult {
+    let bench = report["bench_peak_rss_mib"]
+        .as_f64()
+        .ok_or("report.json has no bench_peak_rss_mib")?;
+    let process = median_of(report, "start.peak_rss", "process").ok_or("no process peak RSS")?;
+    let rvmm = median_of(report, "start.peak_rss", "rvmm").ok_or("no rvmm peak RSS")?;
+    if !(process < 1.0 && process < bench && rvmm > process) {
+        return Err(format!(
+            "peak RSS: process {process} MiB, rvmm {rvmm} MiB, the bench itself {bench} MiB"
         ));
     }
     Ok(())

@@ -124,6 +124,8 @@ impl Figure {
 pub struct Report {
     pub machine: Machine,
     pub runs: u32,
+    /// The bench's own peak RSS, which a command it started directly would inherit.
+    pub bench_peak_rss_mib: f64,
     /// Findings worth a sentence, such as the VMM-only comparison with QEMU.
     pub notes: Vec<String>,
     pub figures: Vec<Figure>,
@@ -274,6 +276,7 @@ mod tests {
         Report {
             machine: Machine::example(),
             runs: 3,
+            bench_peak_rss_mib: 4.5,
             notes: vec!["a note".into()],
             figures: vec![fig],
         }
