@@ -32,13 +32,14 @@ fn root_or_skip() -> bool {
     false
 }
 
-/// The report's number format: at most three significant digits.
+/// The report's number format: three significant digits.
 fn number(v: f64) -> String {
     match v.abs() {
         a if a >= 100.0 => format!("{v:.0}"),
         a if a >= 10.0 => format!("{v:.1}"),
         a if a >= 1.0 => format!("{v:.2}"),
-        _ => format!("{v:.3}"),
+        a if a > 0.0 => format!("{v:.*}", (2 - a.log10().floor() as i32).max(3) as usize),
+        _ => format!("{v}"),
     }
 }
 
@@ -108,7 +109,7 @@ fn check_figure(fig: &Value, md: &str, skips: &[String]) -> TestResult<usize> {
                 return Err(format!("{id} {variant}: JSON median {summary} is not {m}"));
             }
             let ratio = native
-                .map(|n| format!("{:.2} · ", m / n))
+                .map(|n| format!("{} · ", number(m / n)))
                 .unwrap_or_default();
             let want = format!("{ratio}{} [{}–{}]", number(m), number(m), number(m));
             if cell != want {
