@@ -155,12 +155,9 @@ fn bench(args: &BenchArgs) -> Result<(), BenchError> {
     if steps.contains(&Step::Memory) {
         figures.extend(start::memory(&ctx)?);
     }
-    figures.extend(guest_steps(&ctx, &steps)?);
+    figures.extend(guest_steps(&ctx, &steps, &mut notes)?);
     let bench_peak_rss_mib = procmem::own_peak_kib() as f64 / 1024.0;
-    let notes: Vec<String> = notes
-        .into_iter()
-        .chain(rss_note(&figures, bench_peak_rss_mib))
-        .collect();
+    notes.extend(rss_note(&figures, bench_peak_rss_mib));
     write_report(
         &args.out,
         Report {
@@ -187,8 +184,12 @@ fn container_rootfs(
     Rootfs::create(work, tools).map_err(|e| crate::error_chain(&e))
 }
 
-/// The cpu, disk and net steps: host variants here, VM variants from one guest pass.
-fn guest_steps(ctx: &Ctx, steps: &[Step]) -> Result<Vec<Figure>, BenchError> {
+/// The cpu, disk and net steps: host variants here, VM variants from one guest pass per VMM.
+fn guest_steps(
+    ctx: &Ctx,
+    steps: &[Step],
+    notes: &mut Vec<String>,
+) -> Result<Vec<Figure>, BenchError> {
     let wanted: Vec<Step> = [Step::Cpu, Step::Disk, Step::Net]
         .into_iter()
         .filter(|s| steps.contains(s))
@@ -208,7 +209,7 @@ fn guest_steps(ctx: &Ctx, steps: &[Step]) -> Result<Vec<Figure>, BenchError> {
     if wanted.contains(&Step::Net) {
         figures.extend(workloads::net(ctx)?);
     }
-    guest::add_vm_rows(ctx, &wanted, &disk, &mut figures)?;
+    notes.extend(guest::add_vm_rows(ctx, &wanted, &disk, &mut figures)?);
     Ok(figures)
 }
 
