@@ -60,6 +60,14 @@ fn ppid(stat: &str) -> Option<u32> {
         .ok()
 }
 
+/// This process's peak RSS (VmHWM).
+pub fn own_peak_kib() -> u64 {
+    kib_field(
+        &std::fs::read_to_string("/proc/self/status").unwrap_or_default(),
+        "VmHWM:",
+    )
+}
+
 fn kib_field(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name))
@@ -116,5 +124,6 @@ mod tests {
     fn sums_our_own_process() {
         let s = tree(std::process::id(), 1 << 40);
         assert!(s.rss_kib > 0 && s.pss_kib > 0 && s.guest_kib == 0, "{s:?}");
+        assert!(own_peak_kib() > 0);
     }
 }

@@ -124,6 +124,8 @@ impl Figure {
 pub struct Report {
     pub machine: Machine,
     pub runs: u32,
+    /// The bench's own peak RSS, which a command it started directly would inherit.
+    pub bench_peak_rss_mib: f64,
     /// Findings worth a sentence, such as the VMM-only comparison with QEMU.
     pub notes: Vec<String>,
     pub figures: Vec<Figure>,
@@ -228,7 +230,9 @@ fn cell(fig: &Figure, variant: Variant, native: Option<Summary>, reasons: &[Stri
     match &row.outcome {
         Outcome::Samples { summary: s, .. } => {
             let ratio = native.and_then(|n| ratio(s.median, n.median));
-            let prefix = ratio.map(|r| format!("{r:.2} · ")).unwrap_or_default();
+            let prefix = ratio
+                .map(|r| format!("{} · ", number(r)))
+                .unwrap_or_default();
             format!(
                 "{prefix}{} [{}–{}]",
                 number(s.median),
@@ -246,7 +250,8 @@ fn cell(fig: &Figure, variant: Variant, native: Option<Summary>, reasons: &[Stri
     }
 }
 
-/// Three significant digits at most, without scientific notation for everyday magnitudes.
+/// Three significant digits, without scientific notation: 1234, 12.3, 1.23, 0.123, 0.000889
+/// (a guest's Gbit/s on an emulating KVM must not read as 0.000).
 pub fn number(v: f64) -> String {
     let a = v.abs();
     if a >= 100.0 {
@@ -255,8 +260,11 @@ pub fn number(v: f64) -> String {
         format!("{v:.1}")
     } else if a >= 1.0 {
         format!("{v:.2}")
+    } else if a > 0.0 {
+        let decimals = (2 - a.log10().floor() as i32).max(3) as usize;
+        format!("{v:.decimals$}")
     } else {
-        format!("{v:.3}")
+        format!("{v}")
     }
 }
 
@@ -274,6 +282,7 @@ mod tests {
         Report {
             machine: Machine::example(),
             runs: 3,
+            bench_peak_rss_mib: 4.5,
             notes: vec!["a note".into()],
             figures: vec![fig],
         }
@@ -316,6 +325,9 @@ mod tests {
         assert_eq!(number(1234.4), "1234");
         assert_eq!(number(12.34), "12.3");
         assert_eq!(number(1.234), "1.23");
-        assert_eq!(number(0.01234), "0.012");
+        assert_eq!(number(0.01234), "0.0123");
+        assert_eq!(number(0.5), "0.500");
+        assert_eq!(number(0.000_888_9), "0.000889");
+        assert_eq!(number(0.0), "0");
     }
 }

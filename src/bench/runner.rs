@@ -1,17 +1,20 @@
-//! Runs one measured command: wall time to its first output line and to its exit, CPU time and
-//! peak RSS from wait4(2), with Ctrl-C and timeouts killing its whole process group.
+//! Runs one measured command: wall time to its first output line and to its exit, and (through
+//! the launcher) its CPU time and peak RSS, with Ctrl-C and timeouts killing its whole process
+//! group.
 
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::signal::register_signal_handler;
 
 static CANCELLED: AtomicBool = AtomicBool::new(false);
+static NEXT_REPORT: AtomicU32 = AtomicU32::new(0);
 const POLL_MS: i32 = 50;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +35,8 @@ pub enum RunError {
     Wait(String, #[source] std::io::Error),
     #[error("cannot install the SIGINT/SIGTERM handlers")]
     Signals(#[source] vmm_sys_util::errno::Error),
+    #[error("the launcher of {0} reported nothing readable")]
+    Launcher(String),
 }
 
 extern "C" fn on_stop_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -71,6 +76,9 @@ pub struct Watch<'a> {
     /// A stdout line containing one of these before the marker means the marker will never
     /// come: the command is stopped at once and the line kept in [`Measured::gave_up`].
     pub give_up: &'a [&'a str],
+    /// Start the command through this launcher (resources/bench/launch.c) to learn its CPU
+    /// time and its own peak RSS ([`Measured::usage`]); times then count from its fork.
+    pub launcher: Option<&'a Path>,
 }
 
 impl<'a> Watch<'a> {
@@ -82,19 +90,28 @@ impl<'a> Watch<'a> {
             on_marker: None,
             any_status: false,
             give_up: &[],
+            launcher: None,
         }
     }
 }
 
-#[derive(Debug, Default)]
-pub struct Measured {
-    /// Seconds from spawn to the marker line, if it came.
-    pub first_line: Option<f64>,
-    /// Seconds from spawn to the end of wait4.
-    pub wall: f64,
+/// What the launcher saw of the command it ran.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Usage {
     /// User + system seconds of the command and the children it waited for.
     pub cpu: f64,
+    /// Peak RSS of the command (or of a child it waited for), not inherited from the bench.
     pub max_rss_kib: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Measured {
+    /// Seconds from spawn (the launcher's fork) to the marker line, if it came.
+    pub first_line: Option<f64>,
+    /// Seconds from spawn (the launcher's fork) to the end of wait4.
+    pub wall: f64,
+    /// Present when the command ran through the launcher to its end.
+    pub usage: Option<Usage>,
     /// The `give_up` line that made the runner stop the command.
     pub gave_up: Option<String>,
     pub stdout: String,
@@ -127,18 +144,16 @@ impl Group {
         }
     }
 
-    /// Blocks in wait4 until the child ends; a Ctrl-C meanwhile kills it.
-    fn wait4(&mut self, what: &str) -> Result<(i32, libc::rusage), RunError> {
+    /// Blocks until the child ends and returns its wait status; a Ctrl-C meanwhile kills it.
+    fn wait(&mut self, what: &str) -> Result<i32, RunError> {
         let pid = self.pid() as i32;
         loop {
             let mut status = 0;
-            // SAFETY: rusage is plain data that wait4 fills in.
-            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-            // SAFETY: wait4 on our own child with valid out-pointers.
-            let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+            // SAFETY: waitpid on our own child with a valid out-pointer.
+            let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
             if rc == pid {
                 self.child = None;
-                return Ok((status, usage));
+                return Ok(status);
             }
             let err = std::io::Error::last_os_error();
             if err.kind() != std::io::ErrorKind::Interrupted {
@@ -163,10 +178,13 @@ impl Drop for Group {
 
 /// Runs `cmd` to its end (or until `on_marker` stops it) and measures it.
 pub fn run(cmd: &mut Command, mut watch: Watch) -> Result<Measured, RunError> {
+    let mut launched = watch.launcher.map(|l| Launched::new(l, cmd));
+    let cmd = launched.as_mut().map_or(cmd, |l| &mut l.cmd);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let start = Instant::now();
+    let spawn_ns = monotonic_ns();
     let mut group = Group::spawn(cmd, watch.what)?;
     let child = group.child.as_mut().expect("just spawned");
     let mut pipes = [
@@ -174,6 +192,7 @@ pub fn run(cmd: &mut Command, mut watch: Watch) -> Result<Measured, RunError> {
         child.stderr.take().map(Pipe::new),
     ];
     let mut m = Measured::default();
+    let mut marker_ns = None;
     // Once we stop the command, its output no longer matters: a process it started outside
     // its group (a container's init) may hold the pipes open until its own cleanup.
     let mut stopped = false;
@@ -186,7 +205,7 @@ pub fn run(cmd: &mut Command, mut watch: Watch) -> Result<Measured, RunError> {
             });
         }
         poll_pipes(&mut pipes);
-        if m.first_line.is_none() && m.gave_up.is_none() {
+        if marker_ns.is_none() && m.gave_up.is_none() {
             if let Some(out) = &pipes[0] {
                 let complete = &out.text[..out.text.rfind('\n').map_or(0, |i| i + 1)];
                 m.gave_up = complete
@@ -196,7 +215,7 @@ pub fn run(cmd: &mut Command, mut watch: Watch) -> Result<Measured, RunError> {
                 if m.gave_up.is_some() {
                     stopped = true;
                 } else if out.text.lines().any(|l| l.contains(watch.marker)) {
-                    m.first_line = Some(start.elapsed().as_secs_f64());
+                    marker_ns = Some(monotonic_ns());
                     if let Some(hook) = watch.on_marker.as_mut() {
                         stopped = hook(group.pid());
                     }
@@ -212,11 +231,49 @@ pub fn run(cmd: &mut Command, mut watch: Watch) -> Result<Measured, RunError> {
             }
         }
     }
-    let (status, usage) = group.wait4(watch.what)?;
-    m.wall = start.elapsed().as_secs_f64();
+    let status = group.wait(watch.what)?;
+    let end_ns = monotonic_ns();
     check_cancel()?;
-    m.cpu = seconds(usage.ru_utime) + seconds(usage.ru_stime);
-    m.max_rss_kib = u64::try_from(usage.ru_maxrss).unwrap_or(0);
+    let times = Times {
+        spawn_ns,
+        marker_ns,
+        end_ns,
+    };
+    finish(m, status, times, launched.as_ref(), &watch)
+}
+
+/// CLOCK_MONOTONIC readings of one run, in nanoseconds: the launcher reports on this clock.
+struct Times {
+    spawn_ns: u64,
+    marker_ns: Option<u64>,
+    end_ns: u64,
+}
+
+/// Takes the times, usage and status from the launcher's report when it wrote one, and
+/// turns an unexpected end into an error.
+fn finish(
+    mut m: Measured,
+    mut status: i32,
+    t: Times,
+    launched: Option<&Launched>,
+    watch: &Watch,
+) -> Result<Measured, RunError> {
+    let mut from = t.spawn_ns;
+    let mut end = t.end_ns;
+    let exited = libc::WIFEXITED(status);
+    if let Some(l) = launched.filter(|_| exited) {
+        let r = std::fs::read_to_string(&l.report)
+            .ok()
+            .and_then(|text| LaunchReport::parse(&text))
+            .ok_or_else(|| RunError::Launcher(watch.what.to_string()))?;
+        (from, end, status) = (r.fork_ns, r.reap_ns, r.status);
+        m.usage = Some(r.usage);
+    }
+    let secs = |ns: u64| ns.saturating_sub(from) as f64 / 1e9;
+    m.wall = secs(end);
+    // The line is timed when the bench reads it, which can be after a quick command's end
+    // (as the launcher timed it); it was written before that end.
+    m.first_line = t.marker_ns.map(|ns| secs(ns).min(m.wall));
     let killed = libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL;
     let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
     let stopped_by_us = killed && (m.first_line.is_some() || m.gave_up.is_some());
@@ -228,6 +285,86 @@ pub fn run(cmd: &mut Command, mut watch: Watch) -> Result<Measured, RunError> {
         });
     }
     Ok(m)
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills in the timespec it is given; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A command rewritten to run under the launcher, and the file the launcher reports to
+/// (removed on drop).
+struct Launched {
+    cmd: Command,
+    report: PathBuf,
+}
+
+impl Launched {
+    /// `launcher REPORT PROGRAM ARGS...` with the environment and directory of `cmd`;
+    /// PROGRAM must be a path (the launcher does no PATH search).
+    fn new(launcher: &Path, cmd: &Command) -> Launched {
+        let n = NEXT_REPORT.fetch_add(1, Ordering::SeqCst);
+        let report = launcher.with_file_name(format!("launch-{n}.report"));
+        let mut wrapped = Command::new(launcher);
+        wrapped
+            .arg(&report)
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        for (key, value) in cmd.get_envs() {
+            match value {
+                Some(v) => wrapped.env(key, v),
+                None => wrapped.env_remove(key),
+            };
+        }
+        if let Some(dir) = cmd.get_current_dir() {
+            wrapped.current_dir(dir);
+        }
+        Launched {
+            cmd: wrapped,
+            report,
+        }
+    }
+}
+
+impl Drop for Launched {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.report);
+    }
+}
+
+/// The launcher's line: `status=S maxrss_kib=K utime_us=U stime_us=T fork_ns=F reap_ns=R`.
+#[derive(Debug, PartialEq)]
+struct LaunchReport {
+    status: i32,
+    usage: Usage,
+    fork_ns: u64,
+    reap_ns: u64,
+}
+
+impl LaunchReport {
+    fn parse(text: &str) -> Option<LaunchReport> {
+        let get = |key: &str| -> Option<u64> {
+            text.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))?
+                .parse()
+                .ok()
+        };
+        let cpu_us = get("utime_us")? + get("stime_us")?;
+        Some(LaunchReport {
+            status: i32::try_from(get("status")?).ok()?,
+            usage: Usage {
+                cpu: cpu_us as f64 / 1e6,
+                max_rss_kib: get("maxrss_kib")?,
+            },
+            fork_ns: get("fork_ns")?,
+            reap_ns: get("reap_ns")?,
+        })
+    }
 }
 
 fn describe_status(status: i32) -> String {
@@ -244,10 +381,6 @@ pub fn last_line(text: &str) -> &str {
         .find(|l| !l.trim().is_empty())
         .unwrap_or("")
         .trim()
-}
-
-fn seconds(tv: libc::timeval) -> f64 {
-    tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6
 }
 
 /// One output pipe of the child and what has been read from it.
@@ -302,6 +435,59 @@ fn poll_pipes(pipes: &mut [Option<Pipe>; 2]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::procmem::own_peak_kib;
+    use crate::bench::tools::build_launcher;
+
+    #[test]
+    fn parses_the_launcher_report() {
+        let line = "status=256 maxrss_kib=652 utime_us=426 stime_us=74 fork_ns=1000 reap_ns=9000\n";
+        let want = LaunchReport {
+            status: 256,
+            usage: Usage {
+                cpu: 500e-6,
+                max_rss_kib: 652,
+            },
+            fork_ns: 1000,
+            reap_ns: 9000,
+        };
+        assert_eq!(LaunchReport::parse(line), Some(want));
+        assert_eq!(LaunchReport::parse("status=0 maxrss_kib=1"), None);
+    }
+
+    /// Through the launcher a command's peak RSS is its own, far below this test process's
+    /// (raised to 64 MiB here), which a child started directly would inherit.
+    #[test]
+    fn the_launcher_reports_the_commands_own_peak_rss() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/rvmm-launch-").unwrap();
+        let launcher = build_launcher(dir.as_path()).unwrap();
+        let big = std::hint::black_box(vec![1u8; 64 << 20]);
+        let own = own_peak_kib();
+        assert!(own >= 64 << 10, "VmHWM {own} KiB");
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", "echo ready; exit 3"]);
+        let mut watch = Watch::new("sh", Duration::from_secs(30), "ready");
+        watch.launcher = Some(&launcher);
+        watch.any_status = true;
+        let m = run(&mut cmd, watch).unwrap();
+        let usage = m.usage.expect("the launcher reported");
+        assert!(
+            usage.max_rss_kib > 0 && usage.max_rss_kib < own / 8,
+            "sh peak {} KiB, ours {own} KiB",
+            usage.max_rss_kib
+        );
+        assert!(
+            m.first_line.is_some_and(|f| f > 0.0 && f <= m.wall),
+            "{m:?}"
+        );
+        drop(big);
+        // The command's own exit status, not the launcher's, decides success.
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", "exit 3"]);
+        let mut watch = Watch::new("sh", Duration::from_secs(30), "ready");
+        watch.launcher = Some(&launcher);
+        let err = run(&mut cmd, watch).unwrap_err().to_string();
+        assert!(err.contains("exit status 3"), "{err}");
+    }
 
     #[test]
     fn a_give_up_line_stops_the_command_at_once() {

@@ -126,18 +126,17 @@ pub fn start(ctx: &Ctx) -> Result<Vec<Figure>, RunError> {
             let mut p = tiny(ctx, variant, false)?;
             let mut watch = Watch::new(variant.label(), TIMEOUT, MARKER);
             watch.any_status = p.any_status;
+            watch.launcher = Some(&ctx.tools.launcher);
             let m = run(&mut p.cmd, watch).map_err(fail_reason)?;
             let first = m
                 .first_line
                 .ok_or_else(|| format!("{} printed no {MARKER:?}", variant.label()))?;
+            let usage = m
+                .usage
+                .ok_or_else(|| format!("{}: the launcher reported nothing", variant.label()))?;
             if i > 0 {
-                for (s, v) in
-                    samples
-                        .iter_mut()
-                        .zip([ms(first), ms(m.wall), ms(m.cpu), mib(m.max_rss_kib)])
-                {
-                    s.push(v);
-                }
+                let values = [ms(first), ms(m.wall), ms(usage.cpu), mib(usage.max_rss_kib)];
+                samples.iter_mut().zip(values).for_each(|(s, v)| s.push(v));
             }
             Ok(())
         });

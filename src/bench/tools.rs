@@ -1,11 +1,12 @@
-//! What the steps run: the workload agent and the tiny guest, built with cc from sources
-//! embedded in rvmm, and the host tools (QEMU, crun, fio, iperf3) found on PATH.
+//! What the steps run: the workload agent, the launcher and the tiny guest, built with cc from
+//! sources embedded in rvmm, and the host tools (QEMU, crun, fio, iperf3) found on PATH.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const AGENT_C: &str = include_str!("../../resources/bench/agent.c");
 const TINY_S: &str = include_str!("../../resources/bench/tiny.S");
+const LAUNCH_C: &str = include_str!("../../resources/bench/launch.c");
 /// Iterations of the tiny guest's loop at CPL0 for the emulation check: ~0.3 s at the
 /// emulator's ~1 MIPS, instant on hardware.
 pub const SPIN_ITERS: u64 = 200_000;
@@ -45,6 +46,8 @@ impl Drop for WorkDir {
 pub struct Tools {
     pub rvmm: PathBuf,
     pub agent: PathBuf,
+    /// Runs a command and reports its CPU time and its own peak RSS (see launch.c).
+    pub launcher: PathBuf,
     /// Prints a line and exits; `tiny_idle` halts after the line, `tiny_spin` loops first.
     pub tiny: PathBuf,
     pub tiny_idle: PathBuf,
@@ -57,14 +60,8 @@ pub struct Tools {
 
 impl Tools {
     pub fn build(work: &Path) -> Result<Tools, ToolError> {
-        let write = |name: &str, text: &str| {
-            let path = work.join(name);
-            std::fs::write(&path, text)
-                .map_err(|e| ToolError::Create(path.display().to_string(), e))?;
-            Ok::<_, ToolError>(path)
-        };
-        let agent_src = write("agent.c", AGENT_C)?;
-        let tiny_src = write("tiny.S", TINY_S)?;
+        let agent_src = write_source(work, "agent.c", AGENT_C)?;
+        let tiny_src = write_source(work, "tiny.S", TINY_S)?;
         let agent = work.join("agent");
         cc(&["-O2", "-static", "-w"], &agent_src, &agent)?;
         let guest_flags = [
@@ -94,6 +91,7 @@ impl Tools {
         Ok(Tools {
             rvmm: std::env::current_exe().map_err(|e| ToolError::Run("rvmm".into(), e))?,
             agent,
+            launcher: build_launcher(work)?,
             tiny,
             tiny_idle,
             tiny_spin,
@@ -103,6 +101,31 @@ impl Tools {
             iperf3: which("iperf3"),
         })
     }
+}
+
+fn write_source(work: &Path, name: &str, text: &str) -> Result<PathBuf, ToolError> {
+    let path = work.join(name);
+    std::fs::write(&path, text).map_err(|e| ToolError::Create(path.display().to_string(), e))?;
+    Ok(path)
+}
+
+/// The launcher, without libc: its own peak RSS, which its child inherits, stays a few pages.
+pub fn build_launcher(work: &Path) -> Result<PathBuf, ToolError> {
+    let src = write_source(work, "launch.c", LAUNCH_C)?;
+    let launcher = work.join("launch");
+    let flags = [
+        "-O2",
+        "-nostdlib",
+        "-static",
+        "-no-pie",
+        "-ffreestanding",
+        "-fno-builtin",
+        "-fno-stack-protector",
+        "-fno-asynchronous-unwind-tables",
+        "-Wl,--build-id=none",
+    ];
+    cc(&flags, &src, &launcher)?;
+    Ok(launcher)
 }
 
 fn cc(flags: &[&str], src: &Path, out: &Path) -> Result<(), ToolError> {
