@@ -50,14 +50,20 @@ fn main() {
             guest::power_off();
         }
     };
+    // The host first: set-up mounts tmpfs on /tmp and /run, which would hide a `--unix`
+    // socket there from a host test.
+    let conn = match guest::connect_host(protocol::AGENT_PORT, opts.unix.as_deref()) {
+        Ok(conn) => conn,
+        Err(e) => {
+            say!("cannot reach the host: {e}");
+            guest::power_off();
+        }
+    };
     if let Err(e) = guest::setup(&opts.image_disk, IMAGE_DIR) {
         say!("guest setup failed: {e}");
         guest::power_off();
     }
-    match guest::connect_host(protocol::AGENT_PORT, opts.unix.as_deref()) {
-        Ok(conn) => serve(conn),
-        Err(e) => say!("cannot reach the host: {e}"),
-    }
+    serve(conn);
     guest::power_off();
 }
 
