@@ -63,6 +63,28 @@ pub(crate) fn signal_used_queue(interrupt: &VirtioInterrupt, warned: &mut LogOnc
     }
 }
 
+/// What the transport does on a QueueNotify write, for device tests.
+#[cfg(test)]
+pub(crate) fn notify_queue(device: &std::sync::Mutex<impl super::VirtioDevice>, queue: usize) {
+    device.lock().unwrap().queue_events()[queue]
+        .write(1)
+        .unwrap();
+}
+
+/// Runs a device test's event loop until it has nothing to do; returns the events it handled.
+#[cfg(test)]
+pub(crate) fn run_until_idle<T: event_manager::MutEventSubscriber>(
+    manager: &mut event_manager::EventManager<T>,
+) -> usize {
+    let mut total = 0;
+    loop {
+        match manager.run_with_timeout(50).unwrap() {
+            0 => return total,
+            n => total += n,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

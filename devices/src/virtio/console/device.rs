@@ -273,6 +273,7 @@ mod tests {
     use std::io::Write as _;
     use std::sync::Mutex;
 
+    use crate::virtio::device_util::{notify_queue, run_until_idle};
     use event_manager::{EventManager, SubscriberOps};
     use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress};
@@ -386,20 +387,12 @@ mod tests {
 
         /// What the transport does on a QueueNotify write.
         fn notify(&self, queue: usize) {
-            self.console.lock().unwrap().queue_events()[queue]
-                .write(1)
-                .unwrap();
+            notify_queue(&self.console, queue)
         }
 
         /// Runs the loop until it has nothing to do; returns the events it handled.
         fn run(&mut self) -> usize {
-            let mut total = 0;
-            loop {
-                match self.manager.run_with_timeout(50).unwrap() {
-                    0 => return total,
-                    n => total += n,
-                }
-            }
+            run_until_idle(&mut self.manager)
         }
     }
 

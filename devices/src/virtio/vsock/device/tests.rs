@@ -3,6 +3,7 @@ use std::num::Wrapping;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::virtio::device_util::{notify_queue, run_until_idle};
 use event_manager::{EventManager, SubscriberOps};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempdir::TempDir;
@@ -132,20 +133,12 @@ impl<'a> Rig<'a> {
     }
 
     fn notify(&self, queue: usize) {
-        self.vsock.lock().unwrap().queue_events()[queue]
-            .write(1)
-            .unwrap();
+        notify_queue(&self.vsock, queue)
     }
 
     /// Runs the loop until it has nothing to do; returns the events it handled.
     fn run(&mut self) -> usize {
-        let mut total = 0;
-        loop {
-            match self.manager.run_with_timeout(50).unwrap() {
-                0 => return total,
-                n => total += n,
-            }
-        }
+        run_until_idle(&mut self.manager)
     }
 
     /// Posts `n` receive chains of one descriptor each; chain `i` (its head index) is at
