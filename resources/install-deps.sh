@@ -20,6 +20,8 @@ packages=(
     iproute2 iputils-ping
     # rvmm bench: the container runtime and the disk and network workloads
     crun fio iperf3
+    # the nested-KVM test machine (resources/nested-kvm.sh): QEMU above, and jq for test.sh
+    jq
 )
 
 echo "==> apt-get update"

@@ -1,7 +1,6 @@
 //! Attaches device models to the buses, their interrupts to KVM and their event handlers to
 //! the device event loop.
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{MutEventSubscriber, SubscriberOps};
@@ -10,6 +9,7 @@ use rvmm_devices::interrupt::EventFdInterrupt;
 use rvmm_devices::legacy::acpi_sleep::{AcpiSleep, ACPI_SLEEP_PORT_LEN};
 use rvmm_devices::legacy::i8042::I8042;
 use rvmm_devices::legacy::ioapic::{IoApic, IOAPIC_MMIO_LEN};
+use rvmm_devices::legacy::pvpanic::{Pvpanic, PVPANIC_PORT_LEN};
 use rvmm_devices::legacy::serial::Serial;
 use rvmm_devices::virtio::block::{Block, BlockConfig, BlockError};
 use rvmm_devices::virtio::console::{Console, ConsoleError};
@@ -24,6 +24,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{ConsoleKind, DiskConfig, NetConfig, VmConfig};
+use crate::console_out::{ConsoleOut, PanicWatch};
 use crate::event_loop::DeviceEventManager;
 use crate::vstate::vm::{Vm, VmError};
 
@@ -65,29 +66,15 @@ pub struct LegacyDevices {
     /// Signalled when the guest ends itself: a reset through the i8042, or a power-off
     /// through the ACPI sleep control register.
     pub guest_stop_evt: EventFd,
-}
-
-/// Writes guest console bytes to stdout straight away: an interactive prompt has no newline
-/// to flush a line buffer.
-pub struct ConsoleOut;
-
-impl Write for ConsoleOut {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut out = std::io::stdout().lock();
-        let n = out.write(buf)?;
-        out.flush()?;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stdout().flush()
-    }
+    /// Signalled when the guest kernel reports a panic through pvpanic.
+    pub guest_panic_evt: EventFd,
 }
 
 pub fn attach_legacy(
     vm: &Vm,
     pio: &mut Bus,
     console: ConsoleKind,
+    watch: &Arc<PanicWatch>,
 ) -> Result<LegacyDevices, DeviceError> {
     let guest_stop_evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
     let i8042_reset = guest_stop_evt.try_clone().map_err(DeviceError::EventFd)?;
@@ -105,13 +92,25 @@ pub fn attach_legacy(
         ACPI_SLEEP_PORT_LEN,
     )
     .map_err(DeviceError::Bus)?;
+    // Also found only through ACPI (the DSDT's QEMU0001).
+    let guest_panic_evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+    let panicked = guest_panic_evt.try_clone().map_err(DeviceError::EventFd)?;
+    pio.insert(
+        Arc::new(Mutex::new(Pvpanic::new(panicked))),
+        u64::from(layout::PVPANIC_PORT),
+        PVPANIC_PORT_LEN,
+    )
+    .map_err(DeviceError::Bus)?;
 
     let serial = match console {
         ConsoleKind::Serial => {
             let irq = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
             vm.register_irqfd(&irq, layout::COM1_IRQ)
                 .map_err(DeviceError::Interrupt)?;
-            let serial = Arc::new(Mutex::new(Serial::new(irq, Box::new(ConsoleOut))));
+            let serial = Arc::new(Mutex::new(Serial::new(
+                irq,
+                Box::new(ConsoleOut::new(watch.clone())),
+            )));
             pio.insert(
                 serial.clone(),
                 u64::from(layout::COM1_PORT),
@@ -125,6 +124,7 @@ pub fn attach_legacy(
     Ok(LegacyDevices {
         serial,
         guest_stop_evt,
+        guest_panic_evt,
     })
 }
 
@@ -173,6 +173,8 @@ pub struct VirtioContext<'a> {
     pub mmio: &'a mut Bus,
     pub event_manager: &'a mut DeviceEventManager,
     pub slots: &'a mut VirtioSlots,
+    /// Watches the console for the kernel's panic line.
+    pub console_watch: &'a Arc<PanicWatch>,
 }
 
 /// Puts `device` behind a virtio-mmio transport: register window on the MMIO bus, queue
@@ -223,8 +225,11 @@ pub fn attach_virtio_devices(ctx: &mut VirtioContext, cfg: &VmConfig) -> Result<
     }
     if cfg.console == ConsoleKind::Virtio {
         let stdin = crate::vmm::dup_stdin().map_err(DeviceError::Stdin)?;
-        let console =
-            Console::new(Box::new(ConsoleOut), Some(stdin)).map_err(DeviceError::Console)?;
+        let console = Console::new(
+            Box::new(ConsoleOut::new(ctx.console_watch.clone())),
+            Some(stdin),
+        )
+        .map_err(DeviceError::Console)?;
         attach_virtio(ctx, Arc::new(Mutex::new(console)))?;
     }
     Ok(())

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod boot;
 pub mod config;
+pub mod console_out;
 pub mod container;
 pub mod device_manager;
 pub mod event_loop;

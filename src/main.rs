@@ -42,8 +42,18 @@ fn boot(args: VmArgs) -> Result<ExitCode, String> {
         VmExit::Guest => Ok(ExitCode::SUCCESS),
         // The shell convention for "ended by signal N".
         VmExit::Signal(signo) => Ok(ExitCode::from(128 + signo as u8)),
+        VmExit::Panic(line) => {
+            match line {
+                Some(line) => eprintln!("rvmm: error: the guest kernel panicked: {line}"),
+                None => eprintln!("rvmm: error: the guest kernel panicked"),
+            }
+            Ok(ExitCode::from(GUEST_PANIC_STATUS))
+        }
     }
 }
+
+/// The exit status when the guest kernel panicked (README: exit status).
+const GUEST_PANIC_STATUS: u8 = 3;
 
 /// clap's message up to its first blank line (the usage hint after it is dropped), on one line.
 fn one_line(clap_msg: &str) -> String {

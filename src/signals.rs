@@ -1,5 +1,5 @@
 //! What the main thread waits for once the VM runs: a vCPU ending the VM, the guest ending
-//! itself (i8042 reset line, ACPI power-off), or SIGINT/SIGTERM (taken through a signalfd so no handler runs on an
+//! itself (i8042 reset line, ACPI power-off) or panicking (pvpanic), or SIGINT/SIGTERM (taken through a signalfd so no handler runs on an
 //! arbitrary thread).
 
 use std::fs::File;
@@ -27,18 +27,24 @@ pub enum Wake {
     VcpuExit,
     /// The guest reset or powered itself off.
     GuestStop,
+    /// The guest kernel reported a panic.
+    GuestPanic,
     Signal(i32),
 }
 
 pub struct ControlWait<'a> {
     guest_stop_evt: &'a EventFd,
+    guest_panic_evt: &'a EventFd,
     signal_fd: File,
 }
 
 impl<'a> ControlWait<'a> {
     /// Blocks the stop signals for this thread and every thread it starts afterwards, so they
     /// are only ever seen through the signalfd.
-    pub fn new(guest_stop_evt: &'a EventFd) -> Result<Self, SignalError> {
+    pub fn new(
+        guest_stop_evt: &'a EventFd,
+        guest_panic_evt: &'a EventFd,
+    ) -> Result<Self, SignalError> {
         let set = create_sigset(&STOP_SIGNALS)
             .map_err(|e| SignalError::Block(std::io::Error::from_raw_os_error(e.errno())))?;
         // SAFETY: `set` is a valid, initialised sigset; a null old-set pointer is allowed.
@@ -55,6 +61,7 @@ impl<'a> ControlWait<'a> {
         let signal_fd = unsafe { File::from_raw_fd(fd) };
         Ok(ControlWait {
             guest_stop_evt,
+            guest_panic_evt,
             signal_fd,
         })
     }
@@ -64,6 +71,7 @@ impl<'a> ControlWait<'a> {
         let mut fds = [
             pollfd(vcpu_exit_evt.as_raw_fd()),
             pollfd(self.guest_stop_evt.as_raw_fd()),
+            pollfd(self.guest_panic_evt.as_raw_fd()),
             pollfd(self.signal_fd.as_raw_fd()),
         ];
         loop {
@@ -76,13 +84,17 @@ impl<'a> ControlWait<'a> {
                 }
                 return Err(SignalError::Poll(err));
             }
+            // A panic first: its reboot (panic=N) may already have signalled the others.
+            if fds[2].revents != 0 {
+                return Ok(Wake::GuestPanic);
+            }
             if fds[0].revents != 0 {
                 return Ok(Wake::VcpuExit);
             }
             if fds[1].revents != 0 {
                 return Ok(Wake::GuestStop);
             }
-            if fds[2].revents != 0 {
+            if fds[3].revents != 0 {
                 return Ok(Wake::Signal(self.read_signal()));
             }
         }

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootConfig, BootError};
 use crate::config::{CpuTemplate, Seccomp, VmConfig};
+use crate::console_out::PanicWatch;
 use crate::device_manager::{
     attach_ioapic, attach_legacy, attach_virtio_devices, cmdline_entry, DeviceError, LegacyDevices,
     VirtioContext, VirtioSlots,
@@ -78,6 +79,8 @@ pub enum VmExit {
     Guest,
     /// rvmm was told to stop by a signal.
     Signal(i32),
+    /// The guest kernel panicked (pvpanic); the console's panic line, if one was seen.
+    Panic(Option<String>),
 }
 
 /// A VM ready to run: memory loaded, vCPUs configured, devices attached.
@@ -88,6 +91,7 @@ pub struct Vmm {
     vcpus: Vec<Vcpu>,
     buses: Arc<Buses>,
     legacy: LegacyDevices,
+    console_watch: Arc<PanicWatch>,
     event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     seccomp: Seccomp,
 }
@@ -115,7 +119,8 @@ impl Vmm {
         if irqchip == IrqChip::Split {
             attach_ioapic(&vm, &mut mmio, cfg.vcpus)?;
         }
-        let legacy = attach_legacy(&vm, &mut pio, cfg.console)?;
+        let console_watch = Arc::new(PanicWatch::default());
+        let legacy = attach_legacy(&vm, &mut pio, cfg.console, &console_watch)?;
         let mut event_manager = EventManager::new().map_err(VmmError::EventManager)?;
         let mut slots = VirtioSlots::default();
         let mut virtio = VirtioContext {
@@ -124,6 +129,7 @@ impl Vmm {
             mmio: &mut mmio,
             event_manager: &mut event_manager,
             slots: &mut slots,
+            console_watch: &console_watch,
         };
         let mut cmdline = cfg.cmdline.clone();
         if host.emulated && template == CpuTemplate::Baseline {
@@ -174,6 +180,7 @@ impl Vmm {
             vcpus,
             buses: Arc::new(Buses { pio, mmio }),
             legacy,
+            console_watch,
             event_manager,
             seccomp: cfg.seccomp,
         })
@@ -182,7 +189,7 @@ impl Vmm {
     /// Runs the guest to its end. The calling thread waits for the end; vCPUs and devices
     /// run on their own threads.
     pub fn run(mut self) -> Result<VmExit, VmmError> {
-        let control = ControlWait::new(&self.legacy.guest_stop_evt)?;
+        let control = ControlWait::new(&self.legacy.guest_stop_evt, &self.legacy.guest_panic_evt)?;
         if let Some(serial) = &self.legacy.serial {
             let stdin = dup_stdin().map_err(VmmError::Stdin)?;
             let input = SerialInput::new(serial.clone(), stdin).map_err(VmmError::SerialInput)?;
@@ -236,6 +243,7 @@ impl Vmm {
 
         match wake {
             Wake::GuestStop => Ok(VmExit::Guest),
+            Wake::GuestPanic => Ok(VmExit::Panic(self.console_watch.panic_line())),
             Wake::Signal(signo) => Ok(VmExit::Signal(signo)),
             Wake::VcpuExit => {
                 let outcome = ctx.outcome.lock().unwrap_or_else(|p| p.into_inner()).take();

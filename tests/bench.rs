@@ -11,7 +11,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use common::{kvm_or_skip, TestResult};
+use common::{linux_kvm_or_skip, TestResult};
 
 const TEST: &str = "bench_report_holds_the_measured_samples";
 const VARIANTS: [(&str, &str); 4] = [
@@ -158,7 +158,7 @@ fn reason_of(report: &Value, id: &str, variant: &str) -> String {
 
 #[test]
 fn bench_report_holds_the_measured_samples() -> TestResult {
-    if !root_or_skip() || !kvm_or_skip(TEST) {
+    if !root_or_skip() || !linux_kvm_or_skip(TEST) {
         return Ok(());
     }
     let out = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/rvmm-bench-test-")
@@ -268,7 +268,7 @@ fn check_guest_rows(report: &Value, md: &str) -> TestResult {
     let Some(dir) = common::guest_artifacts(TEST) else {
         return Ok(());
     };
-    let kernel = common::userspace_kernel();
+    let kernel = "vmlinux";
     if !dir.join(kernel).is_file() {
         return Err(format!("no {kernel} in {}", dir.display()));
     }

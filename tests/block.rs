@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{
-    debugfs_cat, guest_artifacts, kvm_or_skip, tiny_guest, userspace_kernel, TestResult, TestVm,
+    debugfs_cat, guest_artifacts, kvm_or_skip, linux_kvm_or_skip, tiny_guest, TestResult, TestVm,
 };
 
-const BOOT_LIMIT: Duration = Duration::from_secs(300);
+const BOOT_LIMIT: Duration = Duration::from_secs(120);
 
 /// A fresh file under the test's scratch directory.
 fn scratch_file(name: &str, len: u64) -> PathBuf {
@@ -54,7 +54,7 @@ fn a_disk_in_use_by_one_vm_is_refused_to_another() -> TestResult {
 #[test]
 fn linux_mounts_its_root_from_virtio_blk_and_sees_every_disk() -> TestResult {
     let name = "linux_mounts_its_root_from_virtio_blk_and_sees_every_disk";
-    if !kvm_or_skip(name) {
+    if !linux_kvm_or_skip(name) {
         return Ok(());
     }
     let Some(guest) = guest_artifacts(name) else {
@@ -68,7 +68,7 @@ fn linux_mounts_its_root_from_virtio_blk_and_sees_every_disk() -> TestResult {
     let scratch = scratch_file("scratch.img", 8 << 20);
     let mut vm = TestVm::boot([
         "--kernel".to_string(),
-        guest.join(userspace_kernel()).display().to_string(),
+        guest.join("vmlinux").display().to_string(),
         "--rootfs".into(),
         rootfs.display().to_string(),
         "--disk".into(),

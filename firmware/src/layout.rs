@@ -78,6 +78,8 @@ pub const COM1_IRQ: u32 = 4;
 /// I/O port of the ACPI sleep control and status registers of the hardware-reduced FADT
 /// (one byte; the port QEMU's ICH9 uses for its PM block, unused by anything else here).
 pub const ACPI_SLEEP_PORT: u16 = 0x600;
+/// I/O port of the pvpanic device (ACPI `QEMU0001`), where QEMU puts it too.
+pub const PVPANIC_PORT: u16 = 0x505;
 
 /// Where one virtio-mmio device lives: its register window and IO-APIC pin.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

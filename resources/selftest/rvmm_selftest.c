@@ -2,13 +2,15 @@
 /*
  * rvmm in-guest device self-test (built into rvmm's *test* kernel only).
  *
- * Why this exists: on nested KVM hosts that emulate guest kernel code
- * (kvm_pvm), guest user space cannot make system calls, so no test program
- * can run in the guest. Instead this code runs inside the kernel, after the
- * root file system is mounted and just before init would be executed, and
- * exercises rvmm's devices through Linux's own drivers: the VFS, the page
- * cache, the block layer and the tty layer. It never touches device
- * registers itself.
+ * Why this exists: some device behaviour is only visible from inside the
+ * guest kernel and no user-space test here reaches it (a read past the page
+ * cache, a read-only disk refusing the block layer's writes, GET_ID, discard,
+ * flush, hvc0, the ACPI tables as the kernel parsed them). This code runs
+ * inside the kernel, after the root file system is mounted and just before
+ * init would be executed, and exercises rvmm's devices through Linux's own
+ * drivers: the VFS, the page cache, the block layer and the tty layer. It
+ * never touches device registers itself. Network, vsock and rng are covered
+ * from guest user space (rvmm's tests/net.rs).
  *
  * It is enabled at boot with a comma-separated list of checks or groups:
  *
@@ -37,14 +39,6 @@
  * with a serial, vdc = scratch disk (rw, at least 1 MiB, its content is
  * overwritten), and, for "console", a virtio-console (hvc0).
  *
- * For "rng", "net" and "vsock" it also has a virtio-rng, a virtio-net whose
- * eth0 the kernel configures from ip=..., and a virtio-vsock; the host side
- * of the network checks is named on the command line:
- *
- *	rvmm_selftest.net=<host IPv4>:<TCP port>	(net-tcp)
- *	rvmm_selftest.vsock_port=<port>			(vsock-connect, to CID 2)
- *	rvmm_selftest.vsock_listen=<port>		(vsock-listen, default 5001)
- *
  * "acpi" reports the ACPI tables rvmm generated (their signatures and OEM id,
  * as /sys/firmware/acpi/tables would list them) and how many virtio-mmio
  * devices (LNRO0005) the DSDT described to the kernel.
@@ -58,26 +52,17 @@
 
 #include <linux/acpi.h>
 #include <linux/blkdev.h>
-#include <linux/inet.h>
-#include <linux/in.h>
-#include <linux/net.h>
-#include <linux/socket.h>
-#include <linux/uio.h>
-#include <net/af_vsock.h>
-#include <net/sock.h>
 #include <linux/delay.h>
 #include <linux/err.h>
 #include <linux/file.h>
 #include <linux/fs.h>
 #include <linux/init.h>
 #include <linux/kernel.h>
-#include <linux/kthread.h>
 #include <linux/ktime.h>
 #include <linux/mm.h>
 #include <linux/mman.h>
 #include <linux/sched/mm.h>
 #include <linux/sched/signal.h>
-#include <linux/completion.h>
 #include <linux/uaccess.h>
 #include <linux/mount.h>
 #include <linux/pagemap.h>
@@ -109,36 +94,6 @@ static int __init rvmm_selftest_setup(char *str)
 	return 1;
 }
 __setup("rvmm_selftest=", rvmm_selftest_setup);
-
-/* rvmm_selftest.net=<IPv4>:<port>: the host's TCP listener for net-tcp. */
-static char selftest_net[64];
-/* rvmm_selftest.vsock_port=<port>: the host's vsock listener (CID 2) for vsock-connect. */
-static unsigned int selftest_vsock_port;
-/* rvmm_selftest.vsock_listen=<port>: the guest port vsock-listen listens on. */
-static unsigned int selftest_vsock_listen = 5001;
-
-static int __init rvmm_selftest_net_setup(char *str)
-{
-	strscpy(selftest_net, str, sizeof(selftest_net));
-	return 1;
-}
-__setup("rvmm_selftest.net=", rvmm_selftest_net_setup);
-
-static int __init rvmm_selftest_vsock_port_setup(char *str)
-{
-	if (kstrtouint(str, 10, &selftest_vsock_port))
-		selftest_vsock_port = 0;
-	return 1;
-}
-__setup("rvmm_selftest.vsock_port=", rvmm_selftest_vsock_port_setup);
-
-static int __init rvmm_selftest_vsock_listen_setup(char *str)
-{
-	if (kstrtouint(str, 10, &selftest_vsock_listen))
-		selftest_vsock_listen = 0;
-	return 1;
-}
-__setup("rvmm_selftest.vsock_listen=", rvmm_selftest_vsock_listen_setup);
 
 /* rvmm_selftest.poweroff=1: end with kernel_power_off() instead of kernel_restart(). */
 static bool selftest_poweroff;
@@ -567,393 +522,6 @@ static bool check_console(char *detail, size_t len)
 	return true;
 }
 
-/* ---- rng: read from /dev/hwrng (virtio-rng) ------------------------------------- */
-
-#define HWRNG_DEV "/dev/hwrng"
-#define RNG_BYTES 64
-#define RNG_TIMEOUT_MS 30000
-
-/*
- * /dev/hwrng only has a .read file operation (no .read_iter), so kernel_read()
- * refuses it and its read copies to a *user* address. The read therefore runs
- * in a kernel thread that borrows a fresh, empty user address space with one
- * anonymous page mapped, exactly like a process reading the device would.
- */
-struct rng_job {
-	struct completion done;
-	u8 buf[RNG_BYTES];
-	size_t got;
-	ssize_t err;		/* last read result when got < RNG_BYTES */
-	const char *step;	/* what failed */
-};
-
-static int rng_thread(void *data)
-{
-	struct rng_job *job = data;
-	unsigned long deadline = jiffies + msecs_to_jiffies(RNG_TIMEOUT_MS);
-	unsigned long addr;
-	struct mm_struct *mm;
-	struct file *file;
-	loff_t pos = 0;
-	ssize_t n;
-
-	mm = mm_alloc();
-	if (!mm) {
-		job->step = "mm_alloc";
-		job->err = -ENOMEM;
-		goto out;
-	}
-	arch_pick_mmap_layout(mm, &current->signal->rlim[RLIMIT_STACK]);
-	mm->task_size = TASK_SIZE;
-	kthread_use_mm(mm);
-	addr = vm_mmap(NULL, 0, PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-		       0);
-	if (IS_ERR_VALUE(addr)) {
-		job->step = "mmap";
-		job->err = (long)addr;
-		goto out_mm;
-	}
-	/* Non-blocking, polled with a deadline, so a silent device cannot hang the boot. */
-	file = filp_open(HWRNG_DEV, O_RDONLY | O_NONBLOCK, 0);
-	if (IS_ERR(file)) {
-		job->step = "open " HWRNG_DEV;
-		job->err = PTR_ERR(file);
-		goto out_mm;
-	}
-	while (job->got < RNG_BYTES) {
-		n = vfs_read(file, (char __user *)addr + job->got, RNG_BYTES - job->got, &pos);
-		if (n > 0) {
-			job->got += n;
-			continue;
-		}
-		if ((n == -EAGAIN || n == 0) && time_before(jiffies, deadline)) {
-			msleep(10);
-			continue;
-		}
-		job->step = "read " HWRNG_DEV;
-		job->err = n;
-		break;
-	}
-	if (job->got && copy_from_user(job->buf, (void __user *)addr, job->got)) {
-		job->step = "copy_from_user";
-		job->err = -EFAULT;
-		job->got = 0;
-	}
-	filp_close(file, NULL);
-out_mm:
-	kthread_unuse_mm(mm);
-	mmput(mm);
-out:
-	complete(&job->done);
-	return 0;
-}
-
-static bool check_rng(char *detail, size_t len)
-{
-	/* Static: if the thread were stuck past the timeout it would still own it. */
-	static struct rng_job job;
-	struct task_struct *task;
-	int i;
-
-	memset(&job, 0, sizeof(job));
-	init_completion(&job.done);
-	task = kthread_run(rng_thread, &job, "rvmm-selftest-rng");
-	if (IS_ERR(task)) {
-		scnprintf(detail, len, "kthread_run: %pe", task);
-		return false;
-	}
-	if (!wait_for_completion_timeout(&job.done, msecs_to_jiffies(RNG_TIMEOUT_MS + 10000))) {
-		scnprintf(detail, len, "reading %s timed out", HWRNG_DEV);
-		return false;
-	}
-	if (job.got < RNG_BYTES) {
-		scnprintf(detail, len, "%s: %pe after %zu of %d bytes", job.step ?: "?",
-			  ERR_PTR(job.err), job.got, RNG_BYTES);
-		return false;
-	}
-	for (i = 1; i < RNG_BYTES && job.buf[i] == job.buf[0]; i++)
-		;
-	scnprintf(detail, len, "%d bytes from %s, first %8phN", RNG_BYTES, HWRNG_DEV, job.buf);
-	if (i == RNG_BYTES) {
-		strlcat(detail, " (all bytes equal)", len);
-		return false;
-	}
-	return true;
-}
-
-/* ---- socket helpers (kernel sockets, every wait bounded by a timeout) ------------ */
-
-#define SOCK_TIMEOUT (30 * HZ)
-
-static void sock_timeouts(struct socket *sock, long timeout)
-{
-	sock->sk->sk_rcvtimeo = timeout;
-	sock->sk->sk_sndtimeo = timeout;
-}
-
-/* Sends all of @buf; returns 0 or a negative errno. */
-static int send_all(struct socket *sock, const void *buf, size_t size)
-{
-	size_t off = 0;
-	int n;
-
-	while (off < size) {
-		struct msghdr msg = { .msg_flags = MSG_NOSIGNAL };
-		struct kvec vec = { .iov_base = (void *)buf + off, .iov_len = size - off };
-
-		n = kernel_sendmsg(sock, &msg, &vec, 1, vec.iov_len);
-		if (n < 0)
-			return n;
-		if (n == 0)
-			return -EPIPE;
-		off += n;
-	}
-	return 0;
-}
-
-/*
- * Reads one line (up to and including '\n') into @buf, NUL-terminated, at most
- * @size - 1 bytes; returns its length, or a negative errno (-ENODATA on EOF
- * before a newline). Reads one byte at a time so nothing past the line is lost.
- */
-static int recv_line(struct socket *sock, char *buf, size_t size)
-{
-	size_t off = 0;
-	int n;
-
-	while (off + 1 < size) {
-		struct msghdr msg = {};
-		struct kvec vec = { .iov_base = buf + off, .iov_len = 1 };
-
-		n = kernel_recvmsg(sock, &msg, &vec, 1, 1, 0);
-		if (n < 0)
-			return n;
-		if (n == 0)
-			break;
-		if (buf[off++] == '\n') {
-			buf[off] = '\0';
-			return off;
-		}
-	}
-	buf[off] = '\0';
-	return off + 1 < size ? -ENODATA : -EMSGSIZE;
-}
-
-/* Drops the trailing newline of a received line, for printing. */
-static const char *chomp(char *line)
-{
-	line[strcspn(line, "\n")] = '\0';
-	return line;
-}
-
-/* ---- net: a TCP round trip to the host over virtio-net -------------------------- */
-
-#define NET_SEND_SIZE SZ_64K
-
-/*
- * net-tcp sends NET_SEND_SIZE bytes of fill_pattern() to the host, then
- * shutdown(SHUT_WR). The host answers with one line
- *
- *	<len> <sum32>\n
- *
- * in decimal, where len is the number of bytes it received and sum32 is the
- * wrapping 32-bit sum of those bytes (each byte taken as unsigned, 0..255).
- */
-static u32 sum32(const u8 *buf, size_t len)
-{
-	u32 sum = 0;
-
-	while (len--)
-		sum += *buf++;
-	return sum;
-}
-
-static bool check_net_tcp(char *detail, size_t len)
-{
-	struct sockaddr_in addr = { .sin_family = AF_INET };
-	char *colon = strchr(selftest_net, ':');
-	char line[64], want[64];
-	struct socket *sock;
-	const char *end;
-	u16 port;
-	u8 *buf;
-	u32 sum;
-	int err;
-	bool ok = false;
-
-	if (!colon || !in4_pton(selftest_net, -1, (u8 *)&addr.sin_addr.s_addr, ':', &end) ||
-	    end != colon || kstrtou16(colon + 1, 10, &port) || !port) {
-		scnprintf(detail, len, "need rvmm_selftest.net=<IPv4>:<port>, got \"%s\"",
-			  selftest_net);
-		return false;
-	}
-	addr.sin_port = htons(port);
-
-	buf = kmalloc(NET_SEND_SIZE, GFP_KERNEL);
-	if (!buf) {
-		scnprintf(detail, len, "out of memory");
-		return false;
-	}
-	fill_pattern((char *)buf, NET_SEND_SIZE);
-	sum = sum32(buf, NET_SEND_SIZE);
-	snprintf(want, sizeof(want), "%u %u\n", NET_SEND_SIZE, sum);
-
-	err = sock_create_kern(&init_net, AF_INET, SOCK_STREAM, IPPROTO_TCP, &sock);
-	if (err) {
-		scnprintf(detail, len, "socket: %pe", ERR_PTR(err));
-		goto out_free;
-	}
-	sock_timeouts(sock, SOCK_TIMEOUT);
-	err = kernel_connect(sock, (struct sockaddr *)&addr, sizeof(addr), 0);
-	if (err) {
-		scnprintf(detail, len, "connect %pI4:%u: %pe", &addr.sin_addr, port, ERR_PTR(err));
-		goto out_sock;
-	}
-	err = send_all(sock, buf, NET_SEND_SIZE);
-	if (err) {
-		scnprintf(detail, len, "send to %pI4:%u: %pe", &addr.sin_addr, port, ERR_PTR(err));
-		goto out_sock;
-	}
-	err = kernel_sock_shutdown(sock, SHUT_WR);
-	if (err) {
-		scnprintf(detail, len, "shutdown: %pe", ERR_PTR(err));
-		goto out_sock;
-	}
-	err = recv_line(sock, line, sizeof(line));
-	if (err < 0) {
-		scnprintf(detail, len, "no answer from %pI4:%u: %pe", &addr.sin_addr, port,
-			  ERR_PTR(err));
-		goto out_sock;
-	}
-	ok = !strcmp(line, want);
-	scnprintf(detail, len, "sent %u bytes sum32=%u to %pI4:%u, host counted \"%s\"",
-		  NET_SEND_SIZE, sum, &addr.sin_addr, port, chomp(line));
-out_sock:
-	sock_release(sock);
-out_free:
-	kfree(buf);
-	return ok;
-}
-
-/* ---- vsock: connect to the host, and accept a connection from it ---------------- */
-
-#define VSOCK_PING "rvmm-selftest vsock ping\n"
-#define VSOCK_PONG "pong\n"
-#define VSOCK_ACCEPT_TIMEOUT (60 * HZ)
-
-/* vsock-connect: connect to CID 2 (the host) port vsock_port, send VSOCK_PING, expect VSOCK_PONG. */
-static bool check_vsock_connect(char *detail, size_t len)
-{
-	struct sockaddr_vm addr = {
-		.svm_family = AF_VSOCK,
-		.svm_cid = VMADDR_CID_HOST,
-		.svm_port = selftest_vsock_port,
-	};
-	struct socket *sock;
-	char line[64];
-	int err;
-	bool ok = false;
-
-	if (!selftest_vsock_port) {
-		scnprintf(detail, len, "need rvmm_selftest.vsock_port=<port>");
-		return false;
-	}
-	err = sock_create_kern(&init_net, AF_VSOCK, SOCK_STREAM, 0, &sock);
-	if (err) {
-		scnprintf(detail, len, "socket: %pe", ERR_PTR(err));
-		return false;
-	}
-	sock_timeouts(sock, SOCK_TIMEOUT);
-	/* The connect timeout is vsock's own (2 s by default), not sk_sndtimeo. */
-	vsock_sk(sock->sk)->connect_timeout = SOCK_TIMEOUT;
-	err = kernel_connect(sock, (struct sockaddr *)&addr, sizeof(addr), 0);
-	if (err) {
-		scnprintf(detail, len, "connect cid 2 port %u: %pe", selftest_vsock_port,
-			  ERR_PTR(err));
-		goto out;
-	}
-	err = send_all(sock, VSOCK_PING, strlen(VSOCK_PING));
-	if (err) {
-		scnprintf(detail, len, "send: %pe", ERR_PTR(err));
-		goto out;
-	}
-	err = recv_line(sock, line, sizeof(line));
-	if (err < 0) {
-		scnprintf(detail, len, "no answer from cid 2 port %u: %pe", selftest_vsock_port,
-			  ERR_PTR(err));
-		goto out;
-	}
-	ok = !strcmp(line, VSOCK_PONG);
-	scnprintf(detail, len, "cid 2 port %u answered \"%s\"", selftest_vsock_port, chomp(line));
-out:
-	sock_release(sock);
-	return ok;
-}
-
-/*
- * vsock-listen: listen on guest port vsock_listen, print
- * "RVMM-SELFTEST-VSOCK listening <port>" (the host connects after seeing it),
- * accept one connection within VSOCK_ACCEPT_TIMEOUT, read one line and send it
- * back unchanged.
- */
-static bool check_vsock_listen(char *detail, size_t len)
-{
-	struct sockaddr_vm addr = {
-		.svm_family = AF_VSOCK,
-		.svm_cid = VMADDR_CID_ANY,
-		.svm_port = selftest_vsock_listen,
-	};
-	struct socket *sock, *conn = NULL;
-	char line[128];
-	int err, n;
-	bool ok = false;
-
-	if (!selftest_vsock_listen) {
-		scnprintf(detail, len, "bad rvmm_selftest.vsock_listen=");
-		return false;
-	}
-	err = sock_create_kern(&init_net, AF_VSOCK, SOCK_STREAM, 0, &sock);
-	if (err) {
-		scnprintf(detail, len, "socket: %pe", ERR_PTR(err));
-		return false;
-	}
-	sock_timeouts(sock, VSOCK_ACCEPT_TIMEOUT);
-	err = kernel_bind(sock, (struct sockaddr *)&addr, sizeof(addr));
-	if (!err)
-		err = kernel_listen(sock, 1);
-	if (err) {
-		scnprintf(detail, len, "bind/listen port %u: %pe", selftest_vsock_listen,
-			  ERR_PTR(err));
-		goto out;
-	}
-	pr_emerg(TAG "-VSOCK listening %u\n", selftest_vsock_listen);
-	err = kernel_accept(sock, &conn, 0);
-	if (err) {
-		scnprintf(detail, len, "accept on port %u: %pe", selftest_vsock_listen,
-			  ERR_PTR(err));
-		goto out;
-	}
-	sock_timeouts(conn, SOCK_TIMEOUT);
-	n = recv_line(conn, line, sizeof(line));
-	if (n < 0) {
-		scnprintf(detail, len, "read on port %u: %pe", selftest_vsock_listen, ERR_PTR(n));
-		goto out;
-	}
-	err = send_all(conn, line, n);
-	if (err) {
-		scnprintf(detail, len, "echo on port %u: %pe", selftest_vsock_listen, ERR_PTR(err));
-		goto out;
-	}
-	ok = true;
-	scnprintf(detail, len, "port %u echoed %d bytes \"%s\"", selftest_vsock_listen, n,
-		  chomp(line));
-out:
-	if (conn)
-		sock_release(conn);
-	sock_release(sock);
-	return ok;
-}
-
 /* ---- the table of checks and the runner ------------------------------------------ */
 
 /* ---- acpi: the tables the kernel found and the devices the DSDT described ---- */
@@ -1004,11 +572,7 @@ static const struct selftest_check checks[] = {
 	{ "blk-discard", "blk",     check_blk_discard },
 	{ "blk-flush",   "blk",     check_blk_flush },
 	{ "console",     "console", check_console },
-	{ "rng",           "rng",   check_rng },
-	{ "net-tcp",       "net",   check_net_tcp },
-	{ "vsock-connect", "vsock", check_vsock_connect },
-	{ "vsock-listen",  "vsock", check_vsock_listen },
-	{ "acpi",          "acpi",  check_acpi },
+	{ "acpi",        "acpi",    check_acpi },
 };
 
 /* Whether the comma-separated @list names @check or its group. */

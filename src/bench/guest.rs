@@ -14,7 +14,6 @@ use super::tools::install_with_libs;
 use super::workloads::{field, fio_terse, iperf_bps, server, CPU_ROUNDS, IPERF_PORT, RR_PORT};
 use super::{progress, Ctx, Step};
 use crate::container::image::disk::DiskCache;
-use crate::vstate::cpuid::BASELINE_KERNEL_PARAMS;
 
 const READY: &str = "RVMM-BENCH-GUEST ready";
 const DONE: &str = "RVMM-BENCH-GUEST done";
@@ -46,16 +45,8 @@ fn guest_dir() -> PathBuf {
     cache.join("rvmm/guest")
 }
 
-/// The kernel file whose userspace runs on this host. An emulating KVM fails to enter system
-/// calls from guest user mode, so there it is the test kernel, whose patch
-/// (resources/guest/test-patches/0002-…) completes them from the page-fault handler.
-fn kernel_name(emulated: bool) -> &'static str {
-    if emulated {
-        "vmlinux-selftest"
-    } else {
-        "vmlinux"
-    }
-}
+/// The guest kernel the VM rows boot.
+const KERNEL: &str = "vmlinux";
 
 /// A TAP device for the guest with the host end addressed; deleted on drop.
 struct Tap(String);
@@ -179,16 +170,11 @@ impl Guest<'_> {
     }
 
     /// QEMU microvm with the same devices on virtio-mmio; its ACPI DSDT describes them (vda is
-    /// the first). On an emulating KVM it gets the CPU settings rvmm applies by itself.
-    fn qemu(&self, qemu: &Path, emulated: bool, tap: Option<&str>) -> Command {
-        let mut cmdline = self.cmdline() + " root=/dev/vda rw";
-        let mut cpu = "host";
-        if emulated {
-            cmdline = format!("{cmdline} {BASELINE_KERNEL_PARAMS}");
-            cpu = "host,-arch-capabilities";
-        }
+    /// the first).
+    fn qemu(&self, qemu: &Path, tap: Option<&str>) -> Command {
+        let cmdline = self.cmdline() + " root=/dev/vda rw";
         let mut cmd = Command::new(qemu);
-        cmd.args(["-M", "microvm,accel=kvm", "-cpu", cpu, "-smp", "1"])
+        cmd.args(["-M", "microvm,accel=kvm", "-cpu", "host", "-smp", "1"])
             .args(["-m", GUEST_MIB, "-nodefaults", "-no-user-config"])
             .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
             .arg("-kernel")
@@ -231,7 +217,7 @@ fn guest_pass(ctx: &Ctx, variant: Variant, guest: &Guest) -> Result<PassResult, 
     let tap_name = tap.as_ref().map(|t| t.0.as_str());
     let mut cmd = match variant {
         Variant::Qemu => match &ctx.tools.qemu {
-            Some(qemu) => guest.qemu(qemu, ctx.emulated, tap_name),
+            Some(qemu) => guest.qemu(qemu, tap_name),
             None => return Ok(Err("qemu-system-x86_64 is not installed".into())),
         },
         _ => guest.rvmm(ctx, tap_name),
@@ -272,17 +258,18 @@ fn unavailable(ctx: &Ctx, kernel: &Path) -> Option<String> {
     if let Err(e) = &ctx.kvm {
         return Some(e.clone());
     }
+    if ctx.emulated {
+        return Some(
+            "guest user space cannot run on this emulating KVM (kvm_pvm); run the bench on a \
+             real KVM, e.g. inside resources/nested-kvm.sh"
+                .into(),
+        );
+    }
     if kernel.is_file() {
         return None;
     }
-    let why = if ctx.emulated {
-        ": on this host's emulating KVM guest userspace makes system calls only under that \
-         test kernel"
-    } else {
-        ""
-    };
     Some(format!(
-        "no {} in {} (resources/build-guest.sh builds it){why}",
+        "no {} in {} (resources/build-guest.sh builds it)",
         kernel.file_name().unwrap_or_default().to_string_lossy(),
         guest_dir().display()
     ))
@@ -323,7 +310,7 @@ pub fn add_vm_rows(
     disk: &Path,
     figures: &mut [Figure],
 ) -> Result<Vec<String>, RunError> {
-    let kernel = guest_dir().join(kernel_name(ctx.emulated));
+    let kernel = guest_dir().join(KERNEL);
     let root = match unavailable(ctx, &kernel) {
         Some(reason) => Err(reason),
         None => root_disk(ctx),
@@ -376,11 +363,10 @@ pub fn add_vm_rows(
     Ok(vec![guest_note(ctx, &syscalls)])
 }
 
-/// Which kernel the guest passes booted and, on an emulating KVM, what that does to them.
+/// Which kernel the guest passes booted, and what a guest system call cost.
 fn guest_note(ctx: &Ctx, syscalls: &[(Variant, f64)]) -> String {
-    let name = kernel_name(ctx.emulated);
     let mut note = format!(
-        "The cpu/disk/net VM rows boot `{name}` from {}",
+        "The cpu/disk/net VM rows boot `{KERNEL}` from {}",
         guest_dir().display()
     );
     let measured: Vec<String> = syscalls
@@ -390,29 +376,12 @@ fn guest_note(ctx: &Ctx, syscalls: &[(Variant, f64)]) -> String {
     let host = host_syscall_usec(ctx)
         .map(|h| format!(" against {h:.2} µs as a host process"))
         .unwrap_or_default();
-    if ctx.emulated {
-        note.push_str(
-            ", the test kernel: on this emulating KVM a system call from guest user mode never \
-             reaches the guest kernel, and its test patch completes it from the page-fault \
-             handler (the product `vmlinux` panics on init's first system call).",
-        );
-        if !measured.is_empty() {
-            note.push_str(&format!(
-                " A guest system call (getppid) took {}{host}, so the guest disk and net \
-                 figures, made of system calls, interrupts and guest kernel work, overstate a \
-                 VM's cost enormously. The cpu workload runs natively in guest user mode; \
-                 only the timer interrupts and faults between its instructions are emulated.",
-                measured.join(" and ")
-            ));
-        }
-    } else {
-        note.push('.');
-        if !measured.is_empty() {
-            note.push_str(&format!(
-                " A guest system call (getppid) took {}{host}.",
-                measured.join(" and ")
-            ));
-        }
+    note.push('.');
+    if !measured.is_empty() {
+        note.push_str(&format!(
+            " A guest system call (getppid) took {}{host}.",
+            measured.join(" and ")
+        ));
     }
     note
 }
@@ -464,7 +433,7 @@ mod tests {
     fn both_vmms_boot_the_same_kernel_disks_and_command_line() {
         let disk = Path::new("/tmp/data.img");
         let guest = Guest {
-            kernel: PathBuf::from("/k/vmlinux-selftest"),
+            kernel: PathBuf::from("/k/vmlinux"),
             root: PathBuf::from("/tmp/root.ext4"),
             disk,
             steps: &[Step::Cpu, Step::Net],
@@ -474,12 +443,12 @@ mod tests {
             cmdline.contains(&format!("rvmm_bench=cpu:{CPU_ROUNDS},net ")),
             "{cmdline}"
         );
-        let qemu = guest.qemu(Path::new("/usr/bin/qemu-system-x86_64"), true, Some("tap0"));
+        let qemu = guest.qemu(Path::new("/usr/bin/qemu-system-x86_64"), Some("tap0"));
         let qemu = guest_args(&qemu);
         for want in [
             "microvm,accel=kvm",
-            "host,-arch-capabilities",
-            "/k/vmlinux-selftest",
+            "host",
+            "/k/vmlinux",
             "id=root,file=/tmp/root.ext4,format=raw,if=none",
             "id=data,file=/tmp/data.img,format=raw,if=none,readonly=on",
             "tap,id=net0,ifname=tap0,script=no,downscript=no",
@@ -488,7 +457,7 @@ mod tests {
         }
         let append = &qemu[qemu.iter().position(|a| a == "-append").unwrap() + 1];
         assert!(append.starts_with(&cmdline), "{append}");
-        assert!(append.ends_with(&format!("root=/dev/vda rw {BASELINE_KERNEL_PARAMS}")));
+        assert!(append.ends_with("root=/dev/vda rw"));
         // The root disk is the first virtio-mmio device: vda in the guest.
         let root = qemu.iter().position(|a| a.starts_with("id=root")).unwrap();
         let data = qemu.iter().position(|a| a.starts_with("id=data")).unwrap();

@@ -1,5 +1,5 @@
-# A Linux /init that never makes a system call: it spins in user mode so the guest kernel
-# stays up (interrupts, networking) on hosts where guest system calls cannot work.
+# A Linux /init that never makes a system call and never ends: a guest that stays up but
+# never answers (the container tests' silent agent).
 .globl _start
 _start:
     pause

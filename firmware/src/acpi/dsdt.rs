@@ -1,5 +1,5 @@
 //! The DSDT: the devices a guest cannot probe for (each virtio-mmio window with its interrupt,
-//! COM1) and the `_S5_` sleep type that makes `poweroff` work.
+//! COM1, the pvpanic port) and the `_S5_` sleep type that makes `poweroff` work.
 
 use acpi_tables::aml::{
     Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, Scope, IO,
@@ -8,7 +8,9 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::{Aml, AmlSink};
 
 use super::{AcpiConfig, OEM_ID, OEM_REVISION, OEM_TABLE_ID, S5_SLEEP_TYPE};
-use crate::layout::{VirtioSlot, COM1_IRQ, COM1_PORT, COM1_PORT_COUNT, VIRTIO_MMIO_SIZE};
+use crate::layout::{
+    VirtioSlot, COM1_IRQ, COM1_PORT, COM1_PORT_COUNT, PVPANIC_PORT, VIRTIO_MMIO_SIZE,
+};
 
 /// Revision 2: integers in the AML are 64-bit.
 const DSDT_REVISION: u8 = 2;
@@ -16,6 +18,8 @@ const DSDT_REVISION: u8 = 2;
 const VIRTIO_MMIO_HID: &str = "LNRO0005";
 /// A 16550-compatible UART.
 const COM_HID: &str = "PNP0501";
+/// QEMU's pvpanic device, which Linux's pvpanic driver matches.
+const PVPANIC_HID: &str = "QEMU0001";
 
 /// An interrupt as the MP table and MADT route ISA and virtio interrupts: exclusive, edge
 /// triggered, active high (irqfds inject edges).
@@ -58,6 +62,19 @@ impl Aml for Com1 {
     }
 }
 
+/// The pvpanic port: one byte, no interrupt.
+struct Pvpanic;
+
+impl Aml for Pvpanic {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        let port = IO::new(PVPANIC_PORT, PVPANIC_PORT, 1, 1);
+        let crs = ResourceTemplate::new(vec![&port]);
+        let hid = Name::new("_HID".into(), &PVPANIC_HID);
+        let crs = Name::new("_CRS".into(), &crs);
+        Device::new("PEVT".into(), vec![&hid, &crs]).to_aml_bytes(sink);
+    }
+}
+
 /// The DSDT for `cfg` (its CPU count plays no part here).
 pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let virtio: Vec<VirtioMmioDevice> = cfg
@@ -66,10 +83,11 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
         .zip(0u8..)
         .map(|(&slot, index)| VirtioMmioDevice { index, slot })
         .collect();
-    let mut devices: Vec<&dyn Aml> = Vec::with_capacity(virtio.len() + 1);
+    let mut devices: Vec<&dyn Aml> = Vec::with_capacity(virtio.len() + 2);
     if cfg.serial {
         devices.push(&Com1);
     }
+    devices.push(&Pvpanic);
     devices.extend(virtio.iter().map(|d| d as &dyn Aml));
 
     let mut body = Vec::new();
@@ -146,6 +164,7 @@ mod tests {
             let count = |needle: &[u8]| body.windows(needle.len()).filter(|w| *w == needle).count();
             assert_eq!(count(b"LNRO0005"), n as usize);
             assert_eq!(count(b"COM1"), usize::from(serial));
+            assert_eq!(count(b"QEMU0001"), 1);
             // Name (_S5_, Package (4) { 5, Zero, Zero, Zero })
             assert!(
                 body.ends_with(&[0x08, b'_', b'S', b'5', b'_', 0x12, 0x07, 4, 0x0a, 5, 0, 0, 0])
@@ -211,6 +230,12 @@ mod tests {
                     Name (_CRS, ResourceTemplate () {
                         IO (Decode16, 0x03F8, 0x03F8, 0x00, 0x08, )
                         Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { 0x00000004, }
+                    })
+                }
+                Device (PEVT) {
+                    Name (_HID, "QEMU0001")
+                    Name (_CRS, ResourceTemplate () {
+                        IO (Decode16, 0x0505, 0x0505, 0x01, 0x01, )
                     })
                 }
                 Device (V000) {

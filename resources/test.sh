@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The README's test command: every test of the workspace, with the Linux-level ones on a real
+# KVM wherever this host's is.
+#
+# - Hardware KVM (or already inside the nested machine): `cargo test --workspace` as it is.
+# - Emulated KVM (kvm_pvm, guest user space cannot run) or none: the unit tests and the smoke
+#   layer (tiny guests, the hostile driver, seccomp, bad input, one Linux boot to `Run /init`)
+#   run here, on this host's own KVM; then every integration-test binary runs inside the
+#   nested-KVM machine (resources/nested-kvm.sh), where guests reach user space.
+#
+# The fuzz targets are libFuzzer programs, not test harnesses (test = false), but --bins
+# would run them: rvmm-fuzz is left out of the unit layer.
+#
+# Arguments go to every test binary (a name filter, --nocapture, ...). The last line adds up
+# the test harnesses' result lines of every layer. Exit status: 0 when every layer passed.
+set -euo pipefail
+cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.."
+log=$(mktemp)
+list=$(mktemp)
+runner=$(mktemp)
+trap 'rm -f -- "$log" "$list" "$runner"' EXIT
+
+# shellcheck source=kvm-platform.sh
+source resources/kvm-platform.sh
+
+# The smoke layer: what must keep working on an emulating KVM.
+smoke=(tiny_guests hostile_guest seccomp bad_input linux_smoke)
+
+# Prints "tests: N passed, M failed" over every `test result:` line of the log.
+summary() {
+    awk '/^test result: / {
+            for (i = 1; i < NF; i++) {
+                if ($(i + 1) ~ /^passed;?$/) p += $i
+                if ($(i + 1) ~ /^failed;?$/) f += $i
+            }
+         }
+         END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+}
+
+# Runs a command with its output also in the log; keeps going after a failure.
+status=0
+layer() {
+    "$@" 2>&1 | tee -a "$log" || status=1
+}
+
+case $(kvm_platform) in
+    hardware)
+        echo "==> KVM here is hardware (or nested hardware virtualization): cargo test --workspace"
+        layer cargo test --workspace --locked -- "$@"
+        summary
+        exit "$status"
+        ;;
+    emulated)
+        echo "==> KVM here is emulated (kvm_pvm): smoke layer here, Linux tests on a nested KVM"
+        smoke_args=()
+        for t in "${smoke[@]}"; do smoke_args+=(--test "$t"); done
+        layer cargo test --workspace --exclude rvmm-fuzz --locked --lib --bins "${smoke_args[@]}" \
+            -- "$@"
+        ;;
+    none)
+        echo "==> no /dev/kvm here: unit tests here, every integration test on a nested KVM"
+        layer cargo test --workspace --exclude rvmm-fuzz --locked --lib --bins -- "$@"
+        ;;
+esac
+
+echo "==> building the integration tests"
+cargo test --workspace --locked --tests --no-run --message-format=json-render-diagnostics |
+    jq -r 'select(.reason == "compiler-artifact" and .executable != null
+                  and .target.kind == ["test"])
+           | "\(.manifest_path | sub("/Cargo.toml$"; ""))\t\(.target.name)\t\(.executable)"' |
+    sort -t $'\t' -k2,2 >"$list"
+[[ -s $list ]] || { echo "test.sh: error: cargo built no integration tests" >&2; exit 1; }
+
+# What runs inside: each binary in its package's directory, as cargo would run it; a summary
+# line at the end, and status 1 when any binary failed.
+{
+    echo 'failed=(); passed=0'
+    while IFS=$'\t' read -r dir name exe; do
+        printf 'echo; echo "     Running %s (%s)"\n' "$name" "$exe"
+        printf 'start=$SECONDS\n'
+        printf 'if (cd %q && CARGO_MANIFEST_DIR=%q %q' "$dir" "$dir" "$exe"
+        printf ' %q' "$@"
+        printf '); then passed=$((passed + 1)); else failed+=(%q); fi\n' "$name"
+        printf 'echo "     %s took $((SECONDS - start)) s"\n' "$name"
+    done <"$list"
+    echo 'echo; echo "==> test binaries on the nested KVM: ${passed} passed${failed:+, failed: ${failed[*]}}"'
+    echo '((${#failed[@]} == 0))'
+} >"$runner"
+
+echo "==> running $(wc -l <"$list") integration-test binaries on the nested KVM"
+layer resources/nested-kvm.sh -- bash "$runner"
+summary
+exit "$status"
