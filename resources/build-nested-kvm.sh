@@ -31,6 +31,8 @@ EOF
 name=nested
 # shellcheck source=lib.sh
 source "$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
+# shellcheck source=debian-kernel.sh
+source "$resources/debian-kernel.sh"
 parse_build_args "$@"
 
 meta=linux-image-amd64
@@ -46,27 +48,16 @@ done
 busybox_version=$(pkg_version busybox-static)
 [[ -n $busybox_version && -x $busybox ]] || die "$busybox missing: install package busybox-static"
 
-image_pkg=$(apt-cache depends "$meta" 2>/dev/null | awk '/Depends: linux-image-/ { print $2; exit }')
-[[ -n $image_pkg ]] || die "apt knows no $meta (run apt-get update?)"
-image_version=$(apt-cache policy "$image_pkg" | awk '/Candidate:/ { print $2 }')
-[[ -n $image_version && $image_version != "(none)" ]] || die "no candidate version of $image_pkg"
-kver=${image_pkg#linux-image-}
+resolve_kernel_package "$meta"
 
 key=$(input_key "$image_pkg $image_version busybox-static $busybox_version" \
-    build-nested-kvm.sh nested-kvm)
+    build-nested-kvm.sh debian-kernel.sh nested-kvm)
 cache_setup "$key"
 step "building $name-$key ($image_pkg $image_version)"
 
 step "1/3 apt-get download $image_pkg=$image_version"
-(cd -- "$work" && apt-get download -q "$image_pkg=$image_version" >&2)
-dpkg-deb -x "$work"/"${image_pkg}"_*.deb "$work/pkg"
-[[ -f $work/pkg/boot/vmlinuz-$kver && -d $work/pkg/lib/modules/$kver ]] ||
-    die "$image_pkg has no vmlinuz-$kver or modules"
-# The package ships no modules.dep (its postinst runs depmod): make it the same way.
-depmod -b "$work/pkg" "$kver"
-cp -- "$work/pkg/boot/vmlinuz-$kver" "$out/vmlinuz"
+fetch_kernel_package "$work"
 mv -T -- "$work/pkg/lib/modules/$kver" "$out/modules"
-printf '%s %s\n' "$image_pkg" "$image_version" >"$out/kernel-version"
 printf '%s\n' "$kver" >"$out/kernel-release"
 
 step "2/3 resolving ${bootstrap[*]}"

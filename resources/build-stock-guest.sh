@@ -31,6 +31,8 @@ EOF
 name=stock
 # shellcheck source=lib.sh
 source "$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
+# shellcheck source=debian-kernel.sh
+source "$resources/debian-kernel.sh"
 parse_build_args "$@"
 
 meta=linux-image-cloud-amd64
@@ -44,13 +46,8 @@ done
 busybox_version=$(pkg_version busybox-static)
 [[ -n $busybox_version && -x $busybox ]] || die "$busybox missing: install package busybox-static"
 
-# The image package the metapackage depends on (linux-image-<abi>-cloud-amd64) and the
-# version apt would install: the modules must come from that very package.
-image_pkg=$(apt-cache depends "$meta" 2>/dev/null | awk '/Depends: linux-image-/ { print $2; exit }')
-[[ -n $image_pkg ]] || die "apt knows no $meta (run apt-get update?)"
-image_version=$(apt-cache policy "$image_pkg" | awk '/Candidate:/ { print $2 }')
-[[ -n $image_version && $image_version != "(none)" ]] || die "no candidate version of $image_pkg"
-kver=${image_pkg#linux-image-}
+# The modules must come from the very package the metapackage points at.
+resolve_kernel_package "$meta"
 
 # extract_vmlinux BZIMAGE OUT: the compressed payload of a bzImage (boot protocol 2.08+:
 # payload_offset/payload_length after the setup sectors), decompressed by the tool its magic
@@ -78,20 +75,15 @@ extract_vmlinux() {
         die "$image: its payload is not an ELF kernel"
 }
 
-key=$(input_key "$image_pkg $image_version busybox-static $busybox_version" build-stock-guest.sh)
+key=$(input_key "$image_pkg $image_version busybox-static $busybox_version" \
+    build-stock-guest.sh debian-kernel.sh)
 cache_setup "$key"
 step "building $name-$key ($image_pkg $image_version)"
 
 step "1/3 apt-get download $image_pkg=$image_version"
-(cd -- "$work" && apt-get download -q "$image_pkg=$image_version" >&2)
-dpkg-deb -x "$work"/"${image_pkg}"_*.deb "$work/pkg"
+fetch_kernel_package "$work"
 moddir=$work/pkg/lib/modules/$kver
-[[ -f $work/pkg/boot/vmlinuz-$kver && -d $moddir ]] || die "$image_pkg has no vmlinuz-$kver or modules"
-# The package ships no modules.dep (its postinst runs depmod): make it the same way.
-depmod -b "$work/pkg" "$kver"
-cp -- "$work/pkg/boot/vmlinuz-$kver" "$out/vmlinuz"
 extract_vmlinux "$out/vmlinuz" "$out/vmlinux"
-printf '%s %s\n' "$image_pkg" "$image_version" >"$out/kernel-version"
 
 step "2/3 resolving ${wanted[*]} in modules.dep"
 # modules.dep: "path/mod.ko[.xz]: dep1 dep2 ...", each line listing every (transitive)

@@ -119,7 +119,8 @@ echo "nested-kvm: booting $(cat "$machine/kernel-version") under TCG ($cpus vCPU
 # The console carries the command's output and the kernel's errors. Dropped: the escape
 # sequences with which SeaBIOS resets and clears a terminal, its banner, and everything after
 # stage2's end mark (the power-off messages), so that the command's last line is the last.
-"$qemu" "${args[@]}" </dev/null \
+# setpriv: QEMU dies with this script even when the script is killed outright.
+setpriv --pdeathsig KILL -- "$qemu" "${args[@]}" </dev/null \
     > >(sed -u -e 's/\x1b[c78]//g' -e 's/\x1b[()][0-9A-Za-z]//g' \
         -e 's/\x1b\[[0-9;?]*[A-Za-z]//g' -e '/^SeaBIOS (version /d' -e '/^Booting from ROM/d' \
         -e '/^@@rvmm-nested-kvm-end@@$/,$d') \

@@ -7,9 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{
-    debugfs_cat, guest_artifacts, kvm_or_skip, linux_kvm_or_skip, tiny_guest, TestResult, TestVm,
-};
+use common::{debugfs_cat, kvm_and_guest_or_skip, kvm_or_skip, tiny_guest, TestResult, TestVm};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(120);
 
@@ -54,10 +52,7 @@ fn a_disk_in_use_by_one_vm_is_refused_to_another() -> TestResult {
 #[test]
 fn linux_mounts_its_root_from_virtio_blk_and_sees_every_disk() -> TestResult {
     let name = "linux_mounts_its_root_from_virtio_blk_and_sees_every_disk";
-    if !linux_kvm_or_skip(name) {
-        return Ok(());
-    }
-    let Some(guest) = guest_artifacts(name) else {
+    let Some(guest) = kvm_and_guest_or_skip(name) else {
         return Ok(());
     };
     let rootfs = Path::new(env!("CARGO_TARGET_TMPDIR")).join("rootfs.ext4");

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{guest_artifacts, initramfs_with_init, linux_kvm_or_skip, TestResult, TestVm};
+use common::{initramfs_with_init, kvm_and_guest_or_skip, TestResult, TestVm};
 
 /// Generous: the nested KVM of CI runs under TCG.
 const BOOT_LIMIT: Duration = Duration::from_secs(120);
@@ -49,10 +49,7 @@ fn memory_total_kib(line: &str) -> Option<u64> {
 
 /// Boots `kernel` with the initramfs and checks every milestone, then the end of init.
 fn boot_to_init(name: &str, kernel: &str, extra_cmdline: &str) -> TestResult {
-    if !linux_kvm_or_skip(name) {
-        return Ok(());
-    }
-    let Some(guest) = guest_artifacts(name) else {
+    let Some(guest) = kvm_and_guest_or_skip(name) else {
         return Ok(());
     };
     let mut args = boot_args(&guest.join(kernel), &guest.join("initramfs.cpio"));
@@ -107,10 +104,7 @@ fn bzimage_boots_to_init_with_2_cpus_and_256_mib() -> TestResult {
 #[test]
 fn a_guest_kernel_panic_is_an_error_with_its_own_status() -> TestResult {
     let name = "a_guest_kernel_panic_is_an_error_with_its_own_status";
-    if !linux_kvm_or_skip(name) {
-        return Ok(());
-    }
-    let Some(guest) = guest_artifacts(name) else {
+    let Some(guest) = kvm_and_guest_or_skip(name) else {
         return Ok(());
     };
     let initrd = initramfs_with_init("exit_init");

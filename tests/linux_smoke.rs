@@ -14,10 +14,7 @@ const BOOT_LIMIT: Duration = Duration::from_secs(300);
 #[test]
 fn the_kernel_boots_to_init_on_any_kvm() -> TestResult {
     let name = "the_kernel_boots_to_init_on_any_kvm";
-    if !kvm_or_skip(name) {
-        return Ok(());
-    }
-    let Some(guest) = guest_artifacts(name) else {
+    let Some(guest) = kvm_or_skip(name).then(|| guest_artifacts(name)).flatten() else {
         return Ok(());
     };
     let kernel = guest.join("vmlinux");

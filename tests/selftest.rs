@@ -13,8 +13,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    debugfs_cat, guest_artifacts, linux_kvm_or_skip, selftest_hvc_args,
-    selftest_pattern as expected_pattern, TestResult, TestVm, SELFTEST_PATTERN_LEN as PATTERN_LEN,
+    debugfs_cat, kvm_and_guest_or_skip, selftest_hvc_args, selftest_pattern as expected_pattern,
+    TestResult, TestVm, SELFTEST_PATTERN_LEN as PATTERN_LEN,
 };
 
 const BOOT_LIMIT: Duration = Duration::from_secs(120);
@@ -55,10 +55,7 @@ fn sized_file(name: &str, len: u64) -> PathBuf {
 #[test]
 fn block_and_console_selftest_in_the_guest_kernel() -> TestResult {
     let name = "block_and_console_selftest_in_the_guest_kernel";
-    if !linux_kvm_or_skip(name) {
-        return Ok(());
-    }
-    let Some(guest) = guest_artifacts(name) else {
+    let Some(guest) = kvm_and_guest_or_skip(name) else {
         return Ok(());
     };
     let rootfs = scratch("selftest-rootfs.ext4");

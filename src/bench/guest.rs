@@ -371,7 +371,7 @@ fn guest_note(ctx: &Ctx, syscalls: &[(Variant, f64)]) -> String {
     );
     let measured: Vec<String> = syscalls
         .iter()
-        .map(|(v, usec)| format!("{usec:.0} µs under {}", v.label()))
+        .map(|(v, usec)| format!("{usec:.2} µs under {}", v.label()))
         .collect();
     let host = host_syscall_usec(ctx)
         .map(|h| format!(" against {h:.2} µs as a host process"))
