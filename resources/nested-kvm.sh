@@ -60,14 +60,22 @@ command -v "$qemu" >/dev/null || fatal "$qemu not found: install qemu-system-x86
 command -v mkfs.ext4 >/dev/null || fatal "mkfs.ext4 not found: install e2fsprogs"
 machine=$("$here/build-nested-kvm.sh") || fatal "building the nested machine failed"
 
+# Run directories of earlier runs whose script was killed outright (its QEMU died with it).
+for old in "${TMPDIR:-/tmp}"/rvmm-nested.*; do
+    [[ -e $old/pid ]] && ! kill -0 "$(cat "$old/pid")" 2>/dev/null && rm -rf -- "$old"
+done
 run=$(mktemp -d "${TMPDIR:-/tmp}/rvmm-nested.XXXXXX")
+echo $$ >"$run/pid"
 qemu_pid=
 watch_pid=
+# Runs under set -e as the EXIT trap: no command here may fail.
 cleanup() {
-    [[ -n $watch_pid ]] && kill "$watch_pid" 2>/dev/null
+    if [[ -n $watch_pid ]]; then
+        kill "$watch_pid" 2>/dev/null || true
+    fi
     if [[ -n $qemu_pid ]] && kill -0 "$qemu_pid" 2>/dev/null; then
-        kill -KILL "$qemu_pid" 2>/dev/null
-        wait "$qemu_pid" 2>/dev/null
+        kill -KILL "$qemu_pid" 2>/dev/null || true
+        wait "$qemu_pid" 2>/dev/null || true
     fi
     rm -rf -- "$run"
 }
@@ -117,12 +125,13 @@ done
 
 echo "nested-kvm: booting $(cat "$machine/kernel-version") under TCG ($cpus vCPUs, $memory MiB)" >&2
 # The console carries the command's output and the kernel's errors. Dropped: the escape
-# sequences with which SeaBIOS resets and clears a terminal, its banner, and everything after
+# sequences with which SeaBIOS resets and clears a terminal, its banner (whose last line has
+# no newline: the guest's first line follows on it), and everything after
 # stage2's end mark (the power-off messages), so that the command's last line is the last.
 # setpriv: QEMU dies with this script even when the script is killed outright.
 setpriv --pdeathsig KILL -- "$qemu" "${args[@]}" </dev/null \
     > >(sed -u -e 's/\x1b[c78]//g' -e 's/\x1b[()][0-9A-Za-z]//g' \
-        -e 's/\x1b\[[0-9;?]*[A-Za-z]//g' -e '/^SeaBIOS (version /d' -e '/^Booting from ROM/d' \
+        -e 's/\x1b\[[0-9;?]*[A-Za-z]//g' -e '/^SeaBIOS (version /d' -e 's/^Booting from ROM\.*//' \
         -e '/^@@rvmm-nested-kvm-end@@$/,$d') \
     2> >(grep -v 'TCG doesn.t support requested feature' >&2) &
 qemu_pid=$!
@@ -148,7 +157,8 @@ qemu_pid=$!
 watch_pid=$!
 
 qemu_status=0
-wait "$qemu_pid" || qemu_status=$?
+# (stderr: no shell notice of a QEMU the watchdog killed; the watchdog said why.)
+wait "$qemu_pid" 2>/dev/null || qemu_status=$?
 qemu_pid=
 if [[ -e $run/ctl/status ]]; then
     exit "$(cat "$run/ctl/status")"
