@@ -8,7 +8,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateError, VirtioInterrupt};
-use crate::LogOnce;
+use crate::{warn_once, LogOnce, Problem};
 
 /// The transport's queues as the device's `N` queues, each of which the driver must have made
 /// ready.
@@ -36,12 +36,12 @@ pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 
 /// Reports, once per device, a driver write to configuration space the device ignores.
 pub(crate) fn ignore_config_write(warned: &mut LogOnce, device: &str, offset: u64, data: &[u8]) {
-    if warned.first() {
-        warn!(
-            "{device}: ignoring {}-byte config write at {offset:#x}",
-            data.len()
-        );
-    }
+    warn_once!(
+        warned,
+        Problem::ConfigWrite,
+        "{device}: ignoring {}-byte config write at {offset:#x}",
+        data.len()
+    );
 }
 
 /// Registers every queue eventfd with the event loop.
@@ -57,9 +57,11 @@ pub(crate) fn watch_queue_events(ops: &mut EventOps, evts: &[EventFd], device: &
 /// Tells the driver buffers were used, reporting a failure once per device.
 pub(crate) fn signal_used_queue(interrupt: &VirtioInterrupt, warned: &mut LogOnce, device: &str) {
     if let Err(e) = interrupt.signal_used_queue() {
-        if warned.first() {
-            warn!("{device}: cannot raise the interrupt: {e}");
-        }
+        warn_once!(
+            warned,
+            Problem::Irq,
+            "{device}: cannot raise the interrupt: {e}"
+        );
     }
 }
 
@@ -148,12 +150,12 @@ mod tests {
     fn warnings_are_once_and_interrupts_are_raised() {
         let mut warned = LogOnce::default();
         ignore_config_write(&mut warned, "test", 0, &[1]);
-        assert!(!warned.first());
+        assert!(!warned.first(Problem::ConfigWrite));
         let line = Arc::new(CountingInterrupt::default());
         let irq = VirtioInterrupt::new(line.clone());
         let mut warned = LogOnce::default();
         signal_used_queue(&irq, &mut warned, "test");
         assert_eq!(line.count(), 1);
-        assert!(warned.first(), "no failure, no warning");
+        assert!(warned.first(Problem::Irq), "no failure, no warning");
     }
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use log::{info, warn};
+use log::info;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -27,7 +27,7 @@ use crate::virtio::device_util::{
     ignore_config_write, read_config_bytes, ready_queues, signal_used_queue, watch_queue_events,
 };
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
-use crate::LogOnce;
+use crate::{warn_once, LogOnce, Problem};
 
 /// Length of `struct virtio_blk_config` up to `write_zeroes_may_unmap` and its padding.
 const CONFIG_LEN: usize = 60;
@@ -85,15 +85,6 @@ struct Active {
     interrupt: Arc<VirtioInterrupt>,
 }
 
-/// Which guest or host problems were already reported.
-#[derive(Debug, Default)]
-struct Warned {
-    config: LogOnce,
-    idle: LogOnce,
-    queue: LogOnce,
-    irq: LogOnce,
-}
-
 /// A virtio-blk device.
 pub struct Block {
     handler: BlockHandler,
@@ -102,7 +93,7 @@ pub struct Block {
     queue_sizes: [u16; 1],
     queue_evts: [EventFd; 1],
     active: Option<Active>,
-    warned: Warned,
+    warned: LogOnce,
 }
 
 impl Block {
@@ -155,30 +146,35 @@ impl Block {
             queue_sizes: [QUEUE_SIZE],
             queue_evts: [EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?],
             active: None,
-            warned: Warned::default(),
+            warned: LogOnce::default(),
         })
     }
 
     /// Serves the queue after a notification.
     fn process_queue(&mut self) {
         let Some(active) = self.active.as_mut() else {
-            if self.warned.idle.first() {
-                warn!("virtio-blk: queue notified before activation");
-            }
+            warn_once!(
+                self.warned,
+                Problem::Idle,
+                "virtio-blk: queue notified before activation"
+            );
             return;
         };
         let notify = match self.handler.process_queue(&active.mem, &mut active.queue) {
             Ok(notify) => notify,
             Err(e) => {
-                if self.warned.queue.first() {
-                    warn!("virtio-blk: {}", crate::error_chain(&e));
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::Queue,
+                    "virtio-blk: {}",
+                    crate::error_chain(&e)
+                );
                 // Requests served before the failure still need announcing.
                 true
             }
         };
         if notify {
-            signal_used_queue(&active.interrupt, &mut self.warned.irq, "virtio-blk");
+            signal_used_queue(&active.interrupt, &mut self.warned, "virtio-blk");
         }
     }
 }
@@ -264,7 +260,7 @@ impl VirtioDevice for Block {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Only `writeback` is writable, and CONFIG_WCE is not offered.
-        ignore_config_write(&mut self.warned.config, "virtio-blk", offset, data);
+        ignore_config_write(&mut self.warned, "virtio-blk", offset, data);
     }
 
     fn queue_events(&self) -> &[EventFd] {

@@ -21,7 +21,7 @@ use crate::virtio::device_util::{
     ignore_config_write, ready_queues, signal_used_queue, watch_queue_events,
 };
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
-use crate::LogOnce;
+use crate::{warn_once, LogOnce, Problem};
 
 /// Errors setting up a virtio-console device.
 #[derive(Debug, thiserror::Error)]
@@ -39,17 +39,6 @@ struct Active {
     interrupt: Arc<VirtioInterrupt>,
 }
 
-/// Which guest or host problems were already reported.
-#[derive(Debug, Default)]
-struct Warned {
-    config: LogOnce,
-    idle: LogOnce,
-    rx: LogOnce,
-    tx: LogOnce,
-    irq: LogOnce,
-    epoll: LogOnce,
-}
-
 /// A virtio-console device with one port.
 pub struct Console {
     tx: Transmitter,
@@ -59,7 +48,7 @@ pub struct Console {
     active: Option<Active>,
     /// The host input is registered with epoll.
     watching: bool,
-    warned: Warned,
+    warned: LogOnce,
 }
 
 impl Console {
@@ -74,7 +63,7 @@ impl Console {
             queue_evts: [evt()?, evt()?],
             active: None,
             watching: false,
-            warned: Warned::default(),
+            warned: LogOnce::default(),
         })
     }
 
@@ -89,9 +78,12 @@ impl Console {
         {
             Ok(notify) => notify,
             Err(e) => {
-                if self.warned.tx.first() {
-                    warn!("virtio-console: transmit queue: {}", crate::error_chain(&e));
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::TxQueue,
+                    "virtio-console: transmit queue: {}",
+                    crate::error_chain(&e)
+                );
                 // Chains returned before the failure still need announcing.
                 true
             }
@@ -113,9 +105,12 @@ impl Console {
             match rx.pump(&active.mem, &mut active.queues[RX_QUEUE], may_read) {
                 Ok(pumped) => (next, notify) = (pumped.next, pumped.notify),
                 Err(e) => {
-                    if self.warned.rx.first() {
-                        warn!("virtio-console: receive queue: {}", crate::error_chain(&e));
-                    }
+                    warn_once!(
+                        self.warned,
+                        Problem::RxQueue,
+                        "virtio-console: receive queue: {}",
+                        crate::error_chain(&e)
+                    );
                     notify = true;
                 }
             }
@@ -128,7 +123,7 @@ impl Console {
         let Some(active) = self.active.as_ref().filter(|_| notify) else {
             return;
         };
-        signal_used_queue(&active.interrupt, &mut self.warned.irq, "virtio-console");
+        signal_used_queue(&active.interrupt, &mut self.warned, "virtio-console");
     }
 
     /// Watches the input for readability exactly when the receiver waits for it, so the loop
@@ -150,17 +145,21 @@ impl Console {
         match res {
             Ok(()) => self.watching = watch,
             Err(e) => {
-                if self.warned.epoll.first() {
-                    warn!("virtio-console: cannot update epoll interest in the input: {e:?}");
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::Epoll,
+                    "virtio-console: cannot update epoll interest in the input: {e:?}"
+                );
             }
         }
     }
 
     fn idle(&mut self) {
-        if self.warned.idle.first() {
-            warn!("virtio-console: queue notified before activation");
-        }
+        warn_once!(
+            self.warned,
+            Problem::Idle,
+            "virtio-console: queue notified before activation"
+        );
     }
 }
 
@@ -195,7 +194,7 @@ impl VirtioDevice for Console {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // emerg_wr needs VIRTIO_CONSOLE_F_EMERG_WRITE, which is not offered.
-        ignore_config_write(&mut self.warned.config, "virtio-console", offset, data);
+        ignore_config_write(&mut self.warned, "virtio-console", offset, data);
     }
 
     fn queue_events(&self) -> &[EventFd] {

@@ -29,7 +29,7 @@ use crate::virtio::device_util::{
     ignore_config_write, read_config_bytes, ready_queues, signal_used_queue, watch_queue_events,
 };
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
-use crate::LogOnce;
+use crate::{warn_once, LogOnce, Problem};
 
 /// Length of `struct virtio_net_config` up to `status`.
 const CONFIG_LEN: usize = 8;
@@ -81,18 +81,6 @@ struct Active {
     interrupt: Arc<VirtioInterrupt>,
 }
 
-/// Which guest or host problems were already reported.
-#[derive(Debug, Default)]
-struct Warned {
-    config: LogOnce,
-    idle: LogOnce,
-    rx: LogOnce,
-    tx: LogOnce,
-    irq: LogOnce,
-    epoll: LogOnce,
-    offload: LogOnce,
-}
-
 /// A virtio-net device on a TAP.
 pub struct Net {
     tap: Box<dyn TapIo>,
@@ -105,7 +93,7 @@ pub struct Net {
     active: Option<Active>,
     /// The TAP is registered with epoll.
     watching: bool,
-    warned: Warned,
+    warned: LogOnce,
 }
 
 impl Net {
@@ -138,7 +126,7 @@ impl Net {
             queue_evts: [evt()?, evt()?],
             active: None,
             watching: false,
-            warned: Warned::default(),
+            warned: LogOnce::default(),
         })
     }
 
@@ -168,9 +156,12 @@ impl Net {
         let notify = match self.tx.process_queue(&active.mem, queue, self.tap.as_mut()) {
             Ok(notify) => notify,
             Err(e) => {
-                if self.warned.tx.first() {
-                    warn!("virtio-net: transmit queue: {}", crate::error_chain(&e));
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::TxQueue,
+                    "virtio-net: transmit queue: {}",
+                    crate::error_chain(&e)
+                );
                 // Chains returned before the failure still need announcing.
                 true
             }
@@ -190,9 +181,12 @@ impl Net {
             match self.rx.pump(&active.mem, queue, self.tap.as_mut()) {
                 Ok(pumped) => (next, notify) = (pumped.next, pumped.notify),
                 Err(e) => {
-                    if self.warned.rx.first() {
-                        warn!("virtio-net: receive queue: {}", crate::error_chain(&e));
-                    }
+                    warn_once!(
+                        self.warned,
+                        Problem::RxQueue,
+                        "virtio-net: receive queue: {}",
+                        crate::error_chain(&e)
+                    );
                     notify = true;
                 }
             }
@@ -205,7 +199,7 @@ impl Net {
         let Some(active) = self.active.as_ref().filter(|_| notify) else {
             return;
         };
-        signal_used_queue(&active.interrupt, &mut self.warned.irq, "virtio-net");
+        signal_used_queue(&active.interrupt, &mut self.warned, "virtio-net");
     }
 
     /// Watches the TAP exactly when the receiver can take a frame, so the loop neither spins on
@@ -223,25 +217,31 @@ impl Net {
         match res {
             Ok(()) => self.watching = watch,
             Err(e) => {
-                if self.warned.epoll.first() {
-                    warn!("virtio-net: cannot update epoll interest in the TAP: {e:?}");
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::Epoll,
+                    "virtio-net: cannot update epoll interest in the TAP: {e:?}"
+                );
             }
         }
     }
 
     fn set_offload(&mut self, flags: u32) {
         if let Err(e) = self.tap.set_offload(flags) {
-            if self.warned.offload.first() {
-                warn!("virtio-net: cannot set TAP offloads {flags:#x}: {e}");
-            }
+            warn_once!(
+                self.warned,
+                Problem::Offload,
+                "virtio-net: cannot set TAP offloads {flags:#x}: {e}"
+            );
         }
     }
 
     fn idle(&mut self) {
-        if self.warned.idle.first() {
-            warn!("virtio-net: queue notified before activation");
-        }
+        warn_once!(
+            self.warned,
+            Problem::Idle,
+            "virtio-net: queue notified before activation"
+        );
     }
 }
 
@@ -317,7 +317,7 @@ impl VirtioDevice for Net {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // virtio 1.1, 5.1.4: the driver writes no field of a VERSION_1 device's config.
-        ignore_config_write(&mut self.warned.config, "virtio-net", offset, data);
+        ignore_config_write(&mut self.warned, "virtio-net", offset, data);
     }
 
     fn queue_events(&self) -> &[EventFd] {

@@ -6,7 +6,6 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use log::warn;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -20,7 +19,7 @@ use crate::virtio::device_util::{
     ignore_config_write, ready_queues, signal_used_queue, watch_queue_events,
 };
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
-use crate::LogOnce;
+use crate::{warn_once, LogOnce, Problem};
 
 /// Errors setting up a virtio-rng device.
 #[derive(Debug, thiserror::Error)]
@@ -40,22 +39,13 @@ struct Active {
     interrupt: Arc<VirtioInterrupt>,
 }
 
-/// Which guest or host problems were already reported.
-#[derive(Debug, Default)]
-struct Warned {
-    config: LogOnce,
-    idle: LogOnce,
-    queue: LogOnce,
-    irq: LogOnce,
-}
-
 /// A virtio-rng device.
 pub struct Rng {
     handler: RngHandler,
     queue_sizes: [u16; 1],
     queue_evts: [EventFd; 1],
     active: Option<Active>,
-    warned: Warned,
+    warned: LogOnce,
 }
 
 impl Rng {
@@ -67,30 +57,35 @@ impl Rng {
             queue_sizes: [QUEUE_SIZE],
             queue_evts: [EventFd::new(EFD_NONBLOCK).map_err(RngError::EventFd)?],
             active: None,
-            warned: Warned::default(),
+            warned: LogOnce::default(),
         })
     }
 
     /// Serves the queue after a notification.
     fn process_queue(&mut self) {
         let Some(active) = self.active.as_mut() else {
-            if self.warned.idle.first() {
-                warn!("virtio-rng: queue notified before activation");
-            }
+            warn_once!(
+                self.warned,
+                Problem::Idle,
+                "virtio-rng: queue notified before activation"
+            );
             return;
         };
         let notify = match self.handler.process_queue(&active.mem, &mut active.queue) {
             Ok(notify) => notify,
             Err(e) => {
-                if self.warned.queue.first() {
-                    warn!("virtio-rng: {}", crate::error_chain(&e));
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::Queue,
+                    "virtio-rng: {}",
+                    crate::error_chain(&e)
+                );
                 // Requests served before the failure still need announcing.
                 true
             }
         };
         if notify {
-            signal_used_queue(&active.interrupt, &mut self.warned.irq, "virtio-rng");
+            signal_used_queue(&active.interrupt, &mut self.warned, "virtio-rng");
         }
     }
 }
@@ -118,7 +113,7 @@ impl VirtioDevice for Rng {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        ignore_config_write(&mut self.warned.config, "virtio-rng", offset, data);
+        ignore_config_write(&mut self.warned, "virtio-rng", offset, data);
     }
 
     fn queue_events(&self) -> &[EventFd] {

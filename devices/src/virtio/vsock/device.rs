@@ -26,7 +26,7 @@ use crate::virtio::device_util::{
 };
 use crate::virtio::drain::{drain, pop_chain, DrainError};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
-use crate::LogOnce;
+use crate::{warn_once, LogOnce, Problem};
 
 /// Most packets put into the receive queue per event: bounds the loop's time here while the
 /// driver keeps posting buffers; the device kicks itself for the rest.
@@ -76,17 +76,6 @@ struct Active {
     interrupt: Arc<VirtioInterrupt>,
 }
 
-/// Which guest or host problems were already reported.
-#[derive(Debug, Default)]
-struct Warned {
-    config: LogOnce,
-    idle: LogOnce,
-    tx: LogOnce,
-    rx: LogOnce,
-    queue: LogOnce,
-    irq: LogOnce,
-}
-
 /// A virtio-vsock device whose host side is Unix sockets.
 pub struct Vsock {
     cid: u64,
@@ -101,7 +90,7 @@ pub struct Vsock {
     tx_data: Vec<u8>,
     /// One received packet's payload, on its way to guest memory.
     rx_data: Box<[u8]>,
-    warned: Warned,
+    warned: LogOnce,
 }
 
 impl Vsock {
@@ -124,7 +113,7 @@ impl Vsock {
             reset_pending: false,
             tx_data: Vec::with_capacity(MAX_PKT_DATA as usize),
             rx_data: vec![0; MAX_PKT_DATA as usize].into_boxed_slice(),
-            warned: Warned::default(),
+            warned: LogOnce::default(),
         })
     }
 
@@ -155,20 +144,23 @@ impl Vsock {
             match read_tx(mem, &mut chain, tx_data) {
                 Ok(hdr) => muxer.handle_packet(&hdr, tx_data, ops),
                 Err(e) => {
-                    if warned.tx.first() {
-                        warn!(
-                            "virtio-vsock: dropping a packet: {}",
-                            crate::error_chain(&e)
-                        );
-                    }
+                    warn_once!(
+                        warned,
+                        Problem::TxChain,
+                        "virtio-vsock: dropping a packet: {}",
+                        crate::error_chain(&e)
+                    );
                 }
             }
             0
         });
         let notify = res.unwrap_or_else(|e| {
-            if warned.queue.first() {
-                warn!("virtio-vsock: transmit queue: {}", crate::error_chain(&e));
-            }
+            warn_once!(
+                warned,
+                Problem::Queue,
+                "virtio-vsock: transmit queue: {}",
+                crate::error_chain(&e)
+            );
             // Chains returned before the failure still need announcing.
             true
         });
@@ -188,13 +180,16 @@ impl Vsock {
             &mut self.muxer,
             &mut self.rx_data,
             ops,
-            (&mut used, &mut self.warned.rx),
+            (&mut used, &mut self.warned),
         );
         let notify = used > 0 && queue.needs_notification(&active.mem).unwrap_or(true);
         if let Err(e) = res {
-            if self.warned.queue.first() {
-                warn!("virtio-vsock: receive queue: {}", crate::error_chain(&e));
-            }
+            warn_once!(
+                self.warned,
+                Problem::Queue,
+                "virtio-vsock: receive queue: {}",
+                crate::error_chain(&e)
+            );
         } else if used == RX_BUDGET && self.muxer.has_rx() {
             // Come back for the rest after the other event sources had their turn.
             if let Err(e) = self.queue_evts[RX_QUEUE].write(1) {
@@ -208,13 +203,15 @@ impl Vsock {
         let Some(active) = self.active.as_ref().filter(|_| notify) else {
             return;
         };
-        signal_used_queue(&active.interrupt, &mut self.warned.irq, "virtio-vsock");
+        signal_used_queue(&active.interrupt, &mut self.warned, "virtio-vsock");
     }
 
     fn idle(&mut self) {
-        if self.warned.idle.first() {
-            warn!("virtio-vsock: queue notified before activation");
-        }
+        warn_once!(
+            self.warned,
+            Problem::Idle,
+            "virtio-vsock: queue notified before activation"
+        );
     }
 }
 
@@ -257,9 +254,12 @@ fn fill_rx(
             Err(e) => Err(e),
         };
         let len = len.unwrap_or_else(|e| {
-            if warned.first() {
-                warn!("virtio-vsock: receive chain: {}", crate::error_chain(&e));
-            }
+            warn_once!(
+                warned,
+                Problem::RxChain,
+                "virtio-vsock: receive chain: {}",
+                crate::error_chain(&e)
+            );
             0
         });
         queue.add_used(mem, head, len).map_err(DrainError::Queue)?;
@@ -326,7 +326,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        ignore_config_write(&mut self.warned.config, "virtio-vsock", offset, data);
+        ignore_config_write(&mut self.warned, "virtio-vsock", offset, data);
     }
 
     fn queue_events(&self) -> &[EventFd] {
