@@ -81,6 +81,7 @@ impl<const N: usize> VirtioCommon<N> {
         self.active.take()
     }
 
+    /// Activated and not reset since.
     pub(crate) fn is_active(&self) -> bool {
         self.active.is_some()
     }
