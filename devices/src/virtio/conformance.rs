@@ -8,6 +8,7 @@ use std::any::Any;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
 use super::block::test_utils::{image, mem, R, W};
@@ -129,7 +130,7 @@ fn activation_checks_queue_count_and_readiness<D: Subject>() {
         );
     }
     let mut unready = queues(n);
-    virtio_queue::QueueT::set_ready(&mut unready[n - 1], false);
+    unready[n - 1].set_ready(false);
     let err = device
         .activate(mem.clone(), unready, irq.clone())
         .unwrap_err();
@@ -175,7 +176,7 @@ fn notifications_on_unready_queues_are_ignored<D: Subject>() {
     manager.add_subscriber(device.clone());
     let (irq, line) = interrupt();
     let mut queues: Vec<_> = drivers.iter().map(Driver::queue).collect();
-    virtio_queue::QueueT::set_ready(&mut queues[0], false);
+    queues[0].set_ready(false);
     let err = device
         .lock()
         .unwrap()
