@@ -10,17 +10,72 @@ pub mod interrupt;
 pub mod legacy;
 pub mod virtio;
 
-/// Remembers whether a guest-triggerable problem was already reported, so that a hostile or
-/// buggy guest cannot flood the host log by repeating it.
+/// A kind of guest-triggerable (or host) problem that a device reports only once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Problem {
+    // Every virtio device.
+    ConfigWrite,
+    Idle,
+    Irq,
+    Queue,
+    RxQueue,
+    TxQueue,
+    Epoll,
+    // Request and chain handling.
+    Chain,
+    RxChain,
+    TxChain,
+    Request,
+    Io,
+    Status,
+    Memory,
+    Output,
+    Entropy,
+    // virtio-net.
+    Fit,
+    Tap,
+    Offload,
+    // The vsock muxer.
+    SrcCid,
+    Packet,
+    Connection,
+    Stray,
+    Limit,
+    Accept,
+    // The virtio-mmio transport and legacy devices.
+    Access,
+    State,
+    Features,
+    Activate,
+    Signal,
+    SleepType,
+    Route,
+}
+
+/// Remembers which problems were already reported, so that a hostile or buggy guest cannot
+/// flood the host log by repeating one.
 #[derive(Debug, Default)]
-pub(crate) struct LogOnce(bool);
+pub(crate) struct LogOnce(u64);
 
 impl LogOnce {
-    /// True the first time only.
-    pub(crate) fn first(&mut self) -> bool {
-        !std::mem::replace(&mut self.0, true)
+    /// True the first time for `problem` only.
+    pub(crate) fn first(&mut self, problem: Problem) -> bool {
+        let bit = 1u64 << problem as u32;
+        let first = self.0 & bit == 0;
+        self.0 |= bit;
+        first
     }
 }
+
+/// `warn!` the first time `problem` comes up in the [`LogOnce`] `log`.
+macro_rules! warn_once {
+    ($log:expr, $problem:expr, $($arg:tt)+) => {
+        if $log.first($problem) {
+            log::warn!($($arg)+);
+        }
+    };
+}
+pub(crate) use warn_once;
 
 /// Formats an error with its chain of sources, for one-line log messages.
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
@@ -32,4 +87,19 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_problem_is_reported_once() {
+        let mut log = LogOnce::default();
+        assert!(log.first(Problem::Idle));
+        assert!(!log.first(Problem::Idle));
+        assert!(log.first(Problem::Route));
+        assert!(!log.first(Problem::Route));
+        assert!(!log.first(Problem::Idle));
+    }
 }

@@ -3,11 +3,11 @@
 //! (soft off) is offered, and entering it ends the VM: a guest `poweroff` becomes a normal
 //! exit of the VMM.
 
-use log::{info, warn};
+use log::info;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
-use crate::LogOnce;
+use crate::{warn_once, LogOnce, Problem};
 
 /// Ports the register pair decodes (control and status share one byte).
 pub const ACPI_SLEEP_PORT_LEN: u64 = 1;
@@ -21,8 +21,7 @@ const SLP_TYP_MASK: u8 = 0b111;
 pub struct AcpiSleep {
     s5_type: u8,
     poweroff_evt: EventFd,
-    signal_error: LogOnce,
-    other_state: LogOnce,
+    warned: LogOnce,
 }
 
 impl AcpiSleep {
@@ -32,8 +31,7 @@ impl AcpiSleep {
         Self {
             s5_type,
             poweroff_evt,
-            signal_error: LogOnce::default(),
-            other_state: LogOnce::default(),
+            warned: LogOnce::default(),
         }
     }
 }
@@ -52,16 +50,20 @@ impl BusDevice for AcpiSleep {
         }
         let sleep_type = (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK;
         if sleep_type != self.s5_type {
-            if self.other_state.first() {
-                warn!("acpi: guest asked for sleep type {sleep_type}, only S5 is offered");
-            }
+            warn_once!(
+                self.warned,
+                Problem::SleepType,
+                "acpi: guest asked for sleep type {sleep_type}, only S5 is offered"
+            );
             return;
         }
         info!("guest powered off (ACPI S5)");
         if let Err(e) = self.poweroff_evt.write(1) {
-            if self.signal_error.first() {
-                warn!("acpi: cannot signal the power-off: {e}");
-            }
+            warn_once!(
+                self.warned,
+                Problem::Signal,
+                "acpi: cannot signal the power-off: {e}"
+            );
         }
     }
 }

@@ -7,11 +7,10 @@
 
 use std::collections::VecDeque;
 
-use log::warn;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
-use crate::LogOnce;
+use crate::{warn_once, LogOnce, Problem};
 
 /// Ports the controller decodes from its base (0x60): 0x60 data, 0x64 status/command.
 pub const I8042_PORT_LEN: u64 = 5;
@@ -58,7 +57,7 @@ pub struct I8042 {
     /// The previous command byte takes a parameter at the data port.
     awaiting_ctr: bool,
     output: VecDeque<u8>,
-    reset_error: LogOnce,
+    warned: LogOnce,
 }
 
 impl I8042 {
@@ -70,7 +69,7 @@ impl I8042 {
             status: STATUS_SYS,
             awaiting_ctr: false,
             output: VecDeque::with_capacity(OUTPUT_CAPACITY),
-            reset_error: LogOnce::default(),
+            warned: LogOnce::default(),
         }
     }
 
@@ -94,9 +93,11 @@ impl I8042 {
             CMD_ENABLE_KBD => self.ctr &= !CTR_KBD_DISABLED,
             CMD_RESET_CPU => {
                 if let Err(e) = self.reset_evt.write(1) {
-                    if self.reset_error.first() {
-                        warn!("i8042: cannot signal the reset: {e}");
-                    }
+                    warn_once!(
+                        self.warned,
+                        Problem::Signal,
+                        "i8042: cannot signal the reset: {e}"
+                    );
                 }
             }
             // Other commands (AUX, output port, password...) are not implemented; ignoring them

@@ -7,10 +7,8 @@
 //! has no route, so an edge on it is dropped, as a masked edge is on the real chip. Every
 //! line rvmm offers is edge-triggered (the DSDT says so), so there is no remote IRR to track.
 
-use log::warn;
-
 use crate::bus::BusDevice;
-use crate::LogOnce;
+use crate::{warn_once, LogOnce, Problem};
 
 /// Pins, and so GSIs 0..PINS, the chip routes.
 pub const IOAPIC_PINS: usize = 24;
@@ -86,7 +84,7 @@ pub struct IoApic {
     selected: u32,
     table: [u64; IOAPIC_PINS],
     routes: Box<dyn MsiRoutes>,
-    route_error: LogOnce,
+    warned: LogOnce,
 }
 
 impl IoApic {
@@ -97,7 +95,7 @@ impl IoApic {
             selected: 0,
             table: [RTE_MASKED; IOAPIC_PINS],
             routes,
-            route_error: LogOnce::default(),
+            warned: LogOnce::default(),
         }
     }
 
@@ -130,9 +128,11 @@ impl IoApic {
         // a routing update.
         if route != MsiMessage::from_entry(old) {
             if let Err(e) = self.routes.set_route(pin, route) {
-                if self.route_error.first() {
-                    warn!("ioapic: cannot route pin {pin}: {e}");
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::Route,
+                    "ioapic: cannot route pin {pin}: {e}"
+                );
             }
         }
     }

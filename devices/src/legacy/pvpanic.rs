@@ -3,11 +3,10 @@
 //! booted with `panic=1` reboots a second later, which would look like a clean stop: this
 //! tells the VMM it was not.
 
-use log::warn;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
-use crate::LogOnce;
+use crate::{warn_once, LogOnce, Problem};
 
 /// Ports the device decodes.
 pub const PVPANIC_PORT_LEN: u64 = 1;
@@ -20,7 +19,7 @@ pub const PVPANIC_CRASH_LOADED: u8 = 1 << 1;
 /// The pvpanic port; map it where the DSDT says.
 pub struct Pvpanic {
     panic_evt: EventFd,
-    signal_error: LogOnce,
+    warned: LogOnce,
 }
 
 impl Pvpanic {
@@ -28,7 +27,7 @@ impl Pvpanic {
     pub fn new(panic_evt: EventFd) -> Self {
         Self {
             panic_evt,
-            signal_error: LogOnce::default(),
+            warned: LogOnce::default(),
         }
     }
 }
@@ -51,9 +50,11 @@ impl BusDevice for Pvpanic {
             return;
         }
         if let Err(e) = self.panic_evt.write(1) {
-            if self.signal_error.first() {
-                warn!("pvpanic: cannot signal the guest's panic: {e}");
-            }
+            warn_once!(
+                self.warned,
+                Problem::Signal,
+                "pvpanic: cannot signal the guest's panic: {e}"
+            );
         }
     }
 }

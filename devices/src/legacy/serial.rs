@@ -14,7 +14,7 @@ use vm_superio::Trigger;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::BusDevice;
-use crate::LogOnce;
+use crate::{warn_once, LogOnce, Problem};
 
 /// Number of consecutive I/O ports the UART decodes.
 pub const SERIAL_PORT_LEN: u64 = 8;
@@ -78,8 +78,7 @@ type Uart = vm_superio::Serial<IrqTrigger, RxDrained, Box<dyn Write + Send>>;
 /// COM1 8250 UART (vm-superio) whose output goes to a writer and whose IRQ fires an EventFd.
 pub struct Serial {
     uart: Uart,
-    bad_access: LogOnce,
-    output_error: LogOnce,
+    warned: LogOnce,
 }
 
 impl Serial {
@@ -87,8 +86,7 @@ impl Serial {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         Self {
             uart: Uart::with_events(IrqTrigger(irq), RxDrained::default(), out),
-            bad_access: LogOnce::default(),
-            output_error: LogOnce::default(),
+            warned: LogOnce::default(),
         }
     }
 
@@ -125,9 +123,11 @@ impl Serial {
         match u8::try_from(offset) {
             Ok(reg) if len == 1 && offset < SERIAL_PORT_LEN => Some(reg),
             _ => {
-                if self.bad_access.first() {
-                    warn!("serial: ignoring {len}-byte access at offset {offset:#x}");
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::Access,
+                    "serial: ignoring {len}-byte access at offset {offset:#x}"
+                );
                 None
             }
         }
@@ -154,9 +154,12 @@ impl BusDevice for Serial {
             Err(UartError::FullFifo) => return,
         };
         // Output that cannot be written is dropped (the guest can't be blocked); say so once.
-        if self.output_error.first() {
-            warn!("serial: {}", crate::error_chain(&err));
-        }
+        warn_once!(
+            self.warned,
+            Problem::Output,
+            "serial: {}",
+            crate::error_chain(&err)
+        );
     }
 }
 

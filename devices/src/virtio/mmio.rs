@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::bus::BusDevice;
 use crate::interrupt::EventFdInterrupt;
-use crate::LogOnce;
+use crate::{warn_once, LogOnce, Problem};
 
 /// Size of one device's MMIO window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -151,16 +151,6 @@ impl QueueConfig {
     }
 }
 
-/// Which guest mistakes were already reported.
-#[derive(Debug, Default)]
-struct Warned {
-    access: LogOnce,
-    state: LogOnce,
-    queue: LogOnce,
-    features: LogOnce,
-    activate: LogOnce,
-}
-
 /// A virtio device behind a virtio-mmio register window.
 pub struct MmioTransport {
     mem: GuestMemoryMmap,
@@ -179,7 +169,7 @@ pub struct MmioTransport {
     unknown_features: bool,
     queue_sel: u32,
     status: u32,
-    warned: Warned,
+    warned: LogOnce,
 }
 
 impl MmioTransport {
@@ -227,7 +217,7 @@ impl MmioTransport {
             unknown_features: false,
             queue_sel: 0,
             status: 0,
-            warned: Warned::default(),
+            warned: LogOnce::default(),
         })
     }
 
@@ -317,9 +307,12 @@ impl MmioTransport {
         match self.queues.get_mut(self.queue_sel as usize) {
             Some(queue) => f(queue),
             None => {
-                if self.warned.queue.first() {
-                    warn!("virtio-mmio: queue {} does not exist", self.queue_sel);
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::Queue,
+                    "virtio-mmio: queue {} does not exist",
+                    self.queue_sel
+                );
             }
         }
     }
@@ -333,9 +326,11 @@ impl MmioTransport {
             // A nonexistent queue is reported by with_queue.
             (None, _) => self.with_queue(|_| {}),
             _ => {
-                if self.warned.queue.first() {
-                    warn!("virtio-mmio: refusing queue size {value}");
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::Queue,
+                    "virtio-mmio: refusing queue size {value}"
+                );
             }
         }
     }
@@ -348,9 +343,11 @@ impl MmioTransport {
             Some(Ok(())) => {}
             Some(Err(e)) => warn!("virtio-mmio: cannot signal queue {queue}: {e}"),
             None => {
-                if self.warned.queue.first() {
-                    warn!("virtio-mmio: notify for nonexistent queue {queue}");
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::Queue,
+                    "virtio-mmio: notify for nonexistent queue {queue}"
+                );
             }
         }
     }
@@ -376,9 +373,11 @@ impl MmioTransport {
             (NEGOTIATING, S_FEATURES_OK) => self.features_ok(),
             (CONFIGURING, S_DRIVER_OK) => self.driver_ok(),
             _ => {
-                if self.warned.state.first() {
-                    warn!("virtio-mmio: invalid status transition {old:#x} -> {value:#x}");
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::State,
+                    "virtio-mmio: invalid status transition {old:#x} -> {value:#x}"
+                );
             }
         }
     }
@@ -389,12 +388,12 @@ impl MmioTransport {
         let features = self.driver_features;
         let unoffered = features & !self.avail_features != 0 || self.unknown_features;
         if unoffered || features & (1 << VIRTIO_F_VERSION_1) == 0 {
-            if self.warned.features.first() {
-                warn!(
-                    "virtio-mmio: refusing features {features:#x} (offered {:#x}, VERSION_1 required)",
-                    self.avail_features
-                );
-            }
+            warn_once!(
+                self.warned,
+                Problem::Features,
+                "virtio-mmio: refusing features {features:#x} (offered {:#x}, VERSION_1 required)",
+                self.avail_features
+            );
             return;
         }
         lock(&self.device).set_acked_features(features);
@@ -405,9 +404,12 @@ impl MmioTransport {
         match self.activate() {
             Ok(()) => self.status |= S_DRIVER_OK,
             Err(e) => {
-                if self.warned.activate.first() {
-                    warn!("virtio-mmio: {}", crate::error_chain(&e));
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::Activate,
+                    "virtio-mmio: {}",
+                    crate::error_chain(&e)
+                );
                 // virtio 1.1, 2.1.2: a device that cannot go on sets DEVICE_NEEDS_RESET and,
                 // once DRIVER_OK is set, tells the driver with a configuration interrupt.
                 self.status |= S_DRIVER_OK | S_NEEDS_RESET;
@@ -450,12 +452,12 @@ impl MmioTransport {
     }
 
     fn bad_state(&mut self, what: &str) {
-        if self.warned.state.first() {
-            warn!(
-                "virtio-mmio: ignoring {what} write in status {:#x}",
-                self.status
-            );
-        }
+        warn_once!(
+            self.warned,
+            Problem::State,
+            "virtio-mmio: ignoring {what} write in status {:#x}",
+            self.status
+        );
     }
 
     /// Registers are 32-bit and aligned (virtio 1.1, 4.2.2.2); other accesses are refused.
@@ -463,16 +465,20 @@ impl MmioTransport {
         if len == 4 && offset.is_multiple_of(4) {
             return u32::try_from(offset).ok();
         }
-        if self.warned.access.first() {
-            warn!("virtio-mmio: ignoring {len}-byte register access at {offset:#x}");
-        }
+        warn_once!(
+            self.warned,
+            Problem::Access,
+            "virtio-mmio: ignoring {len}-byte register access at {offset:#x}"
+        );
         None
     }
 
     fn unknown_register(&mut self, offset: u32) {
-        if self.warned.access.first() {
-            warn!("virtio-mmio: ignoring access to register {offset:#x}");
-        }
+        warn_once!(
+            self.warned,
+            Problem::Access,
+            "virtio-mmio: ignoring access to register {offset:#x}"
+        );
     }
 }
 

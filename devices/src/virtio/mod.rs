@@ -13,8 +13,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::interrupt::Interrupt;
 
 pub mod block;
+mod common;
+#[cfg(test)]
+mod conformance;
 pub mod console;
-mod device_util;
 pub mod drain;
 pub mod mmio;
 pub mod net;
@@ -144,6 +146,27 @@ pub(crate) mod test_utils {
     impl CountingInterrupt {
         pub(crate) fn count(&self) -> usize {
             self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    /// What the transport does on a QueueNotify write.
+    pub(crate) fn notify_queue(device: &std::sync::Mutex<impl VirtioDevice>, queue: usize) {
+        device.lock().unwrap().queue_events()[queue]
+            .write(1)
+            .unwrap();
+    }
+
+    /// Runs a device test's event loop until it has nothing to do; returns the events it
+    /// handled.
+    pub(crate) fn run_until_idle<T: event_manager::MutEventSubscriber>(
+        manager: &mut event_manager::EventManager<T>,
+    ) -> usize {
+        let mut total = 0;
+        loop {
+            match manager.run_with_timeout(50).unwrap() {
+                0 => return total,
+                n => total += n,
+            }
         }
     }
 }

@@ -3,13 +3,12 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use log::{info, warn};
+use log::info;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -19,15 +18,13 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::handler::BlockHandler;
 use super::{ID_BYTES, MAX_RANGES, MAX_RANGE_SECTORS, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX};
-use crate::virtio::device_util::{
-    ignore_config_write, read_config_bytes, ready_queues, signal_used_queue, watch_queue_events,
-};
+use crate::virtio::common::{read_config_bytes, VirtioCommon};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
-use crate::LogOnce;
+use crate::Problem;
 
 /// Length of `struct virtio_blk_config` up to `write_zeroes_may_unmap` and its padding.
 const CONFIG_LEN: usize = 60;
@@ -78,31 +75,12 @@ pub enum BlockError {
     EventFd(#[source] io::Error),
 }
 
-/// The running state between activation and reset.
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: Arc<VirtioInterrupt>,
-}
-
-/// Which guest or host problems were already reported.
-#[derive(Debug, Default)]
-struct Warned {
-    config: LogOnce,
-    idle: LogOnce,
-    queue: LogOnce,
-    irq: LogOnce,
-}
-
 /// A virtio-blk device.
 pub struct Block {
     handler: BlockHandler,
     config_space: [u8; CONFIG_LEN],
     avail_features: u64,
-    queue_sizes: [u16; 1],
-    queue_evts: [EventFd; 1],
-    active: Option<Active>,
-    warned: Warned,
+    common: VirtioCommon<1>,
 }
 
 impl Block {
@@ -152,34 +130,8 @@ impl Block {
             handler: BlockHandler::new(disk, capacity, cfg.read_only, id),
             config_space: config_space(capacity),
             avail_features: features(cfg.read_only),
-            queue_sizes: [QUEUE_SIZE],
-            queue_evts: [EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?],
-            active: None,
-            warned: Warned::default(),
+            common: VirtioCommon::new("virtio-blk", QUEUE_SIZE).map_err(BlockError::EventFd)?,
         })
-    }
-
-    /// Serves the queue after a notification.
-    fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
-            if self.warned.idle.first() {
-                warn!("virtio-blk: queue notified before activation");
-            }
-            return;
-        };
-        let notify = match self.handler.process_queue(&active.mem, &mut active.queue) {
-            Ok(notify) => notify,
-            Err(e) => {
-                if self.warned.queue.first() {
-                    warn!("virtio-blk: {}", crate::error_chain(&e));
-                }
-                // Requests served before the failure still need announcing.
-                true
-            }
-        };
-        if notify {
-            signal_used_queue(&active.interrupt, &mut self.warned.irq, "virtio-blk");
-        }
     }
 }
 
@@ -246,7 +198,7 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+        self.common.queue_max_sizes()
     }
 
     fn avail_features(&self) -> u64 {
@@ -264,11 +216,11 @@ impl VirtioDevice for Block {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Only `writeback` is writable, and CONFIG_WCE is not offered.
-        ignore_config_write(&mut self.warned.config, "virtio-blk", offset, data);
+        self.common.ignore_config_write(offset, data);
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+        self.common.queue_events()
     }
 
     fn activate(
@@ -277,36 +229,26 @@ impl VirtioDevice for Block {
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let [queue] = ready_queues(queues)?;
-        self.active = Some(Active {
-            mem,
-            queue,
-            interrupt,
-        });
-        Ok(())
+        self.common.activate(mem, queues, interrupt)
     }
 
     fn reset(&mut self) -> bool {
-        self.active = None;
+        self.common.reset();
         true
     }
 }
 
 impl MutEventSubscriber for Block {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() != self.queue_evts[0].as_raw_fd() {
-            return;
+        if self.common.queue_event(events.fd()).is_some() {
+            self.common.serve(Problem::Queue, "", |mem, [queue]| {
+                self.handler.process_queue(mem, queue)
+            });
         }
-        // The count does not matter: one drain serves every notification so far.
-        let _ = self.queue_evts[0].read();
-        self.process_queue();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        watch_queue_events(ops, &self.queue_evts, "virtio-blk");
+        self.common.watch_queue_events(ops);
     }
 }
 
@@ -322,7 +264,6 @@ mod tests {
     };
     use virtio_bindings::virtio_mmio::*;
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress};
 
     use super::super::test_utils::*;
@@ -330,7 +271,6 @@ mod tests {
     use crate::bus::BusDevice;
     use crate::interrupt::EventFdInterrupt;
     use crate::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
-    use crate::virtio::test_utils::CountingInterrupt;
 
     fn config(path: &std::path::Path, read_only: bool) -> BlockConfig {
         BlockConfig {
@@ -412,43 +352,6 @@ mod tests {
         cfg.serial = Some("x".repeat(21));
         let err = Block::new(cfg).err().unwrap();
         assert!(matches!(err, BlockError::SerialTooLong(_)));
-    }
-
-    #[test]
-    fn activation_checks_queues() {
-        let image = image(1);
-        let mut block = Block::new(config(image.as_path(), false)).unwrap();
-        let irq = Arc::new(VirtioInterrupt::new(Arc::new(CountingInterrupt::default())));
-        let queue = |ready| {
-            let mut q = Queue::new(QUEUE_SIZE).unwrap();
-            q.set_ready(ready);
-            q
-        };
-        let err = block.activate(mem(), vec![], irq.clone()).unwrap_err();
-        assert!(matches!(
-            err,
-            ActivateError::QueueCount {
-                expected: 1,
-                got: 0
-            }
-        ));
-        let err = block
-            .activate(mem(), vec![queue(true), queue(true)], irq.clone())
-            .unwrap_err();
-        assert!(matches!(err, ActivateError::QueueCount { got: 2, .. }));
-        let err = block
-            .activate(mem(), vec![queue(false)], irq.clone())
-            .unwrap_err();
-        assert!(matches!(err, ActivateError::QueueNotReady(0)));
-        block
-            .activate(mem(), vec![queue(true)], irq.clone())
-            .unwrap();
-        let err = block
-            .activate(mem(), vec![queue(true)], irq.clone())
-            .unwrap_err();
-        assert!(matches!(err, ActivateError::AlreadyActive));
-        assert!(block.reset());
-        block.activate(mem(), vec![queue(true)], irq).unwrap();
     }
 
     fn w(t: &mut MmioTransport, reg: u32, v: u32) {

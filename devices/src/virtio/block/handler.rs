@@ -5,7 +5,6 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
-use log::warn;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::Queue;
 use vm_memory::bitmap::BitmapSlice;
@@ -17,7 +16,7 @@ use vm_memory::{
 use super::request::{total_len, Chain, Operation, Range, Request, RequestError, Segment};
 use super::{ID_BYTES, SECTOR_SIZE};
 use crate::virtio::drain::{drain, DrainError};
-use crate::LogOnce;
+use crate::{warn_once, LogOnce, Problem};
 
 /// Chunk written when zeroes must be written out by hand.
 const ZERO_CHUNK: usize = 64 * 1024;
@@ -70,15 +69,6 @@ impl HandlerError {
     }
 }
 
-/// Which guest or host problems were already reported.
-#[derive(Debug, Default)]
-struct Warned {
-    chain: LogOnce,
-    request: LogOnce,
-    io: LogOnce,
-    status: LogOnce,
-}
-
 /// Serves virtio-blk requests from one image file.
 #[derive(Debug)]
 pub struct BlockHandler {
@@ -87,7 +77,7 @@ pub struct BlockHandler {
     capacity: u64,
     read_only: bool,
     id: [u8; ID_BYTES],
-    warned: Warned,
+    warned: LogOnce,
 }
 
 impl BlockHandler {
@@ -98,7 +88,7 @@ impl BlockHandler {
             capacity,
             read_only,
             id,
-            warned: Warned::default(),
+            warned: LogOnce::default(),
         }
     }
 
@@ -121,9 +111,11 @@ impl BlockHandler {
             Ok(chain) => chain,
             Err(e) => {
                 // Without a usable status byte the request can only be returned unanswered.
-                if self.warned.chain.first() {
-                    warn!("virtio-blk: dropping request: {e}");
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::Chain,
+                    "virtio-blk: dropping request: {e}"
+                );
                 return 0;
             }
         };
@@ -139,21 +131,26 @@ impl BlockHandler {
             }
         };
         if let Err(e) = mem.write_obj(status, status_addr) {
-            if self.warned.status.first() {
-                warn!("virtio-blk: cannot write status: {e}");
-            }
+            warn_once!(
+                self.warned,
+                Problem::Status,
+                "virtio-blk: cannot write status: {e}"
+            );
         }
         written.saturating_add(1)
     }
 
     fn report(&mut self, e: &HandlerError) {
-        let warned = match e {
-            HandlerError::Io(_) | HandlerError::GuestMemory(_) => &mut self.warned.io,
-            _ => &mut self.warned.request,
+        let problem = match e {
+            HandlerError::Io(_) | HandlerError::GuestMemory(_) => Problem::Io,
+            _ => Problem::Request,
         };
-        if warned.first() {
-            warn!("virtio-blk: {}", crate::error_chain(e));
-        }
+        warn_once!(
+            self.warned,
+            problem,
+            "virtio-blk: {}",
+            crate::error_chain(e)
+        );
     }
 
     /// Executes one request; returns the bytes written into guest buffers.

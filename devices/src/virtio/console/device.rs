@@ -13,15 +13,13 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::port::{Receiver, RxNext, Transmitter};
 use super::{QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
-use crate::virtio::device_util::{
-    ignore_config_write, ready_queues, signal_used_queue, watch_queue_events,
-};
+use crate::virtio::common::VirtioCommon;
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
-use crate::LogOnce;
+use crate::{warn_once, LogOnce, Problem};
 
 /// Errors setting up a virtio-console device.
 #[derive(Debug, thiserror::Error)]
@@ -31,72 +29,37 @@ pub enum ConsoleError {
     EventFd(#[source] io::Error),
 }
 
-/// The running state between activation and reset.
-struct Active {
-    mem: GuestMemoryMmap,
-    /// Indexed by [`RX_QUEUE`] and [`TX_QUEUE`].
-    queues: [Queue; 2],
-    interrupt: Arc<VirtioInterrupt>,
-}
-
-/// Which guest or host problems were already reported.
-#[derive(Debug, Default)]
-struct Warned {
-    config: LogOnce,
-    idle: LogOnce,
-    rx: LogOnce,
-    tx: LogOnce,
-    irq: LogOnce,
-    epoll: LogOnce,
-}
-
 /// A virtio-console device with one port.
 pub struct Console {
     tx: Transmitter,
     rx: Option<Receiver>,
-    queue_sizes: [u16; 2],
-    queue_evts: [EventFd; 2],
-    active: Option<Active>,
+    /// Queues indexed by [`RX_QUEUE`] and [`TX_QUEUE`].
+    common: VirtioCommon<2>,
     /// The host input is registered with epoll.
     watching: bool,
-    warned: Warned,
+    warned: LogOnce,
 }
 
 impl Console {
     /// `output` gets every byte the guest transmits (hvc0 → rvmm's stdout); `input` (host stdin
     /// or a pipe/file/`/dev/null`) is fed to the guest's receive queue.
     pub fn new(output: Box<dyn Write + Send>, input: Option<File>) -> Result<Self, ConsoleError> {
-        let evt = || EventFd::new(EFD_NONBLOCK).map_err(ConsoleError::EventFd);
         Ok(Self {
             tx: Transmitter::new(output),
             rx: input.map(Receiver::new),
-            queue_sizes: [QUEUE_SIZE; 2],
-            queue_evts: [evt()?, evt()?],
-            active: None,
+            common: VirtioCommon::new("virtio-console", QUEUE_SIZE)
+                .map_err(ConsoleError::EventFd)?,
             watching: false,
-            warned: Warned::default(),
+            warned: LogOnce::default(),
         })
     }
 
     /// Writes out what the guest transmitted.
     fn transmit(&mut self) {
-        let Some(active) = self.active.as_mut() else {
-            return self.idle();
-        };
-        let notify = match self
-            .tx
-            .process_queue(&active.mem, &mut active.queues[TX_QUEUE])
-        {
-            Ok(notify) => notify,
-            Err(e) => {
-                if self.warned.tx.first() {
-                    warn!("virtio-console: transmit queue: {}", crate::error_chain(&e));
-                }
-                // Chains returned before the failure still need announcing.
-                true
-            }
-        };
-        self.signal(notify);
+        self.common
+            .serve(Problem::TxQueue, "transmit queue: ", |mem, queues| {
+                self.tx.process_queue(mem, &mut queues[TX_QUEUE])
+            });
     }
 
     /// Fills receive buffers from the host input, then makes the input's epoll registration
@@ -109,26 +72,24 @@ impl Console {
         // notification brings the watch back.
         let mut next = RxNext::WaitForBuffers;
         let mut notify = false;
-        if let Some(active) = self.active.as_mut() {
+        if let Some(active) = self.common.active() {
             match rx.pump(&active.mem, &mut active.queues[RX_QUEUE], may_read) {
                 Ok(pumped) => (next, notify) = (pumped.next, pumped.notify),
                 Err(e) => {
-                    if self.warned.rx.first() {
-                        warn!("virtio-console: receive queue: {}", crate::error_chain(&e));
-                    }
+                    warn_once!(
+                        self.warned,
+                        Problem::RxQueue,
+                        "virtio-console: receive queue: {}",
+                        crate::error_chain(&e)
+                    );
                     notify = true;
                 }
             }
         }
-        self.signal(notify);
+        if notify {
+            self.common.signal_used_queue();
+        }
         self.apply(next, ops);
-    }
-
-    fn signal(&mut self, notify: bool) {
-        let Some(active) = self.active.as_ref().filter(|_| notify) else {
-            return;
-        };
-        signal_used_queue(&active.interrupt, &mut self.warned.irq, "virtio-console");
     }
 
     /// Watches the input for readability exactly when the receiver waits for it, so the loop
@@ -150,16 +111,12 @@ impl Console {
         match res {
             Ok(()) => self.watching = watch,
             Err(e) => {
-                if self.warned.epoll.first() {
-                    warn!("virtio-console: cannot update epoll interest in the input: {e:?}");
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::Epoll,
+                    "virtio-console: cannot update epoll interest in the input: {e:?}"
+                );
             }
-        }
-    }
-
-    fn idle(&mut self) {
-        if self.warned.idle.first() {
-            warn!("virtio-console: queue notified before activation");
         }
     }
 }
@@ -176,7 +133,7 @@ impl VirtioDevice for Console {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+        self.common.queue_max_sizes()
     }
 
     fn avail_features(&self) -> u64 {
@@ -195,11 +152,11 @@ impl VirtioDevice for Console {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // emerg_wr needs VIRTIO_CONSOLE_F_EMERG_WRITE, which is not offered.
-        ignore_config_write(&mut self.warned.config, "virtio-console", offset, data);
+        self.common.ignore_config_write(offset, data);
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+        self.common.queue_events()
     }
 
     fn activate(
@@ -208,22 +165,13 @@ impl VirtioDevice for Console {
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let queues = ready_queues(queues)?;
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-        });
-        Ok(())
+        self.common.activate(mem, queues, interrupt)
     }
 
     fn reset(&mut self) -> bool {
         // The input stays open; it is unwatched at its next event and watched again once the
         // driver posts receive buffers.
-        self.active = None;
+        self.common.reset();
         true
     }
 }
@@ -231,30 +179,28 @@ impl VirtioDevice for Console {
 impl MutEventSubscriber for Console {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.queue_evts[TX_QUEUE].as_raw_fd() {
-            // The count does not matter: one drain serves every notification so far.
-            let _ = self.queue_evts[TX_QUEUE].read();
-            self.transmit();
-        } else if fd == self.queue_evts[RX_QUEUE].as_raw_fd() {
-            let _ = self.queue_evts[RX_QUEUE].read();
-            if self.active.is_none() {
-                return self.idle();
+        match self.common.queue_event(fd) {
+            Some(TX_QUEUE) => self.transmit(),
+            Some(_) if !self.common.is_active() => self.common.idle(),
+            Some(_) => {
+                // New buffers: an unpollable input is read now, a pollable one is watched
+                // again and read once epoll reports it readable (a tty may be a blocking fd).
+                let may_read = self.rx.as_ref().is_some_and(|rx| !rx.pollable());
+                self.receive(may_read, ops);
             }
-            // New buffers: an unpollable input is read now, a pollable one is watched again
-            // and read once epoll reports it readable (a tty may be a blocking fd).
-            let may_read = self.rx.as_ref().is_some_and(|rx| !rx.pollable());
-            self.receive(may_read, ops);
-        } else if self
-            .rx
-            .as_ref()
-            .is_some_and(|rx| rx.input().as_raw_fd() == fd)
-        {
-            self.receive(true, ops);
+            None if self
+                .rx
+                .as_ref()
+                .is_some_and(|rx| rx.input().as_raw_fd() == fd) =>
+            {
+                self.receive(true, ops);
+            }
+            None => {}
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        watch_queue_events(ops, &self.queue_evts, "virtio-console");
+        self.common.watch_queue_events(ops);
         let Some(rx) = self.rx.as_mut() else {
             return;
         };
@@ -273,16 +219,14 @@ mod tests {
     use std::io::Write as _;
     use std::sync::Mutex;
 
-    use crate::virtio::device_util::{notify_queue, run_until_idle};
     use event_manager::{EventManager, SubscriberOps};
-    use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::tempfile::TempFile;
 
     use super::super::test_utils::*;
     use super::super::RX_CHUNK;
     use super::*;
-    use crate::virtio::test_utils::CountingInterrupt;
+    use crate::virtio::test_utils::{notify_queue, run_until_idle, CountingInterrupt};
 
     type Manager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
@@ -292,12 +236,6 @@ mod tests {
     fn console(input: Option<File>) -> (Console, SharedBuf) {
         let out = SharedBuf::default();
         (Console::new(Box::new(out.clone()), input).unwrap(), out)
-    }
-
-    fn ready_queue(ready: bool) -> Queue {
-        let mut q = Queue::new(QUEUE_SIZE).unwrap();
-        q.set_ready(ready);
-        q
     }
 
     #[test]
@@ -319,36 +257,6 @@ mod tests {
         let mut data = [0xff; 4];
         c.read_config(8, &mut data);
         assert_eq!(data, [0; 4]);
-    }
-
-    #[test]
-    fn activation_checks_queues() {
-        let (mut c, _out) = console(None);
-        let irq = Arc::new(VirtioInterrupt::new(Arc::new(CountingInterrupt::default())));
-        let err = c
-            .activate(mem(), vec![ready_queue(true)], irq.clone())
-            .unwrap_err();
-        assert!(matches!(
-            err,
-            ActivateError::QueueCount {
-                expected: 2,
-                got: 1
-            }
-        ));
-        let err = c
-            .activate(
-                mem(),
-                vec![ready_queue(true), ready_queue(false)],
-                irq.clone(),
-            )
-            .unwrap_err();
-        assert!(matches!(err, ActivateError::QueueNotReady(1)));
-        let queues = || vec![ready_queue(true), ready_queue(true)];
-        c.activate(mem(), queues(), irq.clone()).unwrap();
-        let err = c.activate(mem(), queues(), irq.clone()).unwrap_err();
-        assert!(matches!(err, ActivateError::AlreadyActive));
-        assert!(c.reset());
-        c.activate(mem(), queues(), irq).unwrap();
     }
 
     /// A console on an event loop, activated with mock queues.

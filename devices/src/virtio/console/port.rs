@@ -11,7 +11,7 @@ use vm_memory::{GuestMemoryError, GuestMemoryMmap};
 use super::chain::{buffers, read_all, ChainError};
 use super::{MAX_TX_CHAIN, RX_CHUNK};
 use crate::virtio::drain::{drain, pop_chain, DrainError};
-use crate::LogOnce;
+use crate::{warn_once, LogOnce, Problem};
 
 /// Errors while serving a queue.
 #[derive(Debug, thiserror::Error)]
@@ -47,8 +47,7 @@ pub struct Transmitter {
     output: Box<dyn Write + Send>,
     /// One chain's bytes, so a scattered chain reaches the writer in one call.
     buf: Vec<u8>,
-    warned_chain: LogOnce,
-    warned_output: LogOnce,
+    warned: LogOnce,
 }
 
 impl Transmitter {
@@ -57,8 +56,7 @@ impl Transmitter {
         Self {
             output,
             buf: Vec::new(),
-            warned_chain: LogOnce::default(),
-            warned_output: LogOnce::default(),
+            warned: LogOnce::default(),
         }
     }
 
@@ -99,13 +97,16 @@ impl Transmitter {
     }
 
     fn report(&mut self, e: PortError) {
-        let warned = match e {
-            PortError::Output(_) => &mut self.warned_output,
-            _ => &mut self.warned_chain,
+        let problem = match e {
+            PortError::Output(_) => Problem::Output,
+            _ => Problem::Chain,
         };
-        if warned.first() {
-            warn!("virtio-console: {}", crate::error_chain(&e));
-        }
+        warn_once!(
+            self.warned,
+            problem,
+            "virtio-console: {}",
+            crate::error_chain(&e)
+        );
     }
 }
 
@@ -138,7 +139,7 @@ pub struct Receiver {
     pollable: bool,
     eof: bool,
     buf: Box<[u8; RX_CHUNK]>,
-    warned_chain: LogOnce,
+    warned: LogOnce,
 }
 
 impl Receiver {
@@ -149,7 +150,7 @@ impl Receiver {
             pollable: true,
             eof: false,
             buf: Box::new([0; RX_CHUNK]),
-            warned_chain: LogOnce::default(),
+            warned: LogOnce::default(),
         }
     }
 
@@ -204,12 +205,12 @@ impl Receiver {
             let bufs = match buffers(chain, mem, true, u64::MAX) {
                 Ok(bufs) => bufs,
                 Err(e) => {
-                    if self.warned_chain.first() {
-                        warn!(
-                            "virtio-console: {}",
-                            crate::error_chain(&PortError::Chain(e))
-                        );
-                    }
+                    warn_once!(
+                        self.warned,
+                        Problem::Chain,
+                        "virtio-console: {}",
+                        crate::error_chain(&PortError::Chain(e))
+                    );
                     queue.add_used(mem, head, 0).map_err(PortError::Queue)?;
                     returned += 1;
                     continue;

@@ -3,12 +3,10 @@
 //! notifies them and the TAP when it is readable.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use libc::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
-use log::warn;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
@@ -19,17 +17,15 @@ use virtio_bindings::virtio_net::{
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::mac::random_mac;
 use super::rx::{Receiver, RxNext};
 use super::tx::Transmitter;
 use super::{Tap, TapError, TapIo, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
-use crate::virtio::device_util::{
-    ignore_config_write, read_config_bytes, ready_queues, signal_used_queue, watch_queue_events,
-};
+use crate::virtio::common::{read_config_bytes, VirtioCommon};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
-use crate::LogOnce;
+use crate::{warn_once, LogOnce, Problem};
 
 /// Length of `struct virtio_net_config` up to `status`.
 const CONFIG_LEN: usize = 8;
@@ -73,26 +69,6 @@ pub struct NetCounters {
     pub dropped_tx: u64,
 }
 
-/// The running state between activation and reset.
-struct Active {
-    mem: GuestMemoryMmap,
-    /// Indexed by [`RX_QUEUE`] and [`TX_QUEUE`].
-    queues: [Queue; 2],
-    interrupt: Arc<VirtioInterrupt>,
-}
-
-/// Which guest or host problems were already reported.
-#[derive(Debug, Default)]
-struct Warned {
-    config: LogOnce,
-    idle: LogOnce,
-    rx: LogOnce,
-    tx: LogOnce,
-    irq: LogOnce,
-    epoll: LogOnce,
-    offload: LogOnce,
-}
-
 /// A virtio-net device on a TAP.
 pub struct Net {
     tap: Box<dyn TapIo>,
@@ -100,12 +76,11 @@ pub struct Net {
     avail_features: u64,
     rx: Receiver,
     tx: Transmitter,
-    queue_sizes: [u16; 2],
-    queue_evts: [EventFd; 2],
-    active: Option<Active>,
+    /// Queues indexed by [`RX_QUEUE`] and [`TX_QUEUE`].
+    common: VirtioCommon<2>,
     /// The TAP is registered with epoll.
     watching: bool,
-    warned: Warned,
+    warned: LogOnce,
 }
 
 impl Net {
@@ -127,18 +102,15 @@ impl Net {
             .set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
             .is_ok();
         tap.set_offload(0).map_err(NetError::Offload)?;
-        let evt = || EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd);
         Ok(Self {
             tap,
             config_space: config_space(mac),
             avail_features: features(guest_offloads),
             rx: Receiver::new(),
             tx: Transmitter::new(),
-            queue_sizes: [QUEUE_SIZE; 2],
-            queue_evts: [evt()?, evt()?],
-            active: None,
+            common: VirtioCommon::new("virtio-net", QUEUE_SIZE).map_err(NetError::EventFd)?,
             watching: false,
-            warned: Warned::default(),
+            warned: LogOnce::default(),
         })
     }
 
@@ -161,21 +133,11 @@ impl Net {
 
     /// Sends what the guest transmitted.
     fn transmit(&mut self) {
-        let Some(active) = self.active.as_mut() else {
-            return self.idle();
-        };
-        let queue = &mut active.queues[TX_QUEUE];
-        let notify = match self.tx.process_queue(&active.mem, queue, self.tap.as_mut()) {
-            Ok(notify) => notify,
-            Err(e) => {
-                if self.warned.tx.first() {
-                    warn!("virtio-net: transmit queue: {}", crate::error_chain(&e));
-                }
-                // Chains returned before the failure still need announcing.
-                true
-            }
-        };
-        self.signal(notify);
+        self.common
+            .serve(Problem::TxQueue, "transmit queue: ", |mem, queues| {
+                self.tx
+                    .process_queue(mem, &mut queues[TX_QUEUE], self.tap.as_mut())
+            });
     }
 
     /// Delivers frames while there are frames and buffers, then makes the TAP's epoll
@@ -185,27 +147,25 @@ impl Net {
         // notification brings the watch back.
         let mut next = RxNext::WaitForBuffers;
         let mut notify = false;
-        if let Some(active) = self.active.as_mut() {
+        if let Some(active) = self.common.active() {
             let queue = &mut active.queues[RX_QUEUE];
             match self.rx.pump(&active.mem, queue, self.tap.as_mut()) {
                 Ok(pumped) => (next, notify) = (pumped.next, pumped.notify),
                 Err(e) => {
-                    if self.warned.rx.first() {
-                        warn!("virtio-net: receive queue: {}", crate::error_chain(&e));
-                    }
+                    warn_once!(
+                        self.warned,
+                        Problem::RxQueue,
+                        "virtio-net: receive queue: {}",
+                        crate::error_chain(&e)
+                    );
                     notify = true;
                 }
             }
         }
-        self.signal(notify);
+        if notify {
+            self.common.signal_used_queue();
+        }
         self.watch(next == RxNext::Watch, ops);
-    }
-
-    fn signal(&mut self, notify: bool) {
-        let Some(active) = self.active.as_ref().filter(|_| notify) else {
-            return;
-        };
-        signal_used_queue(&active.interrupt, &mut self.warned.irq, "virtio-net");
     }
 
     /// Watches the TAP exactly when the receiver can take a frame, so the loop neither spins on
@@ -223,24 +183,22 @@ impl Net {
         match res {
             Ok(()) => self.watching = watch,
             Err(e) => {
-                if self.warned.epoll.first() {
-                    warn!("virtio-net: cannot update epoll interest in the TAP: {e:?}");
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::Epoll,
+                    "virtio-net: cannot update epoll interest in the TAP: {e:?}"
+                );
             }
         }
     }
 
     fn set_offload(&mut self, flags: u32) {
         if let Err(e) = self.tap.set_offload(flags) {
-            if self.warned.offload.first() {
-                warn!("virtio-net: cannot set TAP offloads {flags:#x}: {e}");
-            }
-        }
-    }
-
-    fn idle(&mut self) {
-        if self.warned.idle.first() {
-            warn!("virtio-net: queue notified before activation");
+            warn_once!(
+                self.warned,
+                Problem::Offload,
+                "virtio-net: cannot set TAP offloads {flags:#x}: {e}"
+            );
         }
     }
 }
@@ -297,7 +255,7 @@ impl VirtioDevice for Net {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+        self.common.queue_max_sizes()
     }
 
     fn avail_features(&self) -> u64 {
@@ -317,11 +275,11 @@ impl VirtioDevice for Net {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // virtio 1.1, 5.1.4: the driver writes no field of a VERSION_1 device's config.
-        ignore_config_write(&mut self.warned.config, "virtio-net", offset, data);
+        self.common.ignore_config_write(offset, data);
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+        self.common.queue_events()
     }
 
     fn activate(
@@ -330,27 +288,17 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let queues = ready_queues(queues)?;
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-        });
+        self.common.activate(mem, queues, interrupt)?;
         // Receive buffers posted before DRIVER_OK came without a usable notification: look at
         // the ring once as if notified.
-        if let Err(e) = self.queue_evts[RX_QUEUE].write(1) {
-            warn!("virtio-net: cannot kick the receive queue: {e}");
-        }
+        self.common.kick(RX_QUEUE, "receive");
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
         // The TAP stays open; it is unwatched at its next event and watched again once the
         // driver posts receive buffers.
-        self.active = None;
+        self.common.reset();
         self.rx.reset();
         self.rx.set_features(false, false);
         self.set_offload(0);
@@ -361,24 +309,18 @@ impl VirtioDevice for Net {
 impl MutEventSubscriber for Net {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.queue_evts[TX_QUEUE].as_raw_fd() {
-            // The count does not matter: one drain serves every notification so far.
-            let _ = self.queue_evts[TX_QUEUE].read();
-            self.transmit();
-        } else if fd == self.queue_evts[RX_QUEUE].as_raw_fd() {
-            let _ = self.queue_evts[RX_QUEUE].read();
-            if self.active.is_none() {
-                return self.idle();
-            }
-            self.receive(ops);
-        } else if fd == self.tap.as_raw_fd() {
-            self.receive(ops);
+        match self.common.queue_event(fd) {
+            Some(TX_QUEUE) => self.transmit(),
+            Some(_) if !self.common.is_active() => self.common.idle(),
+            Some(_) => self.receive(ops),
+            None if fd == self.tap.as_raw_fd() => self.receive(ops),
+            None => {}
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
         // The TAP is watched only once the driver has posted receive buffers.
-        watch_queue_events(ops, &self.queue_evts, "virtio-net");
+        self.common.watch_queue_events(ops);
     }
 }
 
@@ -387,9 +329,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Mutex;
 
-    use crate::virtio::device_util::{notify_queue, run_until_idle};
     use event_manager::{EventManager, SubscriberOps};
-    use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress};
 
     use super::super::test_utils::*;
@@ -397,7 +337,7 @@ mod tests {
     use super::*;
     use crate::virtio::block::test_utils::{mem, R, W};
     use crate::virtio::console::test_utils::{guest, BUF};
-    use crate::virtio::test_utils::CountingInterrupt;
+    use crate::virtio::test_utils::{notify_queue, run_until_idle, CountingInterrupt};
 
     type Manager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
@@ -417,12 +357,6 @@ mod tests {
 
     fn bit(b: u32) -> u64 {
         1 << b
-    }
-
-    fn ready_queue(ready: bool) -> Queue {
-        let mut q = Queue::new(QUEUE_SIZE).unwrap();
-        q.set_ready(ready);
-        q
     }
 
     #[test]
@@ -501,30 +435,6 @@ mod tests {
         net.set_acked_features(net.avail_features());
         assert!(net.reset());
         assert_eq!(offload.load(Ordering::SeqCst), 0);
-    }
-
-    #[test]
-    fn activation_checks_queues() {
-        let (mut net, _peer, _) = net();
-        let irq = Arc::new(VirtioInterrupt::new(Arc::new(CountingInterrupt::default())));
-        let err = net
-            .activate(mem(), vec![ready_queue(true)], irq.clone())
-            .unwrap_err();
-        assert!(matches!(
-            err,
-            ActivateError::QueueCount {
-                expected: 2,
-                got: 1
-            }
-        ));
-        let queues = |rx_ready| vec![ready_queue(rx_ready), ready_queue(true)];
-        let err = net.activate(mem(), queues(false), irq.clone()).unwrap_err();
-        assert!(matches!(err, ActivateError::QueueNotReady(0)));
-        net.activate(mem(), queues(true), irq.clone()).unwrap();
-        let err = net.activate(mem(), queues(true), irq.clone()).unwrap_err();
-        assert!(matches!(err, ActivateError::AlreadyActive));
-        assert!(net.reset());
-        net.activate(mem(), queues(true), irq).unwrap();
     }
 
     /// A device on an event loop, activated with driver-side queues.

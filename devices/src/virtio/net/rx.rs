@@ -10,14 +10,13 @@
 use std::io;
 use std::sync::atomic::{fence, Ordering};
 
-use log::warn;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use super::{TapIo, ETH_HLEN, HDR_LEN, MAX_PACKET_LEN, NUM_BUFFERS_OFFSET, QUEUE_SIZE};
 use crate::virtio::drain::{pop_chain, DrainError};
 use crate::virtio::sg::{SgError, SgList};
-use crate::LogOnce;
+use crate::{warn_once, LogOnce, Problem};
 
 /// Most frames delivered per call: bounds the event loop's time here while the driver keeps
 /// posting buffers; level-triggered epoll brings the loop back for the rest.
@@ -117,15 +116,6 @@ enum Read {
     Failed,
 }
 
-/// Which guest or host problems were already reported.
-#[derive(Debug, Default)]
-struct Warned {
-    chain: LogOnce,
-    fit: LogOnce,
-    tap: LogOnce,
-    memory: LogOnce,
-}
-
 /// Moves frames from a TAP into the receive queue.
 pub struct Receiver {
     /// The pending frame, header first.
@@ -139,7 +129,7 @@ pub struct Receiver {
     guest_csum: bool,
     frames: u64,
     dropped: u64,
-    warned: Warned,
+    warned: LogOnce,
 }
 
 impl Default for Receiver {
@@ -160,7 +150,7 @@ impl Receiver {
             guest_csum: false,
             frames: 0,
             dropped: 0,
-            warned: Warned::default(),
+            warned: LogOnce::default(),
         }
     }
 
@@ -264,9 +254,12 @@ impl Receiver {
                 Ok(sg) => RxError::ShortChain(sg.len),
                 Err(e) => RxError::Chain(e),
             };
-            if self.warned.chain.first() {
-                warn!("virtio-net: {}", crate::error_chain(&err));
-            }
+            warn_once!(
+                self.warned,
+                Problem::Chain,
+                "virtio-net: {}",
+                crate::error_chain(&err)
+            );
             publish(mem, queue, &[(head, 0)])?;
         }
     }
@@ -286,9 +279,12 @@ impl Receiver {
         // it; other errors (EBADFD: interface deleted) will not go away.
         let fatal = matches!(&err, RxError::Tap(e)
             if !matches!(e.raw_os_error(), Some(libc::EFAULT | libc::EINVAL)));
-        if self.warned.tap.first() {
-            warn!("virtio-net: {}", crate::error_chain(&err));
-        }
+        warn_once!(
+            self.warned,
+            Problem::Tap,
+            "virtio-net: {}",
+            crate::error_chain(&err)
+        );
         if fatal {
             return Read::Failed;
         }
@@ -333,9 +329,11 @@ impl Receiver {
     fn drop_pending(&mut self, err: RxError) -> Gathered {
         self.pending = None;
         self.dropped += 1;
-        if self.warned.fit.first() {
-            warn!("virtio-net: dropping a received frame: {err}");
-        }
+        warn_once!(
+            self.warned,
+            Problem::Fit,
+            "virtio-net: dropping a received frame: {err}"
+        );
         Gathered::Dropped
     }
 
@@ -375,12 +373,12 @@ impl Receiver {
                 // is lost and its chains are returned empty.
                 self.dropped += 1;
                 self.used.iter_mut().for_each(|(_, len)| *len = 0);
-                if self.warned.memory.first() {
-                    warn!(
-                        "virtio-net: {}",
-                        crate::error_chain(&RxError::GuestMemory(e))
-                    );
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::Memory,
+                    "virtio-net: {}",
+                    crate::error_chain(&RxError::GuestMemory(e))
+                );
             }
         }
         publish(mem, queue, &self.used)

@@ -3,7 +3,6 @@
 
 use std::io;
 
-use log::warn;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;
 use vm_memory::{GuestMemoryError, GuestMemoryMmap};
@@ -11,7 +10,7 @@ use vm_memory::{GuestMemoryError, GuestMemoryMmap};
 use super::{TapIo, ETH_HLEN, HDR_LEN, MAX_PACKET_LEN, QUEUE_SIZE};
 use crate::virtio::drain::{drain, DrainError};
 use crate::virtio::sg::{SgError, SgList};
-use crate::LogOnce;
+use crate::{warn_once, LogOnce, Problem};
 
 /// Why a frame was not sent; it is dropped and counted.
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +38,7 @@ pub struct Transmitter {
     packet: Box<[u8]>,
     frames: u64,
     dropped: u64,
-    warned_chain: LogOnce,
-    warned_tap: LogOnce,
+    warned: LogOnce,
 }
 
 impl Default for Transmitter {
@@ -56,8 +54,7 @@ impl Transmitter {
             packet: vec![0; MAX_PACKET_LEN].into_boxed_slice(),
             frames: 0,
             dropped: 0,
-            warned_chain: LogOnce::default(),
-            warned_tap: LogOnce::default(),
+            warned: LogOnce::default(),
         }
     }
 
@@ -118,16 +115,16 @@ impl Transmitter {
 
     fn report(&mut self, e: TxError) {
         self.dropped += 1;
-        let warned = match e {
-            TxError::Tap(_) => &mut self.warned_tap,
-            _ => &mut self.warned_chain,
+        let problem = match e {
+            TxError::Tap(_) => Problem::Tap,
+            _ => Problem::Chain,
         };
-        if warned.first() {
-            warn!(
-                "virtio-net: dropping a transmitted frame: {}",
-                crate::error_chain(&e)
-            );
-        }
+        warn_once!(
+            self.warned,
+            problem,
+            "virtio-net: dropping a transmitted frame: {}",
+            crate::error_chain(&e)
+        );
     }
 }
 

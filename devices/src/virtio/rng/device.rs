@@ -2,25 +2,21 @@
 //! the driver notifies it.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use log::warn;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::handler::{getrandom, RngHandler};
 use super::QUEUE_SIZE;
-use crate::virtio::device_util::{
-    ignore_config_write, ready_queues, signal_used_queue, watch_queue_events,
-};
+use crate::virtio::common::VirtioCommon;
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
-use crate::LogOnce;
+use crate::Problem;
 
 /// Errors setting up a virtio-rng device.
 #[derive(Debug, thiserror::Error)]
@@ -33,29 +29,10 @@ pub enum RngError {
     EventFd(#[source] io::Error),
 }
 
-/// The running state between activation and reset.
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: Arc<VirtioInterrupt>,
-}
-
-/// Which guest or host problems were already reported.
-#[derive(Debug, Default)]
-struct Warned {
-    config: LogOnce,
-    idle: LogOnce,
-    queue: LogOnce,
-    irq: LogOnce,
-}
-
 /// A virtio-rng device.
 pub struct Rng {
     handler: RngHandler,
-    queue_sizes: [u16; 1],
-    queue_evts: [EventFd; 1],
-    active: Option<Active>,
-    warned: Warned,
+    common: VirtioCommon<1>,
 }
 
 impl Rng {
@@ -64,34 +41,8 @@ impl Rng {
         getrandom(&mut [0u8; 1]).map_err(RngError::Entropy)?;
         Ok(Self {
             handler: RngHandler::new(),
-            queue_sizes: [QUEUE_SIZE],
-            queue_evts: [EventFd::new(EFD_NONBLOCK).map_err(RngError::EventFd)?],
-            active: None,
-            warned: Warned::default(),
+            common: VirtioCommon::new("virtio-rng", QUEUE_SIZE).map_err(RngError::EventFd)?,
         })
-    }
-
-    /// Serves the queue after a notification.
-    fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
-            if self.warned.idle.first() {
-                warn!("virtio-rng: queue notified before activation");
-            }
-            return;
-        };
-        let notify = match self.handler.process_queue(&active.mem, &mut active.queue) {
-            Ok(notify) => notify,
-            Err(e) => {
-                if self.warned.queue.first() {
-                    warn!("virtio-rng: {}", crate::error_chain(&e));
-                }
-                // Requests served before the failure still need announcing.
-                true
-            }
-        };
-        if notify {
-            signal_used_queue(&active.interrupt, &mut self.warned.irq, "virtio-rng");
-        }
     }
 }
 
@@ -101,7 +52,7 @@ impl VirtioDevice for Rng {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+        self.common.queue_max_sizes()
     }
 
     fn avail_features(&self) -> u64 {
@@ -118,11 +69,11 @@ impl VirtioDevice for Rng {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        ignore_config_write(&mut self.warned.config, "virtio-rng", offset, data);
+        self.common.ignore_config_write(offset, data);
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+        self.common.queue_events()
     }
 
     fn activate(
@@ -131,36 +82,26 @@ impl VirtioDevice for Rng {
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let [queue] = ready_queues(queues)?;
-        self.active = Some(Active {
-            mem,
-            queue,
-            interrupt,
-        });
-        Ok(())
+        self.common.activate(mem, queues, interrupt)
     }
 
     fn reset(&mut self) -> bool {
-        self.active = None;
+        self.common.reset();
         true
     }
 }
 
 impl MutEventSubscriber for Rng {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() != self.queue_evts[0].as_raw_fd() {
-            return;
+        if self.common.queue_event(events.fd()).is_some() {
+            self.common.serve(Problem::Queue, "", |mem, [queue]| {
+                self.handler.process_queue(mem, queue)
+            });
         }
-        // The count does not matter: one drain serves every notification so far.
-        let _ = self.queue_evts[0].read();
-        self.process_queue();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        watch_queue_events(ops, &self.queue_evts, "virtio-rng");
+        self.common.watch_queue_events(ops);
     }
 }
 
@@ -169,19 +110,12 @@ mod tests {
     use std::sync::Mutex;
 
     use event_manager::{EventManager, SubscriberOps};
-    use virtio_queue::QueueT;
 
     use super::*;
     use crate::virtio::block::test_utils::{mem, W};
     use crate::virtio::console::test_utils::{guest, BUF};
     use crate::virtio::net::test_utils::Driver;
     use crate::virtio::test_utils::CountingInterrupt;
-
-    fn ready_queue(ready: bool) -> Queue {
-        let mut q = Queue::new(QUEUE_SIZE).unwrap();
-        q.set_ready(ready);
-        q
-    }
 
     #[test]
     fn identity_features_and_config() {
@@ -197,32 +131,6 @@ mod tests {
         let mut data = [0xff; 4];
         rng.read_config(0, &mut data);
         assert_eq!(data, [0; 4]);
-    }
-
-    #[test]
-    fn activation_checks_queues() {
-        let mut rng = Rng::new().unwrap();
-        let irq = Arc::new(VirtioInterrupt::new(Arc::new(CountingInterrupt::default())));
-        let err = rng.activate(mem(), vec![], irq.clone()).unwrap_err();
-        assert!(matches!(
-            err,
-            ActivateError::QueueCount {
-                expected: 1,
-                got: 0
-            }
-        ));
-        let err = rng
-            .activate(mem(), vec![ready_queue(false)], irq.clone())
-            .unwrap_err();
-        assert!(matches!(err, ActivateError::QueueNotReady(0)));
-        rng.activate(mem(), vec![ready_queue(true)], irq.clone())
-            .unwrap();
-        let err = rng
-            .activate(mem(), vec![ready_queue(true)], irq.clone())
-            .unwrap_err();
-        assert!(matches!(err, ActivateError::AlreadyActive));
-        assert!(rng.reset());
-        rng.activate(mem(), vec![ready_queue(true)], irq).unwrap();
     }
 
     #[test]

@@ -2,7 +2,6 @@
 
 use std::io;
 
-use log::warn;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -10,21 +9,13 @@ use vm_memory::GuestMemoryMmap;
 use super::{MAX_CHAIN_BYTES, QUEUE_SIZE};
 use crate::virtio::drain::{drain, DrainError};
 use crate::virtio::sg::SgList;
-use crate::LogOnce;
-
-/// Which guest or host problems were already reported.
-#[derive(Debug, Default)]
-struct Warned {
-    chain: LogOnce,
-    entropy: LogOnce,
-    memory: LogOnce,
-}
+use crate::{warn_once, LogOnce, Problem};
 
 /// Serves entropy requests.
 pub struct RngHandler {
     /// One chain's worth of entropy on its way to guest memory.
     buf: Box<[u8]>,
-    warned: Warned,
+    warned: LogOnce,
 }
 
 impl Default for RngHandler {
@@ -38,7 +29,7 @@ impl RngHandler {
     pub fn new() -> Self {
         Self {
             buf: vec![0; MAX_CHAIN_BYTES].into_boxed_slice(),
-            warned: Warned::default(),
+            warned: LogOnce::default(),
         }
     }
 
@@ -60,9 +51,11 @@ impl RngHandler {
         let sg = match SgList::new(descriptors, mem, true, QUEUE_SIZE.into(), u64::MAX) {
             Ok(sg) => sg,
             Err(e) => {
-                if self.warned.chain.first() {
-                    warn!("virtio-rng: dropping request: {e}");
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::Chain,
+                    "virtio-rng: dropping request: {e}"
+                );
                 return 0;
             }
         };
@@ -70,9 +63,11 @@ impl RngHandler {
         let got = match getrandom(&mut self.buf[..want]) {
             Ok(got) => got,
             Err(e) => {
-                if self.warned.entropy.first() {
-                    warn!("virtio-rng: getrandom failed: {e}");
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::Entropy,
+                    "virtio-rng: getrandom failed: {e}"
+                );
                 return 0;
             }
         };
@@ -80,9 +75,11 @@ impl RngHandler {
             // At most MAX_CHAIN_BYTES.
             Ok(written) => written as u32,
             Err(e) => {
-                if self.warned.memory.first() {
-                    warn!("virtio-rng: cannot write to guest memory: {e}");
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::Memory,
+                    "virtio-rng: cannot write to guest memory: {e}"
+                );
                 0
             }
         }

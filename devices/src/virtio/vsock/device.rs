@@ -3,30 +3,26 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use log::warn;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::Muxer;
 use super::packet::{read_tx, RxChain, MAX_PKT_DATA};
 use super::{QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
-use crate::virtio::device_util::{
-    ignore_config_write, read_config_bytes, ready_queues, signal_used_queue, watch_queue_events,
-};
+use crate::virtio::common::{read_config_bytes, VirtioCommon};
 use crate::virtio::drain::{drain, pop_chain, DrainError};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
-use crate::LogOnce;
+use crate::{warn_once, LogOnce, Problem};
 
 /// Most packets put into the receive queue per event: bounds the loop's time here while the
 /// driver keeps posting buffers; the device kicks itself for the rest.
@@ -68,32 +64,12 @@ pub enum VsockError {
     EventFd(#[source] io::Error),
 }
 
-/// The running state between activation and reset.
-struct Active {
-    mem: GuestMemoryMmap,
-    /// Indexed by [`RX_QUEUE`], [`TX_QUEUE`] and [`EVENT_QUEUE`].
-    queues: [Queue; 3],
-    interrupt: Arc<VirtioInterrupt>,
-}
-
-/// Which guest or host problems were already reported.
-#[derive(Debug, Default)]
-struct Warned {
-    config: LogOnce,
-    idle: LogOnce,
-    tx: LogOnce,
-    rx: LogOnce,
-    queue: LogOnce,
-    irq: LogOnce,
-}
-
 /// A virtio-vsock device whose host side is Unix sockets.
 pub struct Vsock {
     cid: u64,
     muxer: Muxer,
-    queue_sizes: [u16; 3],
-    queue_evts: [EventFd; 3],
-    active: Option<Active>,
+    /// Queues indexed by [`RX_QUEUE`], [`TX_QUEUE`] and [`super::EVENT_QUEUE`].
+    common: VirtioCommon<3>,
     /// The driver reset the device: the connections are closed at the next event, where
     /// their sockets can be taken out of the event loop.
     reset_pending: bool,
@@ -101,7 +77,7 @@ pub struct Vsock {
     tx_data: Vec<u8>,
     /// One received packet's payload, on its way to guest memory.
     rx_data: Box<[u8]>,
-    warned: Warned,
+    warned: LogOnce,
 }
 
 impl Vsock {
@@ -111,20 +87,17 @@ impl Vsock {
         if cfg.cid < 3 || cfg.cid >= u64::from(u32::MAX) {
             return Err(VsockError::Cid(cfg.cid));
         }
-        let evt = || EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd);
-        let queue_evts = [evt()?, evt()?, evt()?];
+        let common = VirtioCommon::new("virtio-vsock", QUEUE_SIZE).map_err(VsockError::EventFd)?;
         // Last, so that nothing can fail between binding and the muxer that removes the file.
         let listener = bind(&cfg.uds_path)?;
         Ok(Self {
             cid: cfg.cid,
             muxer: Muxer::new(cfg.cid, cfg.uds_path, listener),
-            queue_sizes: [QUEUE_SIZE; 3],
-            queue_evts,
-            active: None,
+            common,
             reset_pending: false,
             tx_data: Vec::with_capacity(MAX_PKT_DATA as usize),
             rx_data: vec![0; MAX_PKT_DATA as usize].into_boxed_slice(),
-            warned: Warned::default(),
+            warned: LogOnce::default(),
         })
     }
 
@@ -141,43 +114,48 @@ impl Vsock {
     /// Hands what the guest sent to the muxer.
     fn transmit(&mut self, ops: &mut EventOps) {
         let Self {
-            active,
+            common,
             muxer,
             tx_data,
             warned,
             ..
         } = self;
-        let Some(active) = active.as_mut() else {
-            return self.idle();
+        let Some(active) = common.active_or_idle() else {
+            return;
         };
         let mem = &active.mem;
         let res = drain(mem, &mut active.queues[TX_QUEUE], |mut chain| {
             match read_tx(mem, &mut chain, tx_data) {
                 Ok(hdr) => muxer.handle_packet(&hdr, tx_data, ops),
                 Err(e) => {
-                    if warned.tx.first() {
-                        warn!(
-                            "virtio-vsock: dropping a packet: {}",
-                            crate::error_chain(&e)
-                        );
-                    }
+                    warn_once!(
+                        warned,
+                        Problem::TxChain,
+                        "virtio-vsock: dropping a packet: {}",
+                        crate::error_chain(&e)
+                    );
                 }
             }
             0
         });
         let notify = res.unwrap_or_else(|e| {
-            if warned.queue.first() {
-                warn!("virtio-vsock: transmit queue: {}", crate::error_chain(&e));
-            }
+            warn_once!(
+                warned,
+                Problem::Queue,
+                "virtio-vsock: transmit queue: {}",
+                crate::error_chain(&e)
+            );
             // Chains returned before the failure still need announcing.
             true
         });
-        self.signal(notify);
+        if notify {
+            self.common.signal_used_queue();
+        }
     }
 
     /// Puts the muxer's packets into the receive queue while both last.
     fn deliver(&mut self, ops: &mut EventOps) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.common.active() else {
             return;
         };
         let queue = &mut active.queues[RX_QUEUE];
@@ -188,32 +166,22 @@ impl Vsock {
             &mut self.muxer,
             &mut self.rx_data,
             ops,
-            (&mut used, &mut self.warned.rx),
+            (&mut used, &mut self.warned),
         );
         let notify = used > 0 && queue.needs_notification(&active.mem).unwrap_or(true);
         if let Err(e) = res {
-            if self.warned.queue.first() {
-                warn!("virtio-vsock: receive queue: {}", crate::error_chain(&e));
-            }
+            warn_once!(
+                self.warned,
+                Problem::Queue,
+                "virtio-vsock: receive queue: {}",
+                crate::error_chain(&e)
+            );
         } else if used == RX_BUDGET && self.muxer.has_rx() {
             // Come back for the rest after the other event sources had their turn.
-            if let Err(e) = self.queue_evts[RX_QUEUE].write(1) {
-                warn!("virtio-vsock: cannot kick the receive queue: {e}");
-            }
+            self.common.kick(RX_QUEUE, "receive");
         }
-        self.signal(notify);
-    }
-
-    fn signal(&mut self, notify: bool) {
-        let Some(active) = self.active.as_ref().filter(|_| notify) else {
-            return;
-        };
-        signal_used_queue(&active.interrupt, &mut self.warned.irq, "virtio-vsock");
-    }
-
-    fn idle(&mut self) {
-        if self.warned.idle.first() {
-            warn!("virtio-vsock: queue notified before activation");
+        if notify {
+            self.common.signal_used_queue();
         }
     }
 }
@@ -257,9 +225,12 @@ fn fill_rx(
             Err(e) => Err(e),
         };
         let len = len.unwrap_or_else(|e| {
-            if warned.first() {
-                warn!("virtio-vsock: receive chain: {}", crate::error_chain(&e));
-            }
+            warn_once!(
+                warned,
+                Problem::RxChain,
+                "virtio-vsock: receive chain: {}",
+                crate::error_chain(&e)
+            );
             0
         });
         queue.add_used(mem, head, len).map_err(DrainError::Queue)?;
@@ -309,7 +280,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+        self.common.queue_max_sizes()
     }
 
     fn avail_features(&self) -> u64 {
@@ -326,11 +297,11 @@ impl VirtioDevice for Vsock {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        ignore_config_write(&mut self.warned.config, "virtio-vsock", offset, data);
+        self.common.ignore_config_write(offset, data);
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+        self.common.queue_events()
     }
 
     fn activate(
@@ -339,30 +310,18 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let queues = ready_queues(queues)?;
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-        });
+        self.common.activate(mem, queues, interrupt)?;
         // Packets queued before activation (host connection requests) need the receive
         // buffers the driver posted without a usable notification.
-        if let Err(e) = self.queue_evts[RX_QUEUE].write(1) {
-            warn!("virtio-vsock: cannot kick the receive queue: {e}");
-        }
+        self.common.kick(RX_QUEUE, "receive");
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
-        self.active = None;
+        self.common.reset();
         self.reset_pending = true;
         // The connections are closed in the event loop, which this wakes.
-        if let Err(e) = self.queue_evts[RX_QUEUE].write(1) {
-            warn!("virtio-vsock: cannot kick the receive queue: {e}");
-        }
+        self.common.kick(RX_QUEUE, "receive");
         true
     }
 }
@@ -373,9 +332,7 @@ impl MutEventSubscriber for Vsock {
             self.muxer.reset(ops);
         }
         let fd = events.fd();
-        if let Some(queue) = self.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
-            // The count does not matter: one pass serves every notification so far.
-            let _ = self.queue_evts[queue].read();
+        if let Some(queue) = self.common.queue_event(fd) {
             if queue == TX_QUEUE {
                 self.transmit(ops);
             }
@@ -388,7 +345,7 @@ impl MutEventSubscriber for Vsock {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        watch_queue_events(ops, &self.queue_evts, "virtio-vsock");
+        self.common.watch_queue_events(ops);
         self.muxer.init(ops);
     }
 }

@@ -22,7 +22,7 @@ use log::{debug, warn};
 
 use super::connection::{Connection, State};
 use super::packet::{Header, Op, HOST_CID};
-use crate::LogOnce;
+use crate::{warn_once, LogOnce, Problem};
 
 /// Most connections (and pending host handshakes) at once; with [`super::connection::TX_BUF_SIZE`]
 /// this bounds the memory a guest and host processes can make the device hold.
@@ -48,18 +48,6 @@ struct Entry {
     queued: bool,
 }
 
-/// Which guest or host problems were already reported.
-#[derive(Debug, Default)]
-struct Warned {
-    src_cid: LogOnce,
-    packet: LogOnce,
-    conn: LogOnce,
-    stray: LogOnce,
-    limit: LogOnce,
-    epoll: LogOnce,
-    accept: LogOnce,
-}
-
 /// Connections between the guest and host Unix sockets.
 pub struct Muxer {
     cid: u64,
@@ -76,7 +64,7 @@ pub struct Muxer {
     /// RSTs for packets that matched no connection.
     stray_rsts: VecDeque<Header>,
     next_port: u32,
-    warned: Warned,
+    warned: LogOnce,
 }
 
 impl Muxer {
@@ -93,7 +81,7 @@ impl Muxer {
             rx_ready: VecDeque::new(),
             stray_rsts: VecDeque::new(),
             next_port: FIRST_LOCAL_PORT,
-            warned: Warned::default(),
+            warned: LogOnce::default(),
         }
     }
 
@@ -135,17 +123,22 @@ impl Muxer {
     pub fn handle_packet(&mut self, hdr: &Header, data: &[u8], ops: &mut EventOps) {
         // Nothing can be answered to a packet that does not come from the guest.
         if hdr.src_cid != self.cid {
-            if self.warned.src_cid.first() {
-                warn!("virtio-vsock: dropping a packet from CID {}", hdr.src_cid);
-            }
+            warn_once!(
+                self.warned,
+                Problem::SrcCid,
+                "virtio-vsock: dropping a packet from CID {}",
+                hdr.src_cid
+            );
             return;
         }
         let op = match hdr.checked_op() {
             Ok(op) => op,
             Err(e) => {
-                if self.warned.packet.first() {
-                    warn!("virtio-vsock: refusing a packet: {e}");
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::Packet,
+                    "virtio-vsock: refusing a packet: {e}"
+                );
                 if hdr.op != Op::Rst as u16 {
                     self.stray_rst(hdr);
                 }
@@ -164,9 +157,11 @@ impl Muxer {
         }
         if let Some(entry) = self.conns.get_mut(&key) {
             if let Err(e) = entry.conn.on_packet(hdr, op, data) {
-                if self.warned.conn.first() {
-                    warn!("virtio-vsock: resetting connection {key:?}: {e}");
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::Connection,
+                    "virtio-vsock: resetting connection {key:?}: {e}"
+                );
             }
         }
         self.sync(key, ops);
@@ -220,15 +215,23 @@ impl Muxer {
     fn stray_rst(&mut self, hdr: &Header) {
         if self.stray_rsts.len() < MAX_STRAY_RSTS {
             self.stray_rsts.push_back(hdr.rst_reply());
-        } else if self.warned.stray.first() {
-            warn!("virtio-vsock: guest is not reading; dropping RSTs");
+        } else {
+            warn_once!(
+                self.warned,
+                Problem::Stray,
+                "virtio-vsock: guest is not reading; dropping RSTs"
+            );
         }
     }
 
     fn at_limit(&mut self) -> bool {
         let full = self.conns.len() + self.handshakes.len() >= MAX_CONNECTIONS;
-        if full && self.warned.limit.first() {
-            warn!("virtio-vsock: refusing connections beyond {MAX_CONNECTIONS}");
+        if full {
+            warn_once!(
+                self.warned,
+                Problem::Limit,
+                "virtio-vsock: refusing connections beyond {MAX_CONNECTIONS}"
+            );
         }
         full
     }
@@ -260,9 +263,11 @@ impl Muxer {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    if self.warned.accept.first() {
-                        warn!("virtio-vsock: accept failed: {e}");
-                    }
+                    warn_once!(
+                        self.warned,
+                        Problem::Accept,
+                        "virtio-vsock: accept failed: {e}"
+                    );
                     return;
                 }
             };
@@ -271,9 +276,11 @@ impl Muxer {
                 continue;
             }
             if let Err(e) = ops.add(Events::new(&stream, EventSet::IN)) {
-                if self.warned.epoll.first() {
-                    warn!("virtio-vsock: cannot watch a host socket: {e:?}");
-                }
+                warn_once!(
+                    self.warned,
+                    Problem::Epoll,
+                    "virtio-vsock: cannot watch a host socket: {e:?}"
+                );
                 continue;
             }
             self.handshakes
@@ -374,9 +381,11 @@ impl Muxer {
             match res {
                 Ok(()) => entry.registered = want,
                 Err(e) => {
-                    if self.warned.epoll.first() {
-                        warn!("virtio-vsock: cannot watch a host socket: {e:?}");
-                    }
+                    warn_once!(
+                        self.warned,
+                        Problem::Epoll,
+                        "virtio-vsock: cannot watch a host socket: {e:?}"
+                    );
                 }
             }
         }

@@ -3,7 +3,6 @@ use std::num::Wrapping;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::virtio::device_util::{notify_queue, run_until_idle};
 use event_manager::{EventManager, SubscriberOps};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempdir::TempDir;
@@ -12,7 +11,7 @@ use super::*;
 use crate::virtio::block::test_utils::{mem, R, W};
 use crate::virtio::console::test_utils::guest;
 use crate::virtio::net::test_utils::Driver;
-use crate::virtio::test_utils::CountingInterrupt;
+use crate::virtio::test_utils::{notify_queue, run_until_idle, CountingInterrupt};
 use crate::virtio::vsock::muxer::port_path;
 use crate::virtio::vsock::packet::{Header, Op, HDR_LEN, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND};
 
@@ -27,12 +26,6 @@ const RX_BUF: u64 = 0x1_0000;
 const TX_BUF: u64 = 0x4_0000;
 const RX_ROOM: u32 = 4096;
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
-
-fn ready_queue(ready: bool) -> Queue {
-    let mut q = Queue::new(QUEUE_SIZE).unwrap();
-    q.set_ready(ready);
-    q
-}
 
 fn tmp() -> TempDir {
     TempDir::new_with_prefix("/tmp/rvmm-vsock-").unwrap()
@@ -235,7 +228,7 @@ fn new_checks_cid_and_socket_path() {
 }
 
 #[test]
-fn identity_features_config_and_activation() {
+fn identity_features_and_config() {
     let dir = tmp();
     let mut vsock = Vsock::new(cfg(&dir)).unwrap();
     assert_eq!(vsock.device_type(), 19);
@@ -252,30 +245,6 @@ fn identity_features_config_and_activation() {
     let mut high = [0xff; 4];
     vsock.read_config(4, &mut high);
     assert_eq!(high, [0; 4]);
-
-    let irq = Arc::new(VirtioInterrupt::new(Arc::new(CountingInterrupt::default())));
-    let err = vsock
-        .activate(mem(), vec![ready_queue(true)], irq.clone())
-        .unwrap_err();
-    assert!(matches!(
-        err,
-        ActivateError::QueueCount {
-            expected: 3,
-            got: 1
-        }
-    ));
-    let queues = |ready| vec![ready_queue(true), ready_queue(true), ready_queue(ready)];
-    let err = vsock
-        .activate(mem(), queues(false), irq.clone())
-        .unwrap_err();
-    assert!(matches!(err, ActivateError::QueueNotReady(2)));
-    vsock.activate(mem(), queues(true), irq.clone()).unwrap();
-    let err = vsock
-        .activate(mem(), queues(true), irq.clone())
-        .unwrap_err();
-    assert!(matches!(err, ActivateError::AlreadyActive));
-    assert!(vsock.reset());
-    vsock.activate(mem(), queues(true), irq).unwrap();
 }
 
 #[test]
