@@ -8,6 +8,7 @@
 
 pub mod acpi;
 pub mod boot_params;
+pub mod cmdline;
 pub mod e820;
 pub mod gdt;
 pub mod layout;
@@ -16,6 +17,7 @@ pub mod paging;
 
 pub use acpi::{write_acpi_tables, AcpiConfig, AcpiError};
 pub use boot_params::{write_boot_params, BootParamsConfig, BootParamsError};
+pub use cmdline::{KernelCmdline, KernelConsole, RootAccess};
 pub use e820::{e820_entries, E820Entry, E820Kind};
 pub use gdt::{write_boot_gdt, BootSegments, GdtError, Segment};
 pub use layout::{initrd_addr, initrd_addr_below, ram_regions, LayoutError};

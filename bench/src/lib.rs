@@ -17,7 +17,7 @@ mod workloads;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::ValueEnum;
+use rvmm_vmm::error_chain;
 
 use container::{Bundle, ContainerError, Rootfs, Spec};
 use machine::{KvmKind, Machine};
@@ -27,26 +27,28 @@ use start::Prepared;
 use tools::{Tools, WorkDir};
 
 /// Options of `rvmm bench`.
-#[derive(Debug, clap::Args)]
-pub struct BenchArgs {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BenchOptions {
     /// Measured runs per variant and figure (plus one warm-up run for start latency).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub runs: u32,
     /// Where report.md, report.json and the SVG charts go.
-    #[arg(long, default_value = "bench-report")]
     pub out: PathBuf,
-    /// Steps to run, comma-separated (default: all).
-    #[arg(long, value_delimiter = ',', value_enum)]
+    /// Steps to run; empty: all.
     pub only: Vec<Step>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
     Start,
     Memory,
     Cpu,
     Disk,
     Net,
+}
+
+impl Step {
+    /// Every step, in the order they run.
+    pub const ALL: [Step; 5] = [Step::Start, Step::Memory, Step::Cpu, Step::Disk, Step::Net];
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +96,7 @@ impl Ctx {
         let rootfs = self.rootfs.as_ref().map_err(Clone::clone)?;
         let crun = self.tools.crun.as_ref().ok_or("crun is not installed")?;
         let bundle = Bundle::create(&self.work, rootfs, crun, &Spec { args, bind, netns })
-            .map_err(|e| crate::error_chain(&e))?;
+            .map_err(|e| error_chain(&e))?;
         Ok(Prepared {
             cmd: bundle.command(),
             _bundle: Some(bundle),
@@ -108,20 +110,20 @@ pub fn progress(msg: &str) {
     eprintln!("rvmm bench: {msg}");
 }
 
-pub fn main(args: BenchArgs) -> Result<ExitCode, String> {
+pub fn main(args: BenchOptions) -> Result<ExitCode, String> {
     match bench(&args) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(BenchError::Run(RunError::Cancelled)) => {
             progress("interrupted; children stopped and temporary files removed");
             Ok(ExitCode::from(130))
         }
-        Err(e) => Err(crate::error_chain(&e)),
+        Err(e) => Err(error_chain(&e)),
     }
 }
 
-fn bench(args: &BenchArgs) -> Result<(), BenchError> {
+fn bench(args: &BenchOptions) -> Result<(), BenchError> {
     let steps: Vec<Step> = if args.only.is_empty() {
-        Step::value_variants().to_vec()
+        Step::ALL.to_vec()
     } else {
         args.only.clone()
     };
@@ -180,8 +182,8 @@ fn container_rootfs(
         return Err("crun containers need root".into());
     }
     tools.crun.as_ref().ok_or("crun is not installed")?;
-    hidden.map_err(|e| crate::error_chain(&e))?;
-    Rootfs::create(work, tools).map_err(|e| crate::error_chain(&e))
+    hidden.map_err(|e| error_chain(&e))?;
+    Rootfs::create(work, tools).map_err(|e| error_chain(&e))
 }
 
 /// The cpu, disk and net steps: host variants here, VM variants from one guest pass per VMM.

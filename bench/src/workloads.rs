@@ -248,7 +248,7 @@ pub fn net(ctx: &Ctx) -> Result<[Figure; 2], RunError> {
     };
     let netns = ctx
         .container_ok()
-        .and_then(|()| Netns::create().map_err(|e| crate::error_chain(&e)));
+        .and_then(|()| Netns::create().map_err(|e| rvmm_vmm::error_chain(&e)));
     let peer = |v: Variant| -> Result<(&str, Option<&str>), String> {
         match v {
             Variant::Process => Ok(("127.0.0.1", None)),

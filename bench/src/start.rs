@@ -147,7 +147,7 @@ pub fn start(ctx: &Ctx) -> Result<Vec<Figure>, RunError> {
 
 /// A run error as a skip reason; only an interruption ends the bench.
 pub fn fail_reason(e: RunError) -> String {
-    crate::error_chain(&e)
+    rvmm_vmm::error_chain(&e)
 }
 
 /// Stores the samples, or the skip reason in every figure; a Ctrl-C is passed on.

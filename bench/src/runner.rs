@@ -435,8 +435,8 @@ fn poll_pipes(pipes: &mut [Option<Pipe>; 2]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::procmem::own_peak_kib;
-    use crate::bench::tools::build_launcher;
+    use crate::procmem::own_peak_kib;
+    use crate::tools::build_launcher;
 
     #[test]
     fn parses_the_launcher_report() {
