@@ -133,7 +133,7 @@ fn host_side_builds_the_disk_and_bundle_the_guest_gets() {
 fn container_guest(test: &str) -> Option<PathBuf> {
     let dir = std::env::var_os("RVMM_CONTAINER_GUEST_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| rvmm_container::cache_base().join("container-guest"));
+        .unwrap_or_else(|| rvmm_container::cache::cache_base().join("container-guest"));
     if GuestFiles::find(Some(&dir)).is_ok() {
         return Some(dir);
     }

@@ -8,11 +8,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::container::ip;
+use super::ctx::{progress, Ctx, Step};
 use super::report::{Figure, Variant};
-use super::runner::{last_line, run, RunError, Watch};
+use super::runner::{field, last_line, run, RunError, Watch};
 use super::tools::install_with_libs;
-use super::workloads::{field, fio_terse, iperf_bps, server, CPU_ROUNDS, IPERF_PORT, RR_PORT};
-use super::{progress, Ctx, Step};
+use super::workloads::{fio_terse, iperf_bps, server, CPU_ROUNDS, IPERF_PORT, RR_PORT};
 use rvmm_container::image::disk::DiskCache;
 
 const READY: &str = "RVMM-BENCH-GUEST ready";

@@ -4,6 +4,7 @@
 
 mod chart;
 mod container;
+mod ctx;
 mod guest;
 mod machine;
 mod procmem;
@@ -19,11 +20,12 @@ use std::process::ExitCode;
 
 use rvmm_vmm::error_chain;
 
-use container::{Bundle, ContainerError, Rootfs, Spec};
+use container::{ContainerError, Rootfs};
+pub use ctx::Step;
+use ctx::{progress, Ctx};
 use machine::{KvmKind, Machine};
 use report::{Figure, Report, Variant};
 use runner::RunError;
-use start::Prepared;
 use tools::{Tools, WorkDir};
 
 /// Options of `rvmm bench`.
@@ -35,20 +37,6 @@ pub struct BenchOptions {
     pub out: PathBuf,
     /// Steps to run; empty: all.
     pub only: Vec<Step>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
-    Start,
-    Memory,
-    Cpu,
-    Disk,
-    Net,
-}
-
-impl Step {
-    /// Every step, in the order they run.
-    pub const ALL: [Step; 5] = [Step::Start, Step::Memory, Step::Cpu, Step::Disk, Step::Net];
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,51 +51,6 @@ pub enum BenchError {
     Chart(#[from] chart::ChartError),
     #[error("cannot create {0}")]
     Io(String, #[source] std::io::Error),
-}
-
-/// Everything a step needs: the built tools and what is available on this host.
-pub struct Ctx {
-    pub runs: u32,
-    pub work: PathBuf,
-    pub tools: Tools,
-    /// The container rootfs, or why containers cannot run here.
-    pub rootfs: Result<Rootfs, String>,
-    /// Ok when VMs can run, or why not.
-    pub kvm: Result<(), String>,
-    pub emulated: bool,
-}
-
-impl Ctx {
-    pub fn tools_emulated(&self) -> bool {
-        self.emulated
-    }
-
-    pub fn container_ok(&self) -> Result<(), String> {
-        self.rootfs.as_ref().map(|_| ()).map_err(Clone::clone)
-    }
-
-    /// `crun run` of a fresh bundle running `args`.
-    pub fn container(
-        &self,
-        args: &[&str],
-        bind: Option<(&Path, &str)>,
-        netns: Option<&str>,
-    ) -> Result<Prepared, String> {
-        let rootfs = self.rootfs.as_ref().map_err(Clone::clone)?;
-        let crun = self.tools.crun.as_ref().ok_or("crun is not installed")?;
-        let bundle = Bundle::create(&self.work, rootfs, crun, &Spec { args, bind, netns })
-            .map_err(|e| error_chain(&e))?;
-        Ok(Prepared {
-            cmd: bundle.command(),
-            _bundle: Some(bundle),
-            any_status: false,
-        })
-    }
-}
-
-/// A progress line on stderr.
-pub fn progress(msg: &str) {
-    eprintln!("rvmm bench: {msg}");
 }
 
 pub fn main(args: BenchOptions) -> Result<ExitCode, String> {

@@ -375,6 +375,15 @@ fn describe_status(status: i32) -> String {
     }
 }
 
+/// `KEY<number>` anywhere in `text`, e.g. field(out, "mflops=").
+pub fn field(text: &str, key: &str) -> Option<f64> {
+    let rest = &text[text.find(key)? + key.len()..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
 pub fn last_line(text: &str) -> &str {
     text.lines()
         .rev()

@@ -2,6 +2,7 @@
 //! ext4 disk (cached by digest); the VM boots the container guest, whose init (rvmm-agent)
 //! runs the command with crun and relays it over vsock.
 
+pub mod cache;
 pub mod image;
 pub mod request;
 pub mod session;
@@ -64,17 +65,6 @@ pub struct RunOptions {
     pub image: PathBuf,
     /// The command and its arguments; empty: the image's Entrypoint and Cmd.
     pub command: Vec<String>,
-}
-
-/// `${XDG_CACHE_HOME:-$HOME/.cache}/rvmm`.
-pub fn cache_base() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/".into())).join(".cache")
-        })
-        .join("rvmm")
 }
 
 /// Runs the command to its end; its exit status.

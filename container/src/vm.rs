@@ -49,7 +49,7 @@ impl GuestFiles {
     /// `dir`, or `<cache>/rvmm/container-guest`.
     pub fn find(dir: Option<&Path>) -> Result<GuestFiles, VmError> {
         let dir = dir.map_or_else(
-            || super::cache_base().join("container-guest"),
+            || crate::cache::cache_base().join("container-guest"),
             Path::to_path_buf,
         );
         let files = GuestFiles {
