@@ -11,7 +11,7 @@ use rvmm_devices::virtio::net::parse_mac;
 use rvmm_firmware::cmdline::{KernelCmdline, KernelConsole, RootAccess};
 
 use crate::kernel_image;
-pub use option_parser::{OptionError, OptionParser, Options};
+use option_parser::OptionParser;
 
 /// Largest guest the layout supports without more memory slots (1 TiB).
 const MAX_MEMORY_MIB: u64 = 1 << 20;
