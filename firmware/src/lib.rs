@@ -2,9 +2,10 @@
 //!
 //! Pure functions that lay out and write the structures a Linux kernel expects when it is
 //! entered directly in 64-bit mode: the zero page with its e820 map, the MP table, the boot
-//! GDT/IDT, identity-mapped page tables and the ACPI tables, and the kernel command line. They only touch guest memory
-//! ([`vm_memory::GuestMemoryMmap`]); loading the values returned here into vCPU registers
-//! is the VMM's job, so this crate never talks to KVM and is testable on plain memory.
+//! GDT/IDT, identity-mapped page tables, the ACPI tables and the kernel command line. They
+//! only touch guest memory ([`vm_memory::GuestMemoryMmap`]); loading the values returned here
+//! into vCPU registers is the VMM's job, so this crate never talks to KVM and is testable on
+//! plain memory.
 
 pub mod acpi;
 pub mod boot_params;
