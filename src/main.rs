@@ -1,10 +1,11 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use rvmm::config::{Cli, Command, VmArgs, VmConfig};
-use rvmm::error_chain;
-use rvmm::terminal::RawTerminal;
-use rvmm::vmm::{VmExit, Vmm};
+use rvmm::cli::{Cli, Command, VmArgs};
+use rvmm_vmm::config::{VmConfig, VmParams};
+use rvmm_vmm::error_chain;
+use rvmm_vmm::terminal::RawTerminal;
+use rvmm_vmm::vmm::{VmExit, Vmm};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
@@ -24,8 +25,10 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Some(Command::Run(args)) => rvmm::container::main(args),
-        Some(Command::Bench(args)) => rvmm::bench::main(args),
+        Some(Command::Run(args)) => rvmm_container::run(&args.into())
+            .map(ExitCode::from)
+            .map_err(|e| error_chain(&e)),
+        Some(Command::Bench(args)) => rvmm_bench::main(args.into()),
         None => boot(cli.vm),
     };
     result.unwrap_or_else(|msg| {
@@ -35,7 +38,7 @@ fn main() -> ExitCode {
 }
 
 fn boot(args: VmArgs) -> Result<ExitCode, String> {
-    let cfg = VmConfig::try_from(args).map_err(|e| error_chain(&e))?;
+    let cfg = VmConfig::try_from(VmParams::from(args)).map_err(|e| error_chain(&e))?;
     let vmm = Vmm::build(&cfg).map_err(|e| error_chain(&e))?;
     let _terminal = RawTerminal::enter();
     match vmm.run().map_err(|e| error_chain(&e))? {

@@ -11,15 +11,15 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use common::{assemble_program, linux_kvm_or_skip};
-use rvmm::container::image::disk::DiskCache;
-use rvmm::container::image::testimage::{self, TestImage};
-use rvmm::container::image::Image;
-use rvmm::container::request::{run_request, Overrides};
-use rvmm::container::session::{RunIo, Session};
-use rvmm::container::vm::{GuestFiles, VmLaunch, VmProcess};
 use rvmm_agent::bundle::{config_json, runtime_spec, BundleParams};
 use rvmm_agent::protocol::{ExitStatus, RunRequest};
 use rvmm_agent::user::resolve;
+use rvmm_container::image::disk::DiskCache;
+use rvmm_container::image::testimage::{self, TestImage};
+use rvmm_container::image::Image;
+use rvmm_container::request::{run_request, Overrides};
+use rvmm_container::session::{RunIo, Session};
+use rvmm_container::vm::{GuestFiles, VmLaunch, VmProcess};
 use vmm_sys_util::tempdir::TempDir;
 
 const RVMM: &str = env!("CARGO_BIN_EXE_rvmm");
@@ -133,7 +133,7 @@ fn host_side_builds_the_disk_and_bundle_the_guest_gets() {
 fn container_guest(test: &str) -> Option<PathBuf> {
     let dir = std::env::var_os("RVMM_CONTAINER_GUEST_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| rvmm::container::cache_base().join("container-guest"));
+        .unwrap_or_else(|| rvmm_container::cache::cache_base().join("container-guest"));
     if GuestFiles::find(Some(&dir)).is_ok() {
         return Some(dir);
     }

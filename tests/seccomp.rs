@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::{kvm_or_skip, tiny_guest, TestResult, TestVm};
 
-use rvmm::seccomp::{Filters, ThreadKind};
-use rvmm::terminal::RawTerminal;
+use rvmm_vmm::seccomp::{Filters, ThreadKind};
+use rvmm_vmm::terminal::RawTerminal;
 
 const TEST: &str = "forbidden_syscall_ends_the_process_with_a_clear_line";
 const CHILD_ENV: &str = "RVMM_SECCOMP_TEST_KIND";

@@ -7,7 +7,7 @@ use acpi_tables::aml::{
 use acpi_tables::sdt::Sdt;
 use acpi_tables::{Aml, AmlSink};
 
-use super::{AcpiConfig, OEM_ID, OEM_REVISION, OEM_TABLE_ID, S5_SLEEP_TYPE};
+use super::common::{AcpiConfig, OEM_ID, OEM_REVISION, OEM_TABLE_ID, S5_SLEEP_TYPE};
 use crate::layout::{
     VirtioSlot, COM1_IRQ, COM1_PORT, COM1_PORT_COUNT, PVPANIC_PORT, VIRTIO_MMIO_SIZE,
 };

@@ -12,7 +12,7 @@ use acpi_tables::{aml_as_bytes, Aml, AmlSink};
 use zerocopy::little_endian::{U16, U32};
 use zerocopy::{Immutable, IntoBytes};
 
-use super::{aml_bytes, OEM_ID, OEM_REVISION, OEM_TABLE_ID};
+use super::common::{aml_bytes, OEM_ID, OEM_REVISION, OEM_TABLE_ID};
 use crate::layout::{ioapic_id, APIC_ADDR, COM1_IRQ, IOAPIC_ADDR, PIT_IRQ};
 
 const ENTRY_INTERRUPT_SOURCE_OVERRIDE: u8 = 2;

@@ -6,6 +6,7 @@
 //! are RSDP → XSDT → {FADT → DSDT, MADT}, written from [`ACPI_START`] upwards; the RSDP is
 //! where Linux scans for it and its address also goes into the zero page.
 
+mod common;
 mod dsdt;
 mod madt;
 
@@ -13,25 +14,16 @@ use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::xsdt::XSDT;
-use acpi_tables::Aml;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
-use crate::layout::{VirtioSlot, ACPI_SLEEP_PORT, ACPI_START, HIMEM_START};
+use crate::layout::{ACPI_SLEEP_PORT, ACPI_START, HIMEM_START};
 use crate::mptable::MAX_CPUS;
 
+use common::aml_bytes;
+pub use common::{AcpiConfig, OEM_ID, OEM_REVISION, OEM_TABLE_ID, S5_SLEEP_TYPE};
 pub use dsdt::dsdt;
 pub use madt::madt;
-
-/// OEM id in every table header; Linux prints it when it lists the tables.
-pub const OEM_ID: [u8; 6] = *b"RVMM  ";
-/// OEM table id in every table header.
-pub const OEM_TABLE_ID: [u8; 8] = *b"MICROVM ";
-/// OEM revision in every table header.
-pub const OEM_REVISION: u32 = 1;
-/// SLP_TYP of S5 in the DSDT's `_S5_` package; the sleep control register turns a write of it
-/// (with SLP_EN) into a power-off.
-pub const S5_SLEEP_TYPE: u8 = 5;
 
 /// FADT IA-PC boot architecture flags: an i8042 is present (for `reboot=k`), no VGA, no
 /// MSI (there is no PCI), no CMOS RTC.
@@ -41,17 +33,6 @@ const IAPC_MSI_NOT_SUPPORTED: u16 = 1 << 3;
 const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 /// Tables are placed on 16-byte boundaries (the RSDP must be; the rest follow suit).
 const TABLE_ALIGN: u64 = 16;
-
-/// What the tables describe.
-#[derive(Clone, Copy, Debug)]
-pub struct AcpiConfig<'a> {
-    /// vCPUs, with APIC ids `0..num_cpus` (as in the MP table).
-    pub num_cpus: u8,
-    /// The virtio-mmio devices, in slot order.
-    pub virtio: &'a [VirtioSlot],
-    /// Whether COM1 is present.
-    pub serial: bool,
-}
 
 /// Errors from writing the ACPI tables.
 #[derive(Debug, Error)]
@@ -119,12 +100,6 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
     aml_bytes(&fadt.finalize())
 }
 
-fn aml_bytes(table: &dyn Aml) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    table.to_aml_bytes(&mut bytes);
-    bytes
-}
-
 fn align(addr: u64) -> u64 {
     addr.next_multiple_of(TABLE_ALIGN)
 }
@@ -154,6 +129,7 @@ impl TableWriter<'_> {
 pub(crate) mod tests {
     use super::*;
     use crate::e820::{e820_entries, E820Kind};
+    use crate::layout::VirtioSlot;
 
     const MEM_SIZE: u64 = 64 << 20;
 

@@ -9,10 +9,10 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use rvmm::boot::{load, BootConfig};
 use rvmm_firmware::acpi::AcpiConfig;
 use rvmm_firmware::layout::VirtioSlot;
 use rvmm_fuzz::scratch_file;
+use rvmm_vmm::boot::{load, BootConfig};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::tempfile::TempFile;
 

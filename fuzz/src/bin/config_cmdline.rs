@@ -11,10 +11,11 @@ use std::sync::OnceLock;
 
 use clap::Parser;
 use libfuzzer_sys::fuzz_target;
-use rvmm::boot::{load, BootConfig};
-use rvmm::config::{Cli, DiskConfig, NetConfig, VmConfig, VsockConfig};
+use rvmm::cli::Cli;
 use rvmm_firmware::acpi::AcpiConfig;
 use rvmm_fuzz::scratch_file;
+use rvmm_vmm::boot::{load, BootConfig};
+use rvmm_vmm::config::{DiskConfig, NetConfig, VmConfig, VmParams, VsockConfig};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::tempfile::TempFile;
 
@@ -80,13 +81,13 @@ fuzz_target!(|data: &[u8]| {
     if cli.command.is_some() {
         return;
     }
-    let Ok(cfg) = VmConfig::try_from(cli.vm) else {
+    let Ok(cfg) = VmConfig::try_from(VmParams::from(cli.vm)) else {
         return;
     };
     let boot = BootConfig {
         kernel: rig.kernel.as_path(),
         initrd: None,
-        cmdline: &cfg.cmdline,
+        cmdline: cfg.cmdline.as_str(),
         vcpus: cfg.vcpus,
         mem_size: MEM_SIZE,
         acpi: cfg.acpi.then_some(AcpiConfig {

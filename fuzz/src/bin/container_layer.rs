@@ -9,7 +9,7 @@ use std::fs;
 use std::os::unix::fs::symlink;
 
 use libfuzzer_sys::fuzz_target;
-use rvmm::container::image::layer::{apply, Owners};
+use rvmm_container::image::layer::{apply, Owners};
 use rvmm_fuzz::scratch_dir;
 use vmm_sys_util::tempdir::TempDir;
 

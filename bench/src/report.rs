@@ -271,7 +271,7 @@ pub fn number(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::machine::Machine;
+    use crate::machine::Machine;
 
     fn report() -> Report {
         let mut fig = Figure::new("start.exit", "start to exit", "ms", Better::Lower);

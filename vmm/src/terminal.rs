@@ -1,7 +1,9 @@
-//! Raw terminal mode for an interactive console, restored on every way out.
+//! The console's terminal: raw mode for an interactive console, restored on every way out,
+//! and the console's own handle on stdin.
 
+use std::fs::File;
 use std::io::IsTerminal;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::OnceLock;
 
 /// The settings found at start, for [`restore_from_signal_handler`].
@@ -55,4 +57,15 @@ impl Drop for RawTerminal {
             unsafe { libc::tcsetattr(std::io::stdin().as_raw_fd(), libc::TCSANOW, saved) };
         }
     }
+}
+
+/// A separate handle on stdin, owned by the console's input handler.
+pub fn dup_stdin() -> std::io::Result<File> {
+    // SAFETY: dup() of fd 0 has no memory-safety preconditions; the result is checked.
+    let fd = unsafe { libc::dup(std::io::stdin().as_raw_fd()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
 }

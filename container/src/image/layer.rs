@@ -10,7 +10,16 @@ use std::path::{Component, Path, PathBuf};
 
 use tar::EntryType;
 
-use super::ImageError;
+/// What can go wrong applying one layer.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("bad layer entry {0:?}")]
+    BadEntry(String),
+    #[error("cannot read a layer")]
+    Read(#[source] io::Error),
+    #[error("cannot unpack {0}")]
+    Unpack(PathBuf, #[source] io::Error),
+}
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
@@ -20,14 +29,14 @@ const OPAQUE: &str = ".wh..wh..opq";
 pub type Owners = BTreeMap<PathBuf, (u64, u64)>;
 
 /// A tar path made relative and free of `.`/`..`; None for the root itself or an escape.
-fn clean(path: &Path) -> Result<Option<PathBuf>, ImageError> {
+fn clean(path: &Path) -> Result<Option<PathBuf>, LayerError> {
     let mut out = PathBuf::new();
     for c in path.components() {
         match c {
             Component::Normal(part) => out.push(part),
             Component::CurDir | Component::RootDir => {}
             Component::ParentDir | Component::Prefix(_) => {
-                return Err(ImageError::BadEntry(path.display().to_string()))
+                return Err(LayerError::BadEntry(path.display().to_string()))
             }
         }
     }
@@ -37,13 +46,13 @@ fn clean(path: &Path) -> Result<Option<PathBuf>, ImageError> {
 /// Refuses a directory path `dir` (relative to `root`) that goes through a symlink: an earlier
 /// layer may have planted `a -> /etc`, and removing `root/a/passwd` would then delete the
 /// host's file. (Unpacking itself is checked by the tar crate; removals are ours.)
-fn check_no_symlink(root: &Path, dir: &Path) -> Result<(), ImageError> {
+fn check_no_symlink(root: &Path, dir: &Path) -> Result<(), LayerError> {
     let mut at = root.to_path_buf();
     for part in dir.components() {
         at.push(part);
         match fs::symlink_metadata(&at) {
             Ok(m) if m.file_type().is_symlink() => {
-                return Err(ImageError::BadEntry(format!(
+                return Err(LayerError::BadEntry(format!(
                     "{} (goes through a symbolic link)",
                     dir.display()
                 )))
@@ -98,7 +107,7 @@ struct Whiteouts {
 }
 
 /// Applies one uncompressed layer to `root`, updating `owners`.
-pub fn apply(layer: impl Read, root: &Path, owners: &mut Owners) -> Result<(), ImageError> {
+pub fn apply(layer: impl Read, root: &Path, owners: &mut Owners) -> Result<(), LayerError> {
     let mut archive = tar::Archive::new(layer);
     archive.set_preserve_permissions(true);
     archive.set_preserve_mtime(true);
@@ -106,9 +115,9 @@ pub fn apply(layer: impl Read, root: &Path, owners: &mut Owners) -> Result<(), I
     archive.set_overwrite(true);
     let mut written = HashSet::new();
     let mut whiteouts = Whiteouts::default();
-    for entry in archive.entries().map_err(ImageError::Layer)? {
-        let mut entry = entry.map_err(ImageError::Layer)?;
-        let raw = entry.path().map_err(ImageError::Layer)?.into_owned();
+    for entry in archive.entries().map_err(LayerError::Read)? {
+        let mut entry = entry.map_err(LayerError::Read)?;
+        let raw = entry.path().map_err(LayerError::Read)?.into_owned();
         let Some(path) = clean(&raw)? else { continue };
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         if name == OPAQUE {
@@ -132,16 +141,16 @@ pub fn apply(layer: impl Read, root: &Path, owners: &mut Owners) -> Result<(), I
         // A later layer may replace a directory by a file or the other way round.
         if let Ok(old) = fs::symlink_metadata(&dst) {
             if !(old.is_dir() && kind == EntryType::Directory) {
-                remove_any(&dst).map_err(|e| ImageError::Unpack(path.clone(), e))?;
+                remove_any(&dst).map_err(|e| LayerError::Unpack(path.clone(), e))?;
             }
         }
         entry
             .unpack_in(root)
-            .map_err(|e| ImageError::Unpack(path.clone(), e))?;
+            .map_err(|e| LayerError::Unpack(path.clone(), e))?;
         let header = entry.header();
         let owner = (
-            header.uid().map_err(ImageError::Layer)?,
-            header.gid().map_err(ImageError::Layer)?,
+            header.uid().map_err(LayerError::Read)?,
+            header.gid().map_err(LayerError::Read)?,
         );
         owners.insert(path.clone(), owner);
         written.insert(path);
@@ -154,16 +163,16 @@ fn apply_whiteouts(
     whiteouts: &Whiteouts,
     written: &HashSet<PathBuf>,
     owners: &mut Owners,
-) -> Result<(), ImageError> {
+) -> Result<(), LayerError> {
     for dir in &whiteouts.opaque_dirs {
         // Its entries are listed and removed, so the directory must not be a symlink either.
         check_no_symlink(root, dir)?;
-        clear_lower(root, dir, written).map_err(|e| ImageError::Unpack(dir.clone(), e))?;
+        clear_lower(root, dir, written).map_err(|e| LayerError::Unpack(dir.clone(), e))?;
         owners.retain(|p, _| !p.starts_with(dir) || p == dir || written.contains(p));
     }
     for hidden in &whiteouts.files {
         check_no_symlink(root, parent_of(hidden))?;
-        remove_any(&root.join(hidden)).map_err(|e| ImageError::Unpack(hidden.clone(), e))?;
+        remove_any(&root.join(hidden)).map_err(|e| LayerError::Unpack(hidden.clone(), e))?;
         owners.retain(|p, _| !p.starts_with(hidden));
     }
     Ok(())
@@ -331,6 +340,6 @@ pub(crate) mod tests {
         data.extend_from_slice(&[0; 1024]);
         let dir = TempDir::new().unwrap();
         let err = apply(data.as_slice(), dir.as_path(), &mut Owners::new()).unwrap_err();
-        assert!(matches!(err, ImageError::BadEntry(_)), "{err}");
+        assert!(matches!(err, LayerError::BadEntry(_)), "{err}");
     }
 }

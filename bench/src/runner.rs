@@ -375,6 +375,15 @@ fn describe_status(status: i32) -> String {
     }
 }
 
+/// `KEY<number>` anywhere in `text`, e.g. field(out, "mflops=").
+pub fn field(text: &str, key: &str) -> Option<f64> {
+    let rest = &text[text.find(key)? + key.len()..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
 pub fn last_line(text: &str) -> &str {
     text.lines()
         .rev()
@@ -435,8 +444,8 @@ fn poll_pipes(pipes: &mut [Option<Pipe>; 2]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::procmem::own_peak_kib;
-    use crate::bench::tools::build_launcher;
+    use crate::procmem::own_peak_kib;
+    use crate::tools::build_launcher;
 
     #[test]
     fn parses_the_launcher_report() {

@@ -2,6 +2,7 @@
 //! ext4 disk (cached by digest); the VM boots the container guest, whose init (rvmm-agent)
 //! runs the command with crun and relays it over vsock.
 
+pub mod cache;
 pub mod image;
 pub mod request;
 pub mod session;
@@ -9,13 +10,11 @@ pub mod vm;
 
 use std::io;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::error_chain;
 use image::disk::{DiskCache, DiskError};
 use image::{Image, ImageError};
 use request::{run_request, Overrides, RequestError};
@@ -42,69 +41,34 @@ pub enum RunError {
     Signals(#[source] io::Error),
 }
 
-/// Run a command in a container inside a fresh microVM.
-///
-/// IMAGE is a local file or directory: an OCI image layout (or its tar, as `skopeo copy …
-/// oci:` or `podman save --format oci-archive` write), a `docker save` tarball, or a rootfs
-/// tarball (`docker export`). There are no registry pulls: rvmm never downloads images.
-#[derive(Debug, clap::Args)]
-#[command(
-    after_help = "IMAGE is a local OCI image layout (directory or tar), a docker save \
-tarball or a rootfs tarball (docker export). There are no registry pulls: rvmm never \
-downloads images."
-)]
-pub struct RunArgs {
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
+/// What `rvmm run` runs, and in what VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunOptions {
     pub cpus: u8,
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 512)]
-    pub memory: u64,
-    /// Set an environment variable in the container (repeatable).
-    #[arg(short = 'e', long = "env", value_name = "KEY=VAL")]
+    pub memory_mib: u64,
+    /// `KEY=VAL` each, set in the container.
     pub env: Vec<String>,
-    /// Working directory inside the container.
-    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    /// The working directory inside the container.
     pub workdir: Option<String>,
     /// Send stdin to the command.
-    #[arg(short = 'i', long = "interactive")]
     pub interactive: bool,
-    /// A virtio-net interface on an existing TAP device (tap=NAME[,mac=MAC]); the container
-    /// then shares the VM's network instead of getting an empty namespace.
-    #[arg(long, value_name = "SPEC")]
-    pub net: Vec<String>,
-    /// How long to wait for the guest's agent, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 300)]
-    pub agent_timeout: u64,
-    /// The container guest (vmlinux, rootfs.ext4); default: the cache's container-guest.
-    #[arg(long, value_name = "DIR")]
+    /// virtio-net interfaces (`tap=NAME[,mac=MAC]` each); with any, the container shares the
+    /// VM's network instead of getting an empty namespace.
+    pub nets: Vec<String>,
+    /// How long to wait for the guest's agent.
+    pub agent_timeout: Duration,
+    /// The container guest's directory; None: the cache's container-guest.
     pub guest: Option<PathBuf>,
-    /// Keep the guest console output in this file.
-    #[arg(long, value_name = "PATH")]
+    /// Where the guest console output is kept.
     pub console_log: Option<PathBuf>,
-    /// The image: an OCI layout directory or tar, a docker save tar, or a rootfs tar.
+    /// An OCI layout directory or tar, a docker save tar, or a rootfs tar.
     pub image: PathBuf,
-    /// The command and its arguments (default: the image's Entrypoint and Cmd).
-    #[arg(last = true)]
+    /// The command and its arguments; empty: the image's Entrypoint and Cmd.
     pub command: Vec<String>,
 }
 
-/// `${XDG_CACHE_HOME:-$HOME/.cache}/rvmm`.
-pub fn cache_base() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/".into())).join(".cache")
-        })
-        .join("rvmm")
-}
-
-pub fn main(args: RunArgs) -> Result<ExitCode, String> {
-    run(&args).map(ExitCode::from).map_err(|e| error_chain(&e))
-}
-
-fn run(args: &RunArgs) -> Result<u8, RunError> {
+/// Runs the command to its end; its exit status.
+pub fn run(args: &RunOptions) -> Result<u8, RunError> {
     let cache = DiskCache::user_default();
     let image = Image::open(&args.image, &cache.scratch())?;
     let request = run_request(
@@ -114,7 +78,7 @@ fn run(args: &RunArgs) -> Result<u8, RunError> {
             env: &args.env,
             workdir: args.workdir.as_deref(),
             stdin: args.interactive,
-            host_network: !args.net.is_empty(),
+            host_network: !args.nets.is_empty(),
         },
     )?;
     let guest = GuestFiles::find(args.guest.as_deref())?;
@@ -127,11 +91,11 @@ fn run(args: &RunArgs) -> Result<u8, RunError> {
         guest: &guest,
         image_disk: &disk,
         cpus: args.cpus,
-        memory_mib: args.memory,
-        nets: &args.net,
+        memory_mib: args.memory_mib,
+        nets: &args.nets,
         console_log: args.console_log.as_deref(),
     })?;
-    let mut session = vm.connect(Duration::from_secs(args.agent_timeout))?;
+    let mut session = vm.connect(args.agent_timeout)?;
     forward_signals(session.sender())?;
     let status = session.run(
         &request,

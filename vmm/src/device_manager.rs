@@ -139,11 +139,6 @@ pub fn attach_ioapic(vm: &Vm, mmio: &mut Bus, num_cpus: u8) -> Result<(), Device
     .map_err(DeviceError::Bus)
 }
 
-/// The command-line entry that announces a device to a guest without ACPI.
-pub fn cmdline_entry(slot: &VirtioSlot) -> String {
-    format!("virtio_mmio.device=4K@{:#x}:{}", slot.addr, slot.irq)
-}
-
 /// Hands out one window and one interrupt pin per virtio device, in order, and remembers
 /// them: the ACPI tables or the command line describe exactly this list to the guest.
 #[derive(Debug, Default)]
@@ -224,7 +219,7 @@ pub fn attach_virtio_devices(ctx: &mut VirtioContext, cfg: &VmConfig) -> Result<
         attach_virtio(ctx, Arc::new(Mutex::new(device)))?;
     }
     if cfg.console == ConsoleKind::Virtio {
-        let stdin = crate::vmm::dup_stdin().map_err(DeviceError::Stdin)?;
+        let stdin = crate::terminal::dup_stdin().map_err(DeviceError::Stdin)?;
         let console = Console::new(
             Box::new(ConsoleOut::new(ctx.console_watch.clone())),
             Some(stdin),
@@ -282,7 +277,6 @@ mod tests {
                 irq: 5
             }
         );
-        assert_eq!(cmdline_entry(&first), "virtio_mmio.device=4K@0xd0000000:5");
         let second = slots.allocate().unwrap();
         assert_eq!(
             second,

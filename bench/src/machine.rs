@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::vstate::kvm::{emulating_module_loaded, kvm_available};
+use rvmm_vmm::vstate::kvm::{emulating_module_loaded, kvm_available};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

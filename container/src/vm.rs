@@ -15,10 +15,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rvmm_agent::protocol::AGENT_PORT;
+use rvmm_firmware::cmdline::{KernelCmdline, KernelConsole, RootAccess};
 use vmm_sys_util::tempdir::TempDir;
 
 use super::session::{Session, SessionError};
-use crate::config::{default_cmdline, ConsoleKind};
 
 /// The guest's CID; any valid one works, the VM is alone on its vsock device.
 const GUEST_CID: u64 = 3;
@@ -49,7 +49,7 @@ impl GuestFiles {
     /// `dir`, or `<cache>/rvmm/container-guest`.
     pub fn find(dir: Option<&Path>) -> Result<GuestFiles, VmError> {
         let dir = dir.map_or_else(
-            || super::cache_base().join("container-guest"),
+            || crate::cache::cache_base().join("container-guest"),
             Path::to_path_buf,
         );
         let files = GuestFiles {
@@ -99,14 +99,15 @@ impl VmProcess {
             .map_or_else(|| run_dir.as_path().join("console.log"), Path::to_path_buf);
         let console = File::create(&log).map_err(VmError::RunDir)?;
         let console_err = console.try_clone().map_err(VmError::RunDir)?;
+        let mut cmdline = KernelCmdline::with_defaults(Some(KernelConsole::Serial));
+        cmdline
+            .root_vda(RootAccess::ReadOnly)
+            .push("rootfstype=ext4");
         let mut cmd = Command::new(l.vmm);
         cmd.arg("--kernel")
             .arg(&l.guest.kernel)
             .arg("--cmdline")
-            .arg(format!(
-                "{} root=/dev/vda ro rootfstype=ext4",
-                default_cmdline(ConsoleKind::Serial)
-            ))
+            .arg(cmdline.as_str())
             .arg("--disk")
             .arg(format!("{},ro", l.guest.rootfs.display()))
             .arg("--disk")

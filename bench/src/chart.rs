@@ -83,7 +83,7 @@ pub fn draw(fig: &Figure, path: &Path) -> Result<bool, ChartError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::report::{Better, Variant};
+    use crate::report::{Better, Variant};
 
     #[test]
     fn draws_bars_for_measured_variants_only() {

@@ -4,12 +4,11 @@
 use std::process::Command;
 use std::time::Duration;
 
-use super::container::Bundle;
+use super::ctx::{progress, Ctx, Prepared};
 use super::machine::EmulationCheck;
 use super::report::{Better, Figure, Variant};
 use super::runner::{run, RunError, Watch};
 use super::tools::SPIN_ITERS;
-use super::{progress, Ctx};
 
 pub const MARKER: &str = "RVMM-BENCH hello";
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -17,14 +16,6 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 const GUEST_MIB: u64 = 128;
 /// Time for an idle workload to settle before its memory is read.
 const SETTLE: Duration = Duration::from_millis(300);
-
-/// A ready-to-run command for one variant; keeps its container bundle alive.
-pub struct Prepared {
-    pub cmd: Command,
-    pub _bundle: Option<Bundle>,
-    /// QEMU's isa-debug-exit makes even a clean end a non-zero status.
-    pub any_status: bool,
-}
 
 /// The tiny workload of `variant`: the agent in `mode` (echo/idle), or the tiny guest ELF.
 fn tiny(ctx: &Ctx, variant: Variant, idle: bool) -> Result<Prepared, String> {
@@ -147,7 +138,7 @@ pub fn start(ctx: &Ctx) -> Result<Vec<Figure>, RunError> {
 
 /// A run error as a skip reason; only an interruption ends the bench.
 pub fn fail_reason(e: RunError) -> String {
-    crate::error_chain(&e)
+    rvmm_vmm::error_chain(&e)
 }
 
 /// Stores the samples, or the skip reason in every figure; a Ctrl-C is passed on.
@@ -245,7 +236,7 @@ pub fn emulation_check(ctx: &Ctx) -> Option<EmulationCheck> {
         Watch::new("agent spin", TIMEOUT, "RVMM-BENCH spin"),
     )
     .ok()?;
-    let host_secs: f64 = super::workloads::field(&m.stdout, "RVMM-BENCH spin seconds=")?;
+    let host_secs: f64 = super::runner::field(&m.stdout, "RVMM-BENCH spin seconds=")?;
     if guest_secs <= 0.0 || host_secs <= 0.0 {
         return None;
     }

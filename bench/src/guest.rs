@@ -8,12 +8,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::container::ip;
+use super::ctx::{progress, Ctx, Step};
 use super::report::{Figure, Variant};
-use super::runner::{last_line, run, RunError, Watch};
+use super::runner::{field, last_line, run, RunError, Watch};
 use super::tools::install_with_libs;
-use super::workloads::{field, fio_terse, iperf_bps, server, CPU_ROUNDS, IPERF_PORT, RR_PORT};
-use super::{progress, Ctx, Step};
-use crate::container::image::disk::DiskCache;
+use super::workloads::{fio_terse, iperf_bps, server, CPU_ROUNDS, IPERF_PORT, RR_PORT};
+use rvmm_container::image::disk::DiskCache;
 
 const READY: &str = "RVMM-BENCH-GUEST ready";
 const DONE: &str = "RVMM-BENCH-GUEST done";
@@ -54,7 +54,7 @@ struct Tap(String);
 impl Tap {
     fn create() -> Result<Tap, String> {
         let tap = Tap(format!("rvbt{}", std::process::id()));
-        let e = |e: super::container::ContainerError| crate::error_chain(&e);
+        let e = |e: super::container::ContainerError| rvmm_vmm::error_chain(&e);
         ip(&["tuntap", "add", "dev", &tap.0, "mode", "tap"]).map_err(e)?;
         ip(&["addr", "add", &format!("{TAP_HOST_IP}/30"), "dev", &tap.0]).map_err(e)?;
         ip(&["link", "set", &tap.0, "up"]).map_err(e)?;
@@ -75,7 +75,7 @@ impl Drop for Tap {
 /// only the pages that run.
 fn root_disk(ctx: &Ctx) -> Result<PathBuf, String> {
     let root = ctx.work.join("guest-root");
-    let err = |e: &dyn std::error::Error| crate::error_chain(e);
+    let err = |e: &dyn std::error::Error| rvmm_vmm::error_chain(e);
     for dir in ["proc", "dev", "sys", "tmp", "bin"] {
         std::fs::create_dir_all(root.join(dir)).map_err(|e| err(&e))?;
     }
@@ -231,7 +231,7 @@ fn guest_pass(ctx: &Ctx, variant: Variant, guest: &Guest) -> Result<PassResult, 
     watch.give_up = GIVE_UP;
     let m = match run(&mut cmd, watch) {
         Err(RunError::Cancelled) => return Err(RunError::Cancelled),
-        Err(e) => return Ok(Err(crate::error_chain(&e))),
+        Err(e) => return Ok(Err(rvmm_vmm::error_chain(&e))),
         Ok(m) => m,
     };
     if m.first_line.is_some() {

@@ -6,10 +6,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::container::{Netns, VETH_HOST_IP};
+use super::ctx::{progress, Ctx, Prepared};
 use super::report::{Better, Figure, Variant};
-use super::runner::{run, Group, RunError, Watch};
-use super::start::{fail_reason, record, Prepared};
-use super::{progress, Ctx};
+use super::runner::{field, run, Group, RunError, Watch};
+use super::start::{fail_reason, record};
 
 pub const CPU_ROUNDS: u32 = 200;
 pub const IPERF_PORT: &str = "5201";
@@ -18,15 +18,6 @@ pub const RR_COUNT: &str = "2000";
 const TIMEOUT: Duration = Duration::from_secs(120);
 /// Size of the file fio reads: large enough that 4 KiB random reads spread out.
 const DISK_MIB: usize = 256;
-
-/// `KEY<number>` anywhere in `text`, e.g. field(out, "mflops=").
-pub fn field(text: &str, key: &str) -> Option<f64> {
-    let rest = &text[text.find(key)? + key.len()..];
-    let end = rest
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
-}
 
 /// fio's terse v3 line: (read KiB/s, read IOPS).
 pub fn fio_terse(text: &str) -> Option<(f64, f64)> {
@@ -248,7 +239,7 @@ pub fn net(ctx: &Ctx) -> Result<[Figure; 2], RunError> {
     };
     let netns = ctx
         .container_ok()
-        .and_then(|()| Netns::create().map_err(|e| crate::error_chain(&e)));
+        .and_then(|()| Netns::create().map_err(|e| rvmm_vmm::error_chain(&e)));
     let peer = |v: Variant| -> Result<(&str, Option<&str>), String> {
         match v {
             Variant::Process => Ok(("127.0.0.1", None)),

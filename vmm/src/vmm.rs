@@ -1,8 +1,6 @@
 //! Builds a VM from a [`VmConfig`] and runs it until the guest resets, powers off, fails, or
 //! rvmm is asked to stop by a signal.
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,13 +17,14 @@ use crate::boot::{self, BootConfig, BootError};
 use crate::config::{CpuTemplate, Seccomp, VmConfig};
 use crate::console_out::PanicWatch;
 use crate::device_manager::{
-    attach_ioapic, attach_legacy, attach_virtio_devices, cmdline_entry, DeviceError, LegacyDevices,
-    VirtioContext, VirtioSlots,
+    attach_ioapic, attach_legacy, attach_virtio_devices, DeviceError, LegacyDevices, VirtioContext,
+    VirtioSlots,
 };
 use crate::event_loop::{DeviceLoop, EventLoopError};
 use crate::exit::Buses;
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::signals::{ControlWait, SignalError, Wake};
+use crate::terminal::dup_stdin;
 use crate::vstate::cpuid;
 use crate::vstate::kvm::{KvmError, KvmHost};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
@@ -133,15 +132,13 @@ impl Vmm {
         };
         let mut cmdline = cfg.cmdline.clone();
         if host.emulated && template == CpuTemplate::Baseline {
-            cmdline.push(' ');
-            cmdline.push_str(cpuid::BASELINE_KERNEL_PARAMS);
+            cmdline.push(cpuid::BASELINE_KERNEL_PARAMS);
         }
         attach_virtio_devices(&mut virtio, cfg)?;
         // With ACPI the DSDT describes the devices; without it the command line must.
         if !cfg.acpi {
             for slot in slots.allocated() {
-                cmdline.push(' ');
-                cmdline.push_str(&cmdline_entry(slot));
+                cmdline.virtio_mmio_device(slot);
             }
         }
         let acpi = cfg.acpi.then(|| AcpiConfig {
@@ -155,7 +152,7 @@ impl Vmm {
             &BootConfig {
                 kernel: &cfg.kernel,
                 initrd: cfg.initrd.as_deref(),
-                cmdline: &cmdline,
+                cmdline: cmdline.as_str(),
                 vcpus: cfg.vcpus,
                 mem_size: cfg.memory_bytes(),
                 acpi,
@@ -302,17 +299,6 @@ fn stop_vcpus(stop: &AtomicBool, handles: Vec<VcpuHandle>) {
         }
     }
     handles.into_iter().for_each(VcpuHandle::join);
-}
-
-/// A separate handle on stdin, owned by the console's input handler.
-pub(crate) fn dup_stdin() -> std::io::Result<File> {
-    // SAFETY: dup() of fd 0 has no memory-safety preconditions; the result is checked.
-    let fd = unsafe { libc::dup(std::io::stdin().as_raw_fd()) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
 fn template_name(template: CpuTemplate) -> &'static str {

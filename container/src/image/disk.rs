@@ -44,7 +44,7 @@ impl DiskCache {
     /// `${XDG_CACHE_HOME:-$HOME/.cache}/rvmm/images`.
     pub fn user_default() -> DiskCache {
         DiskCache {
-            dir: crate::container::cache_base().join("images"),
+            dir: crate::cache::cache_base().join("images"),
             max_bytes: MAX_DISK_BYTES,
         }
     }

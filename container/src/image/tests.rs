@@ -4,6 +4,7 @@ use std::process::Command;
 use vmm_sys_util::tempdir::TempDir;
 
 use super::disk::{set_owners, DiskCache, DiskError};
+use super::layer::LayerError;
 use super::testimage::{self, TestImage};
 use super::*;
 
@@ -119,7 +120,9 @@ fn refuses_missing_and_corrupt_blobs() {
     assert!(
         matches!(
             err,
-            ImageError::DigestMismatch { .. } | ImageError::Layer(_)
+            ImageError::DigestMismatch { .. }
+                | ImageError::Layer(_)
+                | ImageError::Apply(LayerError::Read(_))
         ),
         "{err}"
     );

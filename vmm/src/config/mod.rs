@@ -1,13 +1,17 @@
-//! Command line → validated [`VmConfig`]. Every bad input is refused here with one line.
+//! [`VmParams`] (the options as given) → validated [`VmConfig`]. Every bad input is refused
+//! here with one line.
+
+mod option_parser;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
 use rvmm_devices::virtio::net::parse_mac;
+use rvmm_firmware::cmdline::{KernelCmdline, KernelConsole, RootAccess};
 
 use crate::kernel_image;
+use option_parser::OptionParser;
 
 /// Largest guest the layout supports without more memory slots (1 TiB).
 const MAX_MEMORY_MIB: u64 = 1 << 20;
@@ -47,7 +51,7 @@ pub enum ConfigError {
 }
 
 /// Which CPU features the guest sees.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CpuTemplate {
     /// Everything KVM supports on this host.
     Host,
@@ -56,7 +60,7 @@ pub enum CpuTemplate {
 }
 
 /// Where the guest console lives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConsoleKind {
     /// The COM1 8250 UART (ttyS0).
     Serial,
@@ -67,7 +71,7 @@ pub enum ConsoleKind {
 }
 
 /// Whether rvmm's threads run under their seccomp filters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Seccomp {
     /// Each thread may make only the system calls its kind of thread needs.
     On,
@@ -75,81 +79,38 @@ pub enum Seccomp {
     Off,
 }
 
-/// rvmm — boot a Linux guest on KVM.
-#[derive(Debug, Parser)]
-#[command(
-    name = "rvmm",
-    version,
-    about,
-    long_about = None,
-    subcommand_negates_reqs = true,
-    args_conflicts_with_subcommands = true
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    #[command(flatten)]
-    pub vm: VmArgs,
+impl ConsoleKind {
+    /// The device the kernel's console is on, if any.
+    pub fn kernel_console(self) -> Option<KernelConsole> {
+        match self {
+            ConsoleKind::Serial => Some(KernelConsole::Serial),
+            ConsoleKind::Virtio => Some(KernelConsole::Virtio),
+            ConsoleKind::None => None,
+        }
+    }
 }
 
-/// What rvmm does besides booting the VM described by the top-level options.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run a command in a container inside a fresh microVM.
-    Run(crate::container::RunArgs),
-    /// Compare a microVM's costs with a container's and a plain process's.
-    Bench(crate::bench::BenchArgs),
-}
-
-/// The VM to boot when no subcommand is given.
-#[derive(Debug, Args)]
-pub struct VmArgs {
-    /// Guest kernel: an ELF vmlinux or a bzImage.
-    #[arg(long, value_name = "PATH", required = true)]
+/// The VM's options as given (by the command line), before [`VmConfig::try_from`] checks them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmParams {
     pub kernel: Option<PathBuf>,
-    /// Initial ramdisk loaded next to the kernel.
-    #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line (replaces the default, which names the console device).
-    #[arg(long, value_name = "STR")]
+    /// Replaces the default command line.
     pub cmdline: Option<String>,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
     pub cpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 128)]
-    pub memory: u64,
-    /// CPU features shown to the guest; defaults to `baseline` on an emulating (nested) KVM,
-    /// `host` otherwise.
-    #[arg(long, value_enum)]
+    pub memory_mib: u64,
     pub cpu_template: Option<CpuTemplate>,
-    /// Guest console device.
-    #[arg(long, value_enum, default_value = "serial")]
     pub console: ConsoleKind,
-    /// Root filesystem image: becomes /dev/vda, and `root=/dev/vda rw` is added to the
-    /// command line.
-    #[arg(long, value_name = "PATH")]
     pub rootfs: Option<PathBuf>,
-    /// An extra virtio disk (vdb, vdc, … in order): PATH[,ro][,serial=ID]. Repeatable.
-    #[arg(long, value_name = "SPEC")]
-    pub disk: Vec<String>,
-    /// A virtio-net interface on an existing TAP device: tap=NAME[,mac=MAC]. Repeatable.
-    #[arg(long, value_name = "SPEC")]
-    pub net: Vec<String>,
-    /// A virtio-rng device fed from the host's getrandom().
-    #[arg(long)]
+    /// `PATH[,ro][,serial=ID]` each.
+    pub disks: Vec<String>,
+    /// `tap=NAME[,mac=MAC]` each.
+    pub nets: Vec<String>,
     pub rng: bool,
-    /// A virtio-vsock device, cid=N,uds=PATH: host programs reach guest port P by connecting to
-    /// the Unix socket PATH and writing "CONNECT P\n"; the guest reaches host port P at PATH_P.
-    #[arg(long, value_name = "SPEC")]
+    /// `cid=N,uds=PATH`.
     pub vsock: Option<String>,
-    /// Per-thread seccomp filters; `off` is for debugging only.
-    #[arg(long, value_enum, default_value = "on")]
     pub seccomp: Seccomp,
-    /// No ACPI tables: the guest finds its CPUs through the MP table and the virtio devices
-    /// through `virtio_mmio.device=` entries on the command line, and cannot power itself off.
-    #[arg(long)]
-    pub no_acpi: bool,
+    pub acpi: bool,
 }
 
 /// The virtio-vsock device and its Unix-socket host side.
@@ -170,20 +131,16 @@ impl std::str::FromStr for VsockConfig {
             spec: spec.to_string(),
             reason,
         };
-        let (mut cid, mut uds) = (None, None);
-        for opt in spec.split(',') {
-            match opt.split_once('=') {
-                Some(("cid", n)) => {
-                    let n: u64 = n.parse().map_err(|_| bad(format!("bad cid {n:?}")))?;
-                    if !VSOCK_CIDS.contains(&n) {
-                        return Err(bad(format!("cid must be from 3 to {}", VSOCK_CIDS.end - 1)));
-                    }
-                    cid = Some(n);
-                }
-                Some(("uds", path)) if !path.is_empty() => uds = Some(PathBuf::from(path)),
-                _ => return Err(bad(format!("unknown option {opt:?}"))),
-            }
+        let opts = OptionParser::new()
+            .value("cid")
+            .non_empty("uds")
+            .parse(spec)
+            .map_err(|e| bad(e.to_string()))?;
+        let cid = opts.convert::<u64>("cid").map_err(|e| bad(e.to_string()))?;
+        if cid.is_some_and(|n| !VSOCK_CIDS.contains(&n)) {
+            return Err(bad(format!("cid must be from 3 to {}", VSOCK_CIDS.end - 1)));
         }
+        let uds = opts.get("uds").map(PathBuf::from);
         Ok(VsockConfig {
             cid: cid.ok_or_else(|| bad("cid=N is required".into()))?,
             uds: uds.ok_or_else(|| bad("uds=PATH is required".into()))?,
@@ -223,17 +180,20 @@ impl std::str::FromStr for NetConfig {
             spec: spec.to_string(),
             reason,
         };
-        let (mut tap, mut mac) = (None, None);
-        for opt in spec.split(',') {
-            match opt.split_once('=') {
-                Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
-                Some(("mac", value)) => {
-                    mac = Some(parse_mac(value).map_err(|e| bad(e.to_string()))?)
-                }
-                _ => return Err(bad(format!("unknown option {opt:?}"))),
-            }
-        }
-        let tap = tap.ok_or_else(|| bad("tap=NAME is required".into()))?;
+        let opts = OptionParser::new()
+            .non_empty("tap")
+            .value("mac")
+            .parse(spec)
+            .map_err(|e| bad(e.to_string()))?;
+        let mac = opts
+            .get("mac")
+            .map(parse_mac)
+            .transpose()
+            .map_err(|e| bad(e.to_string()))?;
+        let tap = opts
+            .get("tap")
+            .ok_or_else(|| bad("tap=NAME is required".into()))?
+            .to_string();
         Ok(NetConfig { tap, mac })
     }
 }
@@ -258,40 +218,21 @@ impl std::str::FromStr for DiskConfig {
             spec: spec.to_string(),
             reason: reason.to_string(),
         };
-        let mut parts = spec.split(',');
-        let path = parts
-            .next()
-            .filter(|p| !p.is_empty())
-            .ok_or(bad("no path"))?;
-        let mut disk = DiskConfig {
-            path: PathBuf::from(path),
-            read_only: false,
-            serial: None,
-        };
-        for opt in parts {
-            match opt.split_once('=') {
-                None if opt == "ro" => disk.read_only = true,
-                Some(("serial", id)) if !id.is_empty() && id.len() <= MAX_DISK_SERIAL => {
-                    disk.serial = Some(id.to_string())
-                }
-                Some(("serial", _)) => return Err(bad("serial must be 1 to 20 bytes")),
-                _ => return Err(bad(&format!("unknown option {opt:?}"))),
-            }
+        let opts = OptionParser::new()
+            .positional("path")
+            .flag("ro")
+            .value("serial")
+            .parse(spec)
+            .map_err(|e| bad(&e.to_string()))?;
+        let serial = opts.get("serial");
+        if serial.is_some_and(|id| id.is_empty() || id.len() > MAX_DISK_SERIAL) {
+            return Err(bad("serial must be 1 to 20 bytes"));
         }
-        Ok(disk)
-    }
-}
-
-/// The kernel command line used when `--cmdline` is not given, after the console.
-pub const DEFAULT_CMDLINE: &str =
-    "reboot=k panic=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
-
-/// The default command line for a console device.
-pub fn default_cmdline(console: ConsoleKind) -> String {
-    match console {
-        ConsoleKind::Serial => format!("console=ttyS0 {DEFAULT_CMDLINE}"),
-        ConsoleKind::Virtio => format!("console=hvc0 {DEFAULT_CMDLINE}"),
-        ConsoleKind::None => DEFAULT_CMDLINE.to_string(),
+        Ok(DiskConfig {
+            path: PathBuf::from(opts.get("path").unwrap_or_default()),
+            read_only: opts.is_set("ro"),
+            serial: serial.map(str::to_string),
+        })
     }
 }
 
@@ -300,7 +241,7 @@ pub fn default_cmdline(console: ConsoleKind) -> String {
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
-    pub cmdline: String,
+    pub cmdline: KernelCmdline,
     pub vcpus: u8,
     pub memory_mib: u64,
     /// `None`: choose from the host (see [`crate::vstate::kvm::KvmHost`]).
@@ -322,32 +263,35 @@ impl VmConfig {
     }
 }
 
-impl TryFrom<VmArgs> for VmConfig {
+impl TryFrom<VmParams> for VmConfig {
     type Error = ConfigError;
 
-    fn try_from(cli: VmArgs) -> Result<Self, ConfigError> {
+    fn try_from(cli: VmParams) -> Result<Self, ConfigError> {
         let kernel = cli.kernel.ok_or(ConfigError::NoKernel)?;
         let vcpus = match u8::try_from(cli.cpus) {
             Ok(n) if (1..=MAX_VCPUS).contains(&n) => n,
             _ => return Err(ConfigError::Cpus(cli.cpus)),
         };
-        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&cli.memory) {
-            return Err(ConfigError::Memory(cli.memory));
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&cli.memory_mib) {
+            return Err(ConfigError::Memory(cli.memory_mib));
         }
         check_regular_file("kernel", &kernel)?;
         check_kernel_image(&kernel)?;
         if let Some(initrd) = &cli.initrd {
             check_regular_file("initrd", initrd)?;
             let size = fs::metadata(initrd).map_or(0, |m| m.len());
-            if size >= cli.memory << 20 {
+            if size >= cli.memory_mib << 20 {
                 return Err(ConfigError::InitrdTooLarge {
                     path: initrd.display().to_string(),
                     mib: size.div_ceil(1 << 20),
-                    memory: cli.memory,
+                    memory: cli.memory_mib,
                 });
             }
         }
-        let mut cmdline = cli.cmdline.unwrap_or_else(|| default_cmdline(cli.console));
+        let mut cmdline = cli.cmdline.map_or_else(
+            || KernelCmdline::with_defaults(cli.console.kernel_console()),
+            KernelCmdline::verbatim,
+        );
         let mut disks = Vec::new();
         if let Some(rootfs) = cli.rootfs {
             disks.push(DiskConfig {
@@ -355,14 +299,14 @@ impl TryFrom<VmArgs> for VmConfig {
                 read_only: false,
                 serial: None,
             });
-            cmdline.push_str(" root=/dev/vda rw");
+            cmdline.root_vda(RootAccess::ReadWrite);
         }
-        for spec in &cli.disk {
+        for spec in &cli.disks {
             disks.push(spec.parse()?);
         }
         check_disks(&disks)?;
         let nets = cli
-            .net
+            .nets
             .iter()
             .map(|spec| spec.parse())
             .collect::<Result<Vec<NetConfig>, _>>()?;
@@ -376,15 +320,16 @@ impl TryFrom<VmArgs> for VmConfig {
         if count > max as usize {
             return Err(ConfigError::TooManyDevices { count, max });
         }
-        if cmdline.len() >= rvmm_firmware::layout::CMDLINE_MAX_LEN {
-            return Err(ConfigError::CmdlineTooLong(cmdline.len()));
+        let len = cmdline.as_str().len();
+        if len >= rvmm_firmware::layout::CMDLINE_MAX_LEN {
+            return Err(ConfigError::CmdlineTooLong(len));
         }
         Ok(VmConfig {
             kernel,
             initrd: cli.initrd,
             cmdline,
             vcpus,
-            memory_mib: cli.memory,
+            memory_mib: cli.memory_mib,
             cpu_template: cli.cpu_template,
             console: cli.console,
             disks,
@@ -392,7 +337,7 @@ impl TryFrom<VmArgs> for VmConfig {
             rng: cli.rng,
             vsock,
             seccomp: cli.seccomp,
-            acpi: !cli.no_acpi,
+            acpi: cli.acpi,
         })
     }
 }
@@ -451,10 +396,24 @@ mod tests {
     use super::*;
     use vmm_sys_util::tempfile::TempFile;
 
-    fn parse(args: &[&str]) -> Result<VmConfig, ConfigError> {
-        let cli = Cli::try_parse_from(std::iter::once("rvmm").chain(args.iter().copied()))
-            .expect("clap accepts the arguments");
-        VmConfig::try_from(cli.vm)
+    /// The command line's defaults with `kernel`.
+    fn params(kernel: &TempFile) -> VmParams {
+        VmParams {
+            kernel: Some(kernel.as_path().to_path_buf()),
+            initrd: None,
+            cmdline: None,
+            cpus: 1,
+            memory_mib: 128,
+            cpu_template: None,
+            console: ConsoleKind::Serial,
+            rootfs: None,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            rng: false,
+            vsock: None,
+            seccomp: Seccomp::On,
+            acpi: true,
+        }
     }
 
     fn kernel_file() -> TempFile {
@@ -468,27 +427,37 @@ mod tests {
     #[test]
     fn defaults() {
         let k = kernel_file();
-        let cfg = parse(&["--kernel", k.as_path().to_str().unwrap()]).unwrap();
+        let cfg = VmConfig::try_from(params(&k)).unwrap();
         assert_eq!(cfg.vcpus, 1);
         assert_eq!(cfg.memory_mib, 128);
         assert_eq!(cfg.memory_bytes(), 128 << 20);
-        assert!(cfg.cmdline.contains("console=ttyS0"));
+        assert!(cfg.cmdline.as_str().contains("console=ttyS0"));
         assert_eq!(cfg.cpu_template, None);
         assert_eq!(cfg.console, ConsoleKind::Serial);
         assert!(cfg.disks.is_empty());
         assert!(cfg.acpi);
-        let cfg = parse(&["--kernel", k.as_path().to_str().unwrap(), "--no-acpi"]).unwrap();
-        assert!(!cfg.acpi);
+        let no_kernel = VmParams {
+            kernel: None,
+            ..params(&k)
+        };
+        assert_eq!(VmConfig::try_from(no_kernel), Err(ConfigError::NoKernel));
     }
 
     #[test]
     fn default_cmdline_follows_the_console() {
         let k = kernel_file();
-        let k = k.as_path().to_str().unwrap();
-        let cfg = parse(&["--kernel", k, "--console", "virtio"]).unwrap();
-        assert!(cfg.cmdline.starts_with("console=hvc0 reboot=k"));
-        let cfg = parse(&["--kernel", k, "--console", "virtio", "--cmdline", "quiet"]).unwrap();
-        assert_eq!(cfg.cmdline, "quiet");
+        let virtio = VmParams {
+            console: ConsoleKind::Virtio,
+            ..params(&k)
+        };
+        let cfg = VmConfig::try_from(virtio.clone()).unwrap();
+        assert!(cfg.cmdline.as_str().starts_with("console=hvc0 reboot=k"));
+        let given = VmParams {
+            cmdline: Some("quiet".into()),
+            ..virtio
+        };
+        let cfg = VmConfig::try_from(given).unwrap();
+        assert_eq!(cfg.cmdline.as_str(), "quiet");
     }
 
     #[test]
@@ -555,21 +524,40 @@ mod tests {
     }
 
     #[test]
+    fn spec_errors_keep_their_messages() {
+        let msg = |r: Result<DiskConfig, ConfigError>| r.unwrap_err().to_string();
+        assert_eq!(msg(",ro".parse()), "--disk ,ro: no path");
+        assert_eq!(msg("/i,rw".parse()), "--disk /i,rw: unknown option \"rw\"");
+        assert_eq!(
+            msg("/i,serial=".parse()),
+            "--disk /i,serial=: serial must be 1 to 20 bytes"
+        );
+        let net = "tap=".parse::<NetConfig>().unwrap_err().to_string();
+        assert_eq!(net, "--net tap=: unknown option \"tap=\"");
+        let net = "mac=52:54:00:12:34:56".parse::<NetConfig>().unwrap_err();
+        assert!(net.to_string().ends_with(": tap=NAME is required"));
+        let vsock = |s: &str| s.parse::<VsockConfig>().unwrap_err().to_string();
+        assert_eq!(vsock("cid=x,uds=/x"), "--vsock cid=x,uds=/x: bad cid \"x\"");
+        assert_eq!(
+            vsock("cid=2,uds=/x"),
+            "--vsock cid=2,uds=/x: cid must be from 3 to 4294967294"
+        );
+        assert_eq!(vsock("uds=/x"), "--vsock uds=/x: cid=N is required");
+        assert_eq!(vsock("cid=3"), "--vsock cid=3: uds=PATH is required");
+    }
+
+    #[test]
     fn rootfs_is_vda_and_sets_root() {
         let k = kernel_file();
         let root = kernel_file();
         let extra = kernel_file();
-        let extra_spec = format!("{},ro,serial=data1", extra.as_path().display());
-        let cfg = parse(&[
-            "--kernel",
-            k.as_path().to_str().unwrap(),
-            "--rootfs",
-            root.as_path().to_str().unwrap(),
-            "--disk",
-            &extra_spec,
-        ])
-        .unwrap();
-        assert!(cfg.cmdline.ends_with(" root=/dev/vda rw"));
+        let p = VmParams {
+            rootfs: Some(root.as_path().to_path_buf()),
+            disks: vec![format!("{},ro,serial=data1", extra.as_path().display())],
+            ..params(&k)
+        };
+        let cfg = VmConfig::try_from(p).unwrap();
+        assert!(cfg.cmdline.as_str().ends_with(" root=/dev/vda rw"));
         assert_eq!(cfg.disks.len(), 2);
         assert_eq!(cfg.disks[0].path, root.as_path());
         assert!(cfg.disks[1].read_only);
@@ -580,77 +568,69 @@ mod tests {
         let k = kernel_file();
         let root = kernel_file();
         let root = root.as_path().to_str().unwrap();
-        let err = parse(&[
-            "--kernel",
-            k.as_path().to_str().unwrap(),
-            "--rootfs",
-            root,
-            "--disk",
-            root,
-        ]);
+        let twice = VmParams {
+            rootfs: Some(root.into()),
+            disks: vec![root.into()],
+            ..params(&k)
+        };
+        let err = VmConfig::try_from(twice);
         assert_eq!(err, Err(ConfigError::DuplicateDisk(root.to_string())));
-        let err = parse(&["--kernel", k.as_path().to_str().unwrap(), "--disk", "/tmp"]);
+        let dir = VmParams {
+            disks: vec!["/tmp".into()],
+            ..params(&k)
+        };
+        let err = VmConfig::try_from(dir);
         assert!(err.unwrap_err().to_string().ends_with("not a regular file"));
     }
 
     #[test]
     fn refuses_bad_counts() {
         let k = kernel_file();
-        let k = k.as_path().to_str().unwrap();
-        assert_eq!(
-            parse(&["--kernel", k, "--cpus", "0"]),
-            Err(ConfigError::Cpus(0))
-        );
-        assert_eq!(
-            parse(&["--kernel", k, "--cpus", "33"]),
-            Err(ConfigError::Cpus(33))
-        );
-        assert_eq!(
-            parse(&["--kernel", k, "--cpus", "100000"]),
-            Err(ConfigError::Cpus(100_000))
-        );
-        assert_eq!(
-            parse(&["--kernel", k, "--memory", "0"]),
-            Err(ConfigError::Memory(0))
-        );
-        assert_eq!(
-            parse(&["--kernel", k, "--memory", "99999999"]),
-            Err(ConfigError::Memory(99_999_999))
-        );
+        for cpus in [0, 33, 100_000] {
+            let p = VmParams { cpus, ..params(&k) };
+            assert_eq!(VmConfig::try_from(p), Err(ConfigError::Cpus(cpus)));
+        }
+        for memory_mib in [0, 99_999_999] {
+            let p = VmParams {
+                memory_mib,
+                ..params(&k)
+            };
+            assert_eq!(VmConfig::try_from(p), Err(ConfigError::Memory(memory_mib)));
+        }
     }
 
     #[test]
     fn refuses_bad_files() {
-        let missing = parse(&["--kernel", "/nonexistent/vmlinux"]).unwrap_err();
+        let k = kernel_file();
+        let with_kernel = |path: &str| VmParams {
+            kernel: Some(path.into()),
+            ..params(&k)
+        };
+        let missing = VmConfig::try_from(with_kernel("/nonexistent/vmlinux")).unwrap_err();
         assert!(missing
             .to_string()
             .starts_with("kernel /nonexistent/vmlinux:"));
-        let dir = parse(&["--kernel", "/tmp"]).unwrap_err();
+        let dir = VmConfig::try_from(with_kernel("/tmp")).unwrap_err();
         assert!(dir.to_string().ends_with("not a regular file"));
         let empty = TempFile::new().unwrap();
-        let err = parse(&["--kernel", empty.as_path().to_str().unwrap()]).unwrap_err();
+        let err = VmConfig::try_from(with_kernel(empty.as_path().to_str().unwrap())).unwrap_err();
         assert!(err.to_string().ends_with("file is empty"));
-        let k = kernel_file();
-        let err = parse(&[
-            "--kernel",
-            k.as_path().to_str().unwrap(),
-            "--initrd",
-            "/nonexistent",
-        ])
-        .unwrap_err();
+        let initrd = VmParams {
+            initrd: Some("/nonexistent".into()),
+            ..params(&k)
+        };
+        let err = VmConfig::try_from(initrd).unwrap_err();
         assert!(err.to_string().starts_with("initrd /nonexistent:"));
     }
 
     #[test]
     fn refuses_long_cmdline() {
         let k = kernel_file();
-        let long = "x".repeat(5000);
-        let err = parse(&[
-            "--kernel",
-            k.as_path().to_str().unwrap(),
-            "--cmdline",
-            &long,
-        ]);
+        let long = VmParams {
+            cmdline: Some("x".repeat(5000)),
+            ..params(&k)
+        };
+        let err = VmConfig::try_from(long);
         assert_eq!(err, Err(ConfigError::CmdlineTooLong(5000)));
     }
 }

@@ -40,12 +40,10 @@ pub enum ImageError {
     },
     #[error("unsupported {0}")]
     Unsupported(String),
-    #[error("bad layer entry {0:?}")]
-    BadEntry(String),
     #[error("cannot read a layer")]
     Layer(#[source] io::Error),
-    #[error("cannot unpack {0}")]
-    Unpack(PathBuf, #[source] io::Error),
+    #[error(transparent)]
+    Apply(#[from] layer::LayerError),
 }
 
 /// What the image config says about running it.

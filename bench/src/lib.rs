@@ -4,6 +4,7 @@
 
 mod chart;
 mod container;
+mod ctx;
 mod guest;
 mod machine;
 mod procmem;
@@ -17,36 +18,25 @@ mod workloads;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::ValueEnum;
+use rvmm_vmm::error_chain;
 
-use container::{Bundle, ContainerError, Rootfs, Spec};
+use container::{ContainerError, Rootfs};
+pub use ctx::Step;
+use ctx::{progress, Ctx};
 use machine::{KvmKind, Machine};
 use report::{Figure, Report, Variant};
 use runner::RunError;
-use start::Prepared;
 use tools::{Tools, WorkDir};
 
 /// Options of `rvmm bench`.
-#[derive(Debug, clap::Args)]
-pub struct BenchArgs {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BenchOptions {
     /// Measured runs per variant and figure (plus one warm-up run for start latency).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub runs: u32,
     /// Where report.md, report.json and the SVG charts go.
-    #[arg(long, default_value = "bench-report")]
     pub out: PathBuf,
-    /// Steps to run, comma-separated (default: all).
-    #[arg(long, value_delimiter = ',', value_enum)]
+    /// Steps to run; empty: all.
     pub only: Vec<Step>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Step {
-    Start,
-    Memory,
-    Cpu,
-    Disk,
-    Net,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,65 +53,20 @@ pub enum BenchError {
     Io(String, #[source] std::io::Error),
 }
 
-/// Everything a step needs: the built tools and what is available on this host.
-pub struct Ctx {
-    pub runs: u32,
-    pub work: PathBuf,
-    pub tools: Tools,
-    /// The container rootfs, or why containers cannot run here.
-    pub rootfs: Result<Rootfs, String>,
-    /// Ok when VMs can run, or why not.
-    pub kvm: Result<(), String>,
-    pub emulated: bool,
-}
-
-impl Ctx {
-    pub fn tools_emulated(&self) -> bool {
-        self.emulated
-    }
-
-    pub fn container_ok(&self) -> Result<(), String> {
-        self.rootfs.as_ref().map(|_| ()).map_err(Clone::clone)
-    }
-
-    /// `crun run` of a fresh bundle running `args`.
-    pub fn container(
-        &self,
-        args: &[&str],
-        bind: Option<(&Path, &str)>,
-        netns: Option<&str>,
-    ) -> Result<Prepared, String> {
-        let rootfs = self.rootfs.as_ref().map_err(Clone::clone)?;
-        let crun = self.tools.crun.as_ref().ok_or("crun is not installed")?;
-        let bundle = Bundle::create(&self.work, rootfs, crun, &Spec { args, bind, netns })
-            .map_err(|e| crate::error_chain(&e))?;
-        Ok(Prepared {
-            cmd: bundle.command(),
-            _bundle: Some(bundle),
-            any_status: false,
-        })
-    }
-}
-
-/// A progress line on stderr.
-pub fn progress(msg: &str) {
-    eprintln!("rvmm bench: {msg}");
-}
-
-pub fn main(args: BenchArgs) -> Result<ExitCode, String> {
+pub fn main(args: BenchOptions) -> Result<ExitCode, String> {
     match bench(&args) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(BenchError::Run(RunError::Cancelled)) => {
             progress("interrupted; children stopped and temporary files removed");
             Ok(ExitCode::from(130))
         }
-        Err(e) => Err(crate::error_chain(&e)),
+        Err(e) => Err(error_chain(&e)),
     }
 }
 
-fn bench(args: &BenchArgs) -> Result<(), BenchError> {
+fn bench(args: &BenchOptions) -> Result<(), BenchError> {
     let steps: Vec<Step> = if args.only.is_empty() {
-        Step::value_variants().to_vec()
+        Step::ALL.to_vec()
     } else {
         args.only.clone()
     };
@@ -180,8 +125,8 @@ fn container_rootfs(
         return Err("crun containers need root".into());
     }
     tools.crun.as_ref().ok_or("crun is not installed")?;
-    hidden.map_err(|e| crate::error_chain(&e))?;
-    Rootfs::create(work, tools).map_err(|e| crate::error_chain(&e))
+    hidden.map_err(|e| error_chain(&e))?;
+    Rootfs::create(work, tools).map_err(|e| error_chain(&e))
 }
 
 /// The cpu, disk and net steps: host variants here, VM variants from one guest pass per VMM.

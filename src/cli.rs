@@ -1,0 +1,320 @@
+//! The command line: clap's types, each converted into the options of the library that acts
+//! on it ([`VmParams`], [`RunOptions`], [`BenchOptions`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use rvmm_bench::{BenchOptions, Step};
+use rvmm_container::RunOptions;
+use rvmm_vmm::config::{ConsoleKind, CpuTemplate, Seccomp, VmParams};
+
+/// rvmm — boot a Linux guest on KVM.
+#[derive(Debug, Parser)]
+#[command(
+    name = "rvmm",
+    version,
+    about,
+    long_about = None,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub vm: VmArgs,
+}
+
+/// What rvmm does besides booting the VM described by the top-level options.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a command in a container inside a fresh microVM.
+    Run(RunArgs),
+    /// Compare a microVM's costs with a container's and a plain process's.
+    Bench(BenchArgs),
+}
+
+/// The VM to boot when no subcommand is given.
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    /// Guest kernel: an ELF vmlinux or a bzImage.
+    #[arg(long, value_name = "PATH", required = true)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk loaded next to the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (replaces the default, which names the console device).
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 128)]
+    pub memory: u64,
+    /// CPU features shown to the guest; defaults to `baseline` on an emulating (nested) KVM,
+    /// `host` otherwise.
+    #[arg(long, value_enum)]
+    pub cpu_template: Option<CpuTemplateArg>,
+    /// Guest console device.
+    #[arg(long, value_enum, default_value = "serial")]
+    pub console: ConsoleArg,
+    /// Root filesystem image: becomes /dev/vda, and `root=/dev/vda rw` is added to the
+    /// command line.
+    #[arg(long, value_name = "PATH")]
+    pub rootfs: Option<PathBuf>,
+    /// An extra virtio disk (vdb, vdc, … in order): PATH[,ro][,serial=ID]. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    pub disk: Vec<String>,
+    /// A virtio-net interface on an existing TAP device: tap=NAME[,mac=MAC]. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    pub net: Vec<String>,
+    /// A virtio-rng device fed from the host's getrandom().
+    #[arg(long)]
+    pub rng: bool,
+    /// A virtio-vsock device, cid=N,uds=PATH: host programs reach guest port P by connecting to
+    /// the Unix socket PATH and writing "CONNECT P\n"; the guest reaches host port P at PATH_P.
+    #[arg(long, value_name = "SPEC")]
+    pub vsock: Option<String>,
+    /// Per-thread seccomp filters; `off` is for debugging only.
+    #[arg(long, value_enum, default_value = "on")]
+    pub seccomp: SeccompArg,
+    /// No ACPI tables: the guest finds its CPUs through the MP table and the virtio devices
+    /// through `virtio_mmio.device=` entries on the command line, and cannot power itself off.
+    #[arg(long)]
+    pub no_acpi: bool,
+}
+
+/// Which CPU features the guest sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CpuTemplateArg {
+    /// Everything KVM supports on this host.
+    Host,
+    /// A conservative x86-64 feature set (no XSAVE/AVX, POPCNT, RDRAND, SMEP/SMAP, PCID, …).
+    Baseline,
+}
+
+/// Where the guest console lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ConsoleArg {
+    /// The COM1 8250 UART (ttyS0).
+    Serial,
+    /// A virtio-console port (hvc0); there is no UART.
+    Virtio,
+    /// No console device: guest output is discarded.
+    None,
+}
+
+/// Whether rvmm's threads run under their seccomp filters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SeccompArg {
+    /// Each thread may make only the system calls its kind of thread needs.
+    On,
+    /// No filters (for debugging; rvmm warns).
+    Off,
+}
+
+impl From<VmArgs> for VmParams {
+    fn from(a: VmArgs) -> Self {
+        VmParams {
+            kernel: a.kernel,
+            initrd: a.initrd,
+            cmdline: a.cmdline,
+            cpus: a.cpus,
+            memory_mib: a.memory,
+            cpu_template: a.cpu_template.map(|t| match t {
+                CpuTemplateArg::Host => CpuTemplate::Host,
+                CpuTemplateArg::Baseline => CpuTemplate::Baseline,
+            }),
+            console: match a.console {
+                ConsoleArg::Serial => ConsoleKind::Serial,
+                ConsoleArg::Virtio => ConsoleKind::Virtio,
+                ConsoleArg::None => ConsoleKind::None,
+            },
+            rootfs: a.rootfs,
+            disks: a.disk,
+            nets: a.net,
+            rng: a.rng,
+            vsock: a.vsock,
+            seccomp: match a.seccomp {
+                SeccompArg::On => Seccomp::On,
+                SeccompArg::Off => Seccomp::Off,
+            },
+            acpi: !a.no_acpi,
+        }
+    }
+}
+
+/// Run a command in a container inside a fresh microVM.
+///
+/// IMAGE is a local file or directory: an OCI image layout (or its tar, as `skopeo copy …
+/// oci:` or `podman save --format oci-archive` write), a `docker save` tarball, or a rootfs
+/// tarball (`docker export`). There are no registry pulls: rvmm never downloads images.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "IMAGE is a local OCI image layout (directory or tar), a docker save \
+tarball or a rootfs tarball (docker export). There are no registry pulls: rvmm never \
+downloads images."
+)]
+pub struct RunArgs {
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    pub memory: u64,
+    /// Set an environment variable in the container (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VAL")]
+    pub env: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Send stdin to the command.
+    #[arg(short = 'i', long = "interactive")]
+    pub interactive: bool,
+    /// A virtio-net interface on an existing TAP device (tap=NAME[,mac=MAC]); the container
+    /// then shares the VM's network instead of getting an empty namespace.
+    #[arg(long, value_name = "SPEC")]
+    pub net: Vec<String>,
+    /// How long to wait for the guest's agent, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub agent_timeout: u64,
+    /// The container guest (vmlinux, rootfs.ext4); default: the cache's container-guest.
+    #[arg(long, value_name = "DIR")]
+    pub guest: Option<PathBuf>,
+    /// Keep the guest console output in this file.
+    #[arg(long, value_name = "PATH")]
+    pub console_log: Option<PathBuf>,
+    /// The image: an OCI layout directory or tar, a docker save tar, or a rootfs tar.
+    pub image: PathBuf,
+    /// The command and its arguments (default: the image's Entrypoint and Cmd).
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+impl From<RunArgs> for RunOptions {
+    fn from(a: RunArgs) -> Self {
+        RunOptions {
+            cpus: a.cpus,
+            memory_mib: a.memory,
+            env: a.env,
+            workdir: a.workdir,
+            interactive: a.interactive,
+            nets: a.net,
+            agent_timeout: Duration::from_secs(a.agent_timeout),
+            guest: a.guest,
+            console_log: a.console_log,
+            image: a.image,
+            command: a.command,
+        }
+    }
+}
+
+/// Options of `rvmm bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Measured runs per variant and figure (plus one warm-up run for start latency).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub runs: u32,
+    /// Where report.md, report.json and the SVG charts go.
+    #[arg(long, default_value = "bench-report")]
+    pub out: PathBuf,
+    /// Steps to run, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub only: Vec<StepArg>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StepArg {
+    Start,
+    Memory,
+    Cpu,
+    Disk,
+    Net,
+}
+
+impl From<BenchArgs> for BenchOptions {
+    fn from(a: BenchArgs) -> Self {
+        let step = |s| match s {
+            StepArg::Start => Step::Start,
+            StepArg::Memory => Step::Memory,
+            StepArg::Cpu => Step::Cpu,
+            StepArg::Disk => Step::Disk,
+            StepArg::Net => Step::Net,
+        };
+        BenchOptions {
+            runs: a.runs,
+            out: a.out,
+            only: a.only.into_iter().map(step).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("rvmm").chain(args.iter().copied()))
+            .expect("clap accepts the arguments")
+    }
+
+    #[test]
+    fn vm_defaults() {
+        let params = VmParams::from(parse(&["--kernel", "/k"]).vm);
+        assert_eq!(params.kernel, Some(PathBuf::from("/k")));
+        assert_eq!((params.cpus, params.memory_mib), (1, 128));
+        assert_eq!(params.console, ConsoleKind::Serial);
+        assert_eq!(params.seccomp, Seccomp::On);
+        assert_eq!(params.cpu_template, None);
+        assert!(params.acpi && !params.rng);
+        let params = VmParams::from(parse(&["--kernel", "/k", "--no-acpi"]).vm);
+        assert!(!params.acpi);
+    }
+
+    #[test]
+    fn vm_options_convert() {
+        let cli = parse(&[
+            "--kernel",
+            "/k",
+            "--console",
+            "virtio",
+            "--cpu-template",
+            "baseline",
+            "--seccomp",
+            "off",
+            "--disk",
+            "/a,ro",
+            "--disk",
+            "/b",
+            "--net",
+            "tap=t0",
+            "--vsock",
+            "cid=3,uds=/v",
+        ]);
+        let params = VmParams::from(cli.vm);
+        assert_eq!(params.console, ConsoleKind::Virtio);
+        assert_eq!(params.cpu_template, Some(CpuTemplate::Baseline));
+        assert_eq!(params.seccomp, Seccomp::Off);
+        assert_eq!(params.disks, ["/a,ro", "/b"]);
+        assert_eq!(params.nets, ["tap=t0"]);
+        assert_eq!(params.vsock.as_deref(), Some("cid=3,uds=/v"));
+    }
+
+    #[test]
+    fn subcommands_convert() {
+        let Some(Command::Run(run)) = parse(&["run", "--agent-timeout", "7", "img"]).command else {
+            panic!("not run");
+        };
+        let run = RunOptions::from(run);
+        assert_eq!(run.agent_timeout, Duration::from_secs(7));
+        assert_eq!((run.cpus, run.memory_mib), (1, 512));
+        let Some(Command::Bench(bench)) = parse(&["bench", "--only", "cpu,net"]).command else {
+            panic!("not bench");
+        };
+        let bench = BenchOptions::from(bench);
+        assert_eq!(bench.only, [Step::Cpu, Step::Net]);
+        assert_eq!(bench.runs, 5);
+    }
+}
