@@ -159,11 +159,15 @@ fn silent_guest(container_dir: &Path, scratch: &Path) -> PathBuf {
     std::fs::copy(assemble_program("spin_init"), root.join("sbin/init")).unwrap();
     std::fs::create_dir(&dir).unwrap();
     symlink(container_dir.join("vmlinux"), dir.join("vmlinux")).unwrap();
+    let disk = dir.join("rootfs.ext4");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
     let status = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-d"])
         .arg(&root)
-        .arg(dir.join("rootfs.ext4"))
-        .arg("8M")
+        .arg(&disk)
         .status()
         .expect("mkfs.ext4 (e2fsprogs) builds the silent guest's disk");
     assert!(status.success(), "mkfs.ext4 for the silent guest");
