@@ -42,7 +42,13 @@ while (($#)); do
         --memory) memory=${2:?}; shift 2 ;;
         --timeout) timeout=${2:?}; shift 2 ;;
         --ready-timeout) ready_timeout=${2:?}; shift 2 ;;
-        --rw) rw+=("$(realpath -e -- "${2:?}")") || fatal "no directory $2"; shift 2 ;;
+        --rw)
+            dir=$(realpath -e -- "${2:?}" 2>/dev/null) && [[ -d $dir ]] || fatal "no directory $2"
+            # stage2 splits the list on white space.
+            [[ $dir != *[[:space:]]* ]] || fatal "--rw $dir: a path with white space"
+            rw+=("$dir")
+            shift 2
+            ;;
         -h | --help) usage; exit 0 ;;
         --) shift; break ;;
         -*) usage >&2; exit 2 ;;
@@ -126,8 +132,8 @@ done
 echo "nested-kvm: booting $(cat "$machine/kernel-version") under TCG ($cpus vCPUs, $memory MiB)" >&2
 # The console carries the command's output and the kernel's errors. Dropped: the escape
 # sequences with which SeaBIOS resets and clears a terminal, its banner (whose last line has
-# no newline: the guest's first line follows on it), and everything after
-# stage2's end mark (the power-off messages), so that the command's last line is the last.
+# no newline: the guest's first line follows on it), and everything after stage2's end mark
+# (the power-off messages), so that the command's last line is the last.
 # setpriv: QEMU dies with this script even when the script is killed outright.
 setpriv --pdeathsig KILL -- "$qemu" "${args[@]}" </dev/null \
     > >(sed -u -e 's/\x1b[c78]//g' -e 's/\x1b[()][0-9A-Za-z]//g' \
@@ -139,20 +145,19 @@ qemu_pid=$!
 # The watchdog: the machine must be ready within --ready-timeout and done within --timeout.
 (
     trap - EXIT
-    waited=0
-    while ((waited < timeout * 10)); do
-        if [[ ! -e $run/ctl/ready ]] && ((waited >= ready_timeout * 10)); then
+    started=$SECONDS
+    while ((SECONDS - started < timeout)); do
+        if [[ ! -e $run/ctl/ready ]] && ((SECONDS - started >= ready_timeout)); then
             echo "nested-kvm: error: the machine was not ready in ${ready_timeout} s" >&2
             : >"$run/not-ready"
-            kill -KILL "$qemu_pid"
+            kill -KILL "$qemu_pid" 2>/dev/null
             exit 0
         fi
-        sleep 0.1
-        waited=$((waited + 1))
+        sleep 0.2
     done
     echo "nested-kvm: error: stopped after ${timeout} s" >&2
     : >"$run/timed-out"
-    kill -KILL "$qemu_pid"
+    kill -KILL "$qemu_pid" 2>/dev/null
 ) &
 watch_pid=$!
 
