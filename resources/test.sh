@@ -35,6 +35,8 @@ summary() {
             }
          }
          END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+    # A binary that died before its result line is in no count, only in the status.
+    ((status == 0)) || echo "test.sh: error: a test layer failed (see above)" >&2
 }
 
 # Runs a command with its output also in the log; keeps going after a failure.
