@@ -16,6 +16,8 @@ packages=(
     acpica-tools
     # the reference VMM for side-by-side comparisons
     qemu-system-x86
+    # virtio-fs tests: the vhost-user backend, /usr/lib/qemu/virtiofsd
+    qemu-system-common
     # network tests: namespaces, TAP devices, ping
     iproute2 iputils-ping
     # rvmm bench: the container runtime and the disk and network workloads

@@ -77,6 +77,10 @@ pub struct VmArgs {
     /// the Unix socket PATH and writing "CONNECT P\n"; the guest reaches host port P at PATH_P.
     #[arg(long, value_name = "SPEC")]
     pub vsock: Option<String>,
+    /// A virtio-fs device served by an external vhost-user backend such as virtiofsd:
+    /// tag=TAG,socket=PATH; the guest mounts it with `mount -t virtiofs TAG DIR`. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    pub fs: Vec<String>,
     /// Per-thread seccomp filters; `off` is for debugging only.
     #[arg(long, value_enum, default_value = "on")]
     pub seccomp: SeccompArg,
@@ -137,6 +141,7 @@ impl From<VmArgs> for VmParams {
             nets: a.net,
             rng: a.rng,
             vsock: a.vsock,
+            fs: a.fs,
             seccomp: match a.seccomp {
                 SeccompArg::On => Seccomp::On,
                 SeccompArg::Off => Seccomp::Off,
@@ -292,6 +297,10 @@ mod tests {
             "tap=t0",
             "--vsock",
             "cid=3,uds=/v",
+            "--fs",
+            "tag=a,socket=/a",
+            "--fs",
+            "tag=b,socket=/b",
         ]);
         let params = VmParams::from(cli.vm);
         assert_eq!(params.console, ConsoleKind::Virtio);
@@ -300,6 +309,7 @@ mod tests {
         assert_eq!(params.disks, ["/a,ro", "/b"]);
         assert_eq!(params.nets, ["tap=t0"]);
         assert_eq!(params.vsock.as_deref(), Some("cid=3,uds=/v"));
+        assert_eq!(params.fs, ["tag=a,socket=/a", "tag=b,socket=/b"]);
     }
 
     #[test]

@@ -235,6 +235,27 @@ fn bad_device_specs() {
     ] {
         refused(&["--kernel", k, "--vsock", spec], needle);
     }
+    let tag37 = format!("tag={},socket=/tmp/x", "t".repeat(37));
+    for (spec, needle) in [
+        ("tag=,socket=/tmp/x", "tag must be 1 to 36 bytes"),
+        (tag37.as_str(), "tag must be 1 to 36 bytes"),
+        ("socket=/tmp/x", "tag=TAG is required"),
+        ("tag=a", "socket=PATH is required"),
+        ("tag=a,socket=/tmp/x,ro", "unknown option \"ro\""),
+    ] {
+        refused(&["--kernel", k, "--fs", spec], needle);
+    }
+    refused(
+        &[
+            "--kernel",
+            k,
+            "--fs",
+            "tag=a,socket=/x",
+            "--fs",
+            "tag=a,socket=/y",
+        ],
+        "--fs tag \"a\" is given twice",
+    );
     // Twice under the same name, through a symbolic link and through a hard link.
     let symlink = dir.join("symlink.img");
     std::os::unix::fs::symlink(&img, &symlink).unwrap();
@@ -315,6 +336,11 @@ fn bad_inputs_found_while_building_the_vm() {
     let far = format!("cid=3,uds={}", dir.join("missing/v.sock").display());
     refused(&["--kernel", k, "--vsock", &far], "cannot bind");
     refused(&["--kernel", k, "--net", "tap=rvmmnotap0"], "rvmmnotap0");
+    let nobody = format!("tag=a,socket={}", dir.join("no-virtiofsd.sock").display());
+    refused(
+        &["--kernel", k, "--fs", &nobody],
+        "cannot connect to the vhost-user backend",
+    );
 
     // Read-only on disk (immutable: even root cannot open it for writing) without `ro`.
     let ro = write(&dir, "immutable.img", &[0; 4096]);

@@ -13,6 +13,7 @@ use rvmm_devices::legacy::pvpanic::{Pvpanic, PVPANIC_PORT_LEN};
 use rvmm_devices::legacy::serial::Serial;
 use rvmm_devices::virtio::block::{Block, BlockConfig, BlockError};
 use rvmm_devices::virtio::console::{Console, ConsoleError};
+use rvmm_devices::virtio::fs::{Fs, FsError};
 use rvmm_devices::virtio::mmio::{MmioError, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use rvmm_devices::virtio::net::{format_mac, Net, NetError};
 use rvmm_devices::virtio::rng::{Rng, RngError};
@@ -23,7 +24,7 @@ use rvmm_firmware::layout::{self, VirtioSlot};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{ConsoleKind, DiskConfig, NetConfig, VmConfig};
+use crate::config::{ConsoleKind, DiskConfig, FsConfig, NetConfig, VmConfig};
 use crate::console_out::{ConsoleOut, PanicWatch};
 use crate::event_loop::DeviceEventManager;
 use crate::vstate::vm::{Vm, VmError};
@@ -55,6 +56,12 @@ pub enum DeviceError {
     Rng(#[source] RngError),
     #[error("virtio vsock")]
     Vsock(#[source] VsockError),
+    #[error("--fs tag {tag}")]
+    Fs {
+        tag: String,
+        #[source]
+        source: FsError,
+    },
     #[error("too many virtio devices: at most {0}")]
     TooManyDevices(u32),
 }
@@ -218,6 +225,7 @@ pub fn attach_virtio_devices(ctx: &mut VirtioContext, cfg: &VmConfig) -> Result<
         .map_err(DeviceError::Vsock)?;
         attach_virtio(ctx, Arc::new(Mutex::new(device)))?;
     }
+    attach_fs(ctx, &cfg.fs)?;
     if cfg.console == ConsoleKind::Virtio {
         let stdin = crate::terminal::dup_stdin().map_err(DeviceError::Stdin)?;
         let console = Console::new(
@@ -240,6 +248,22 @@ fn attach_disks(ctx: &mut VirtioContext, disks: &[DiskConfig]) -> Result<(), Dev
         })
         .map_err(DeviceError::Disk)?;
         attach_virtio(ctx, Arc::new(Mutex::new(block)))?;
+    }
+    Ok(())
+}
+
+/// Attaches one virtio-fs device per `--fs`, each connected to its vhost-user backend.
+fn attach_fs(ctx: &mut VirtioContext, shares: &[FsConfig]) -> Result<(), DeviceError> {
+    for cfg in shares {
+        let fs = Fs::new(rvmm_devices::virtio::fs::FsConfig {
+            tag: cfg.tag.clone(),
+            socket: cfg.socket.clone(),
+        })
+        .map_err(|source| DeviceError::Fs {
+            tag: cfg.tag.clone(),
+            source,
+        })?;
+        attach_virtio(ctx, Arc::new(Mutex::new(fs)))?;
     }
     Ok(())
 }

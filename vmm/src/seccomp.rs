@@ -134,6 +134,9 @@ const MAIN: &[i64] = &[
     libc::SYS_unlink,
 ];
 
+/// A vCPU thread, past the common calls: virtio-fs activation and reset talk to virtiofsd.
+const VCPU: &[i64] = &[libc::SYS_recvmsg, libc::SYS_sendmsg];
+
 /// The device event loop: disk images (flush, discard), the TAP, vsock sockets (host
 /// connections both ways), stdin, getrandom.
 const DEVICES: &[i64] = &[
@@ -156,9 +159,10 @@ const DEVICES: &[i64] = &[
 fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
     let own = match kind {
         ThreadKind::Main => MAIN,
-        // Device register accesses on the vCPU thread only signal eventfds (write) and may
-        // set the TAP's offloads or the interrupt routes (ioctls, below).
-        ThreadKind::Vcpu => &[],
+        // Device register accesses on the vCPU thread signal eventfds (write), may set the
+        // TAP's offloads or the interrupt routes (ioctls, below), and start or stop a
+        // vhost-user backend's vrings (requests and their fds on its socket).
+        ThreadKind::Vcpu => VCPU,
         ThreadKind::Devices => DEVICES,
     };
     // An empty rule list allows the call with any arguments.

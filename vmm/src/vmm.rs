@@ -27,7 +27,7 @@ use crate::signals::{ControlWait, SignalError, Wake};
 use crate::terminal::dup_stdin;
 use crate::vstate::cpuid;
 use crate::vstate::kvm::{KvmError, KvmHost};
-use crate::vstate::memory::{create_guest_memory, MemoryError};
+use crate::vstate::memory::{create_guest_memory, MemoryBacking, MemoryError};
 use crate::vstate::vcpu::{BootState, Outcome, RunContext, Vcpu, VcpuError, VcpuHandle};
 use crate::vstate::vm::{IrqChip, Vm, VmError};
 
@@ -111,7 +111,13 @@ impl Vmm {
             IrqChip::Legacy
         };
         let vm = Vm::new(&host.kvm, irqchip)?;
-        let mem = create_guest_memory(cfg.memory_bytes())?;
+        // A vhost-user backend maps guest RAM itself, from the fds in the memory table.
+        let backing = if cfg.fs.is_empty() {
+            MemoryBacking::Anonymous
+        } else {
+            MemoryBacking::Shared
+        };
+        let mem = create_guest_memory(cfg.memory_bytes(), backing)?;
 
         let mut pio = Bus::new();
         let mut mmio = Bus::new();

@@ -190,7 +190,9 @@ impl<const N: usize> VirtioCommon<N> {
 
 /// The transport's queues as the device's `N` queues, each of which the driver must have made
 /// ready.
-fn ready_queues<const N: usize>(queues: Vec<Queue>) -> Result<[Queue; N], ActivateError> {
+pub(crate) fn ready_queues<const N: usize>(
+    queues: Vec<Queue>,
+) -> Result<[Queue; N], ActivateError> {
     let got = queues.len();
     let Ok(queues) = <[Queue; N]>::try_from(queues) else {
         return Err(ActivateError::QueueCount { expected: N, got });

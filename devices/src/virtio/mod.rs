@@ -18,6 +18,7 @@ mod common;
 mod conformance;
 pub mod console;
 pub mod drain;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -41,6 +42,9 @@ pub enum ActivateError {
     /// The device was activated twice without a reset.
     #[error("device is already active")]
     AlreadyActive,
+    /// The device's backend (a vhost-user process) refused to start the queues.
+    #[error("the device's backend cannot start")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The device side of a virtio device, independent of the transport.

@@ -38,6 +38,10 @@ pub enum ConfigError {
     NetSpec { spec: String, reason: String },
     #[error("--vsock {spec}: {reason}")]
     VsockSpec { spec: String, reason: String },
+    #[error("--fs {spec}: {reason}")]
+    FsSpec { spec: String, reason: String },
+    #[error("--fs tag {0:?} is given twice")]
+    DuplicateFsTag(String),
     #[error("{count} virtio devices asked for; the MMIO window and interrupt pins allow {max}")]
     TooManyDevices { count: usize, max: u32 },
     #[error("initrd {path} ({mib} MiB) does not fit in --memory {memory} MiB")]
@@ -109,6 +113,8 @@ pub struct VmParams {
     pub rng: bool,
     /// `cid=N,uds=PATH`.
     pub vsock: Option<String>,
+    /// `tag=TAG,socket=PATH` each.
+    pub fs: Vec<String>,
     pub seccomp: Seccomp,
     pub acpi: bool,
 }
@@ -236,6 +242,58 @@ impl std::str::FromStr for DiskConfig {
     }
 }
 
+/// One virtio-fs device served by an external vhost-user backend (virtiofsd).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsConfig {
+    /// What the guest mounts: `mount -t virtiofs TAG DIR`.
+    pub tag: String,
+    /// The backend's vhost-user socket.
+    pub socket: PathBuf,
+}
+
+impl std::str::FromStr for FsConfig {
+    type Err = ConfigError;
+
+    fn from_str(spec: &str) -> Result<Self, ConfigError> {
+        let bad = |reason: String| ConfigError::FsSpec {
+            spec: spec.to_string(),
+            reason,
+        };
+        let opts = OptionParser::new()
+            .value("tag")
+            .non_empty("socket")
+            .parse(spec)
+            .map_err(|e| bad(e.to_string()))?;
+        let tag = opts
+            .get("tag")
+            .ok_or_else(|| bad("tag=TAG is required".into()))?;
+        let max = rvmm_devices::virtio::fs::MAX_TAG_LEN;
+        if tag.is_empty() || tag.len() > max {
+            return Err(bad(format!("tag must be 1 to {max} bytes")));
+        }
+        let socket = opts
+            .get("socket")
+            .ok_or_else(|| bad("socket=PATH is required".into()))?;
+        Ok(FsConfig {
+            tag: tag.to_string(),
+            socket: PathBuf::from(socket),
+        })
+    }
+}
+
+/// Parses every `--fs`; the guest tells the devices apart by tag, so each must be unique.
+fn parse_fs(specs: &[String]) -> Result<Vec<FsConfig>, ConfigError> {
+    let mut fs: Vec<FsConfig> = Vec::new();
+    for spec in specs {
+        let cfg: FsConfig = spec.parse()?;
+        if fs.iter().any(|f| f.tag == cfg.tag) {
+            return Err(ConfigError::DuplicateFsTag(cfg.tag));
+        }
+        fs.push(cfg);
+    }
+    Ok(fs)
+}
+
 /// A validated VM description: what [`crate::vmm::Vmm::build`] needs and nothing else.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
@@ -252,6 +310,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     pub rng: bool,
     pub vsock: Option<VsockConfig>,
+    /// virtio-fs devices; any of them makes guest RAM a shared memfd.
+    pub fs: Vec<FsConfig>,
     pub seccomp: Seccomp,
     /// Describe the machine with ACPI tables (and offer S5 power-off).
     pub acpi: bool,
@@ -311,8 +371,10 @@ impl TryFrom<VmParams> for VmConfig {
             .map(|spec| spec.parse())
             .collect::<Result<Vec<NetConfig>, _>>()?;
         let vsock = cli.vsock.as_deref().map(str::parse).transpose()?;
+        let fs = parse_fs(&cli.fs)?;
         let count = disks.len()
             + nets.len()
+            + fs.len()
             + usize::from(cli.rng)
             + usize::from(vsock.is_some())
             + usize::from(cli.console == ConsoleKind::Virtio);
@@ -336,6 +398,7 @@ impl TryFrom<VmParams> for VmConfig {
             nets,
             rng: cli.rng,
             vsock,
+            fs,
             seccomp: cli.seccomp,
             acpi: cli.acpi,
         })
@@ -411,6 +474,7 @@ mod tests {
             nets: Vec::new(),
             rng: false,
             vsock: None,
+            fs: Vec::new(),
             seccomp: Seccomp::On,
             acpi: true,
         }
@@ -521,6 +585,36 @@ mod tests {
         ] {
             assert!(bad.parse::<VsockConfig>().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn fs_specs() {
+        let f: FsConfig = "tag=share,socket=/run/fs.sock".parse().unwrap();
+        assert_eq!(
+            (f.tag.as_str(), f.socket.to_str()),
+            ("share", Some("/run/fs.sock"))
+        );
+        let tag36 = format!("tag={},socket=/s", "t".repeat(36));
+        assert!(tag36.parse::<FsConfig>().is_ok());
+        let msg = |s: &str| s.parse::<FsConfig>().unwrap_err().to_string();
+        assert_eq!(
+            msg("tag=,socket=/s"),
+            "--fs tag=,socket=/s: tag must be 1 to 36 bytes"
+        );
+        let tag37 = format!("tag={},socket=/s", "t".repeat(37));
+        assert!(msg(&tag37).ends_with(": tag must be 1 to 36 bytes"));
+        assert_eq!(msg("socket=/s"), "--fs socket=/s: tag=TAG is required");
+        assert_eq!(msg("tag=a"), "--fs tag=a: socket=PATH is required");
+        assert_eq!(
+            msg("tag=a,socket=/s,ro"),
+            "--fs tag=a,socket=/s,ro: unknown option \"ro\""
+        );
+        let specs = ["tag=a,socket=/s".to_string(), "tag=a,socket=/t".to_string()];
+        assert_eq!(
+            parse_fs(&specs),
+            Err(ConfigError::DuplicateFsTag("a".into()))
+        );
+        assert_eq!(parse_fs(&specs[..1]).unwrap().len(), 1);
     }
 
     #[test]
