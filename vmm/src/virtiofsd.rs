@@ -27,8 +27,8 @@ const POLL: Duration = Duration::from_millis(10);
 pub enum VirtiofsdError {
     #[error("--share needs virtiofsd, found at none of {}", VIRTIOFSD_PATHS.join(", "))]
     NotInstalled,
-    #[error("cannot make a directory for virtiofsd's socket")]
-    SocketDir(#[source] io::Error),
+    #[error("cannot prepare virtiofsd's run directory (socket and log)")]
+    RunDir(#[source] io::Error),
     #[error("cannot start {path}")]
     Spawn {
         path: &'static str,
@@ -62,12 +62,12 @@ impl Virtiofsd {
             .find(|p| Path::new(p).exists())
             .ok_or(VirtiofsdError::NotInstalled)?;
         let socket_dir = TempDir::new_with_prefix(std::env::temp_dir().join("rvmm-share-"))
-            .map_err(|e| VirtiofsdError::SocketDir(io::Error::from_raw_os_error(e.errno())))?;
+            .map_err(|e| VirtiofsdError::RunDir(io::Error::from_raw_os_error(e.errno())))?;
         let socket = socket_dir.as_path().join("virtiofsd.sock");
         // Its stderr is chatty (every vring start and stop): kept out of rvmm's, read only if
         // it fails to start.
         let log_path = socket_dir.as_path().join("virtiofsd.log");
-        let log = std::fs::File::create(&log_path).map_err(VirtiofsdError::SocketDir)?;
+        let log = std::fs::File::create(&log_path).map_err(VirtiofsdError::RunDir)?;
         let mut cmd = Command::new(path);
         cmd.arg(format!("--socket-path={}", socket.display()))
             .arg("-o")
