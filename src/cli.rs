@@ -81,6 +81,11 @@ pub struct VmArgs {
     /// tag=TAG,socket=PATH; the guest mounts it with `mount -t virtiofs TAG DIR`. Repeatable.
     #[arg(long, value_name = "SPEC")]
     pub fs: Vec<String>,
+    /// Shares host directory DIR with the guest as virtio-fs tag TAG, served by a virtiofsd
+    /// that rvmm starts and stops with the VM: DIR,tag=TAG[,ro]; `ro` is enforced on the host.
+    /// Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    pub share: Vec<String>,
     /// Per-thread seccomp filters; `off` is for debugging only.
     #[arg(long, value_enum, default_value = "on")]
     pub seccomp: SeccompArg,
@@ -142,6 +147,7 @@ impl From<VmArgs> for VmParams {
             rng: a.rng,
             vsock: a.vsock,
             fs: a.fs,
+            shares: a.share,
             seccomp: match a.seccomp {
                 SeccompArg::On => Seccomp::On,
                 SeccompArg::Off => Seccomp::Off,
@@ -301,6 +307,8 @@ mod tests {
             "tag=a,socket=/a",
             "--fs",
             "tag=b,socket=/b",
+            "--share",
+            "/d,tag=c,ro",
         ]);
         let params = VmParams::from(cli.vm);
         assert_eq!(params.console, ConsoleKind::Virtio);
@@ -310,6 +318,7 @@ mod tests {
         assert_eq!(params.nets, ["tap=t0"]);
         assert_eq!(params.vsock.as_deref(), Some("cid=3,uds=/v"));
         assert_eq!(params.fs, ["tag=a,socket=/a", "tag=b,socket=/b"]);
+        assert_eq!(params.shares, ["/d,tag=c,ro"]);
     }
 
     #[test]

@@ -254,7 +254,22 @@ fn bad_device_specs() {
             "--fs",
             "tag=a,socket=/y",
         ],
-        "--fs tag \"a\" is given twice",
+        "--fs/--share tag \"a\" is given twice",
+    );
+    let d = dir.display().to_string();
+    for (spec, needle) in [
+        (format!("{d},tag="), "tag must be 1 to 36 bytes"),
+        (d.clone(), "tag=TAG is required"),
+        (format!("{img},tag=a"), "not a directory"),
+        (format!("{d}/missing,tag=a"), "No such file or directory"),
+        (format!("{d},tag=a,rw"), "unknown option \"rw\""),
+    ] {
+        refused(&["--kernel", k, "--share", &spec], needle);
+    }
+    let share = format!("{d},tag=a");
+    refused(
+        &["--kernel", k, "--fs", "tag=a,socket=/x", "--share", &share],
+        "--fs/--share tag \"a\" is given twice",
     );
     // Twice under the same name, through a symbolic link and through a hard link.
     let symlink = dir.join("symlink.img");

@@ -1,7 +1,9 @@
 //! virtio-fs against Debian's virtiofsd and a real Linux guest: the guest (init =
 //! tests/guests/fs_init.sh on a copy of rootfs.ext4) mounts the host directory by its tag, reads
 //! a file the host wrote, writes one and makes a directory that the host then finds, and
-//! unmounts. The device is found through the ACPI tables like every virtio-mmio device.
+//! unmounts. The device is found through the ACPI tables like every virtio-mmio device. With
+//! `--share`, rvmm runs virtiofsd itself: a read-only share refuses the guest's writes on the
+//! host side, and no virtiofsd outlives the VM.
 
 mod common;
 
@@ -20,15 +22,15 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// A copy of the guest's rootfs.ext4 with /fs_init.sh written in by debugfs.
-fn fs_rootfs(guest: &Path) -> TestResult<PathBuf> {
-    let rootfs = scratch("virtiofs-rootfs.ext4");
+fn fs_rootfs(guest: &Path, name: &str) -> TestResult<PathBuf> {
+    let rootfs = scratch(&format!("{name}-rootfs.ext4"));
     std::fs::copy(guest.join("rootfs.ext4"), &rootfs).map_err(|e| e.to_string())?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests/fs_init.sh");
     let commands = format!(
         "write {} fs_init.sh\nsif fs_init.sh mode 0100755\n",
         script.display()
     );
-    let cmds = scratch("virtiofs-rootfs.debugfs");
+    let cmds = scratch(&format!("{name}-rootfs.debugfs"));
     std::fs::write(&cmds, commands).map_err(|e| e.to_string())?;
     let out = Command::new("debugfs")
         .args(["-w", "-f"])
@@ -86,67 +88,141 @@ fn guest_result(vm: &mut TestVm, what: &str) -> TestResult<String> {
     Ok(line.split_once(&tag).unwrap().1.to_string())
 }
 
-#[test]
-fn guest_mounts_a_host_directory_through_virtiofsd() -> TestResult {
-    let name = "guest_mounts_a_host_directory_through_virtiofsd";
-    let Some(guest) = kvm_and_guest_or_skip(name) else {
-        return Ok(());
-    };
-    if !Path::new(VIRTIOFSD).exists() {
-        let why = format!("no {VIRTIOFSD} (Debian's qemu-system-common)");
-        if std::env::var("RVMM_REQUIRE_KVM").as_deref() == Ok("1") {
-            panic!("{name}: {why}");
-        }
-        eprintln!("SKIPPED {name}: {why}");
-        return Ok(());
+/// The guest artifacts, a KVM that runs them and virtiofsd; otherwise the test skips.
+fn guest_and_virtiofsd_or_skip(name: &str) -> Option<PathBuf> {
+    let guest = kvm_and_guest_or_skip(name)?;
+    if Path::new(VIRTIOFSD).exists() {
+        return Some(guest);
     }
-    let share = scratch("virtiofs-share");
+    let why = format!("no {VIRTIOFSD} (Debian's qemu-system-common)");
+    if std::env::var("RVMM_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!("{name}: {why}");
+    }
+    eprintln!("SKIPPED {name}: {why}");
+    None
+}
+
+/// A fresh directory holding from-host.txt with `token`.
+fn share_dir(name: &str, token: &str) -> PathBuf {
+    let share = scratch(name);
     let _ = std::fs::remove_dir_all(&share);
     std::fs::create_dir_all(&share).unwrap();
-    let host_token = format!("host-{}", std::process::id());
-    let guest_token = format!("guest-{}", std::process::id());
-    std::fs::write(share.join("from-host.txt"), format!("{host_token}\n")).unwrap();
-    let socket = scratch("virtiofs.sock");
-    let daemon = Virtiofsd::start(&share, &socket)?;
-    let rootfs = fs_rootfs(&guest)?;
+    std::fs::write(share.join("from-host.txt"), format!("{token}\n")).unwrap();
+    share
+}
 
-    let cmdline = format!(
-        "console=ttyS0 reboot=k panic=1 init=/fs_init.sh fs_tag={TAG} fs_token={guest_token}"
-    );
-    let mut vm = TestVm::boot([
+/// Boots the guest with fs_init.sh, its parameters `init_env` and the devices in `args`.
+fn boot(guest: &Path, rootfs: &Path, init_env: &str, args: &[String]) -> TestResult<TestVm> {
+    let cmdline = format!("console=ttyS0 reboot=k panic=1 init=/fs_init.sh {init_env}");
+    let mut all = vec![
         "--kernel".to_string(),
         guest.join("vmlinux").display().to_string(),
         "--cmdline".into(),
         cmdline,
         "--rootfs".into(),
         rootfs.display().to_string(),
-        "--fs".into(),
-        format!("tag={TAG},socket={}", socket.display()),
-    ])?;
+    ];
+    all.extend_from_slice(args);
+    TestVm::boot(all)
+}
+
+/// The guest's side of one writable share, as fs_init.sh reports it.
+fn guest_reads_and_writes(vm: &mut TestVm, host_token: &str, guest_token: &str) -> TestResult {
     vm.expect_line_within("Run /fs_init.sh as init process", BOOT_LIMIT)?;
-    let mounted = guest_result(&mut vm, "mounted")?;
-    assert!(
-        mounted.starts_with(&format!("{TAG} /mnt virtiofs rw")),
-        "{mounted}"
-    );
-    assert_eq!(guest_result(&mut vm, "read")?, host_token);
-    assert_eq!(guest_result(&mut vm, "wrote")?, guest_token);
-    let listed = guest_result(&mut vm, "listed")?;
+    let mounted = guest_result(vm, "mounted")?;
+    assert!(mounted.contains(" /mnt virtiofs rw"), "{mounted}");
+    assert_eq!(guest_result(vm, "read")?, host_token);
+    assert_eq!(guest_result(vm, "wrote")?, guest_token);
+    let listed = guest_result(vm, "listed")?;
     assert!(
         listed.contains("dir-from-guest") && listed.contains("from-host.txt"),
         "{listed}"
     );
     vm.expect_line_within("RVMM-FS unmounted", BOOT_LIMIT)?;
+    Ok(())
+}
+
+/// What the guest wrote is on the host.
+fn host_sees_the_guests_writes(share: &Path, guest_token: &str) {
+    let written = std::fs::read_to_string(share.join("from-guest.txt")).unwrap();
+    assert_eq!(written, format!("{guest_token}\n"));
+    assert!(share.join("dir-from-guest").is_dir());
+}
+
+#[test]
+fn guest_mounts_a_host_directory_through_virtiofsd() -> TestResult {
+    let name = "guest_mounts_a_host_directory_through_virtiofsd";
+    let Some(guest) = guest_and_virtiofsd_or_skip(name) else {
+        return Ok(());
+    };
+    let host_token = format!("host-{}", std::process::id());
+    let guest_token = format!("guest-{}", std::process::id());
+    let share = share_dir("virtiofs-share", &host_token);
+    let socket = scratch("virtiofs.sock");
+    let daemon = Virtiofsd::start(&share, &socket)?;
+    let rootfs = fs_rootfs(&guest, "virtiofs")?;
+    let mut vm = boot(
+        &guest,
+        &rootfs,
+        &format!("fs_tag={TAG} fs_token={guest_token}"),
+        &[
+            "--fs".into(),
+            format!("tag={TAG},socket={}", socket.display()),
+        ],
+    )?;
+    guest_reads_and_writes(&mut vm, &host_token, &guest_token)?;
     vm.expect_line_within("RVMM-FS done", BOOT_LIMIT)?;
     let status = vm.wait_exit(Duration::from_secs(60))?;
     assert_eq!(status.code(), Some(0), "{}", vm.stderr());
     drop(daemon);
-
-    // What the guest wrote is on the host.
-    let written = std::fs::read_to_string(share.join("from-guest.txt")).unwrap();
-    assert_eq!(written, format!("{guest_token}\n"));
-    assert!(share.join("dir-from-guest").is_dir());
+    host_sees_the_guests_writes(&share, &guest_token);
     let stderr = vm.stderr();
     assert!(!stderr.contains("virtio-fs"), "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn shares_run_their_own_virtiofsd_read_only_on_the_host_and_end_with_the_vm() -> TestResult {
+    let name = "shares_run_their_own_virtiofsd_read_only_on_the_host_and_end_with_the_vm";
+    let Some(guest) = guest_and_virtiofsd_or_skip(name) else {
+        return Ok(());
+    };
+    let host_token = format!("shared-{}", std::process::id());
+    let guest_token = format!("back-{}", std::process::id());
+    let rw = share_dir("share-rw", &host_token);
+    let ro = share_dir("share-ro", &host_token);
+    let rootfs = fs_rootfs(&guest, "share")?;
+    let mut vm = boot(
+        &guest,
+        &rootfs,
+        &format!("fs_tag=rw fs_token={guest_token} fs_ro_tag=ro"),
+        &[
+            "--share".into(),
+            format!("{},tag=rw", rw.display()),
+            "--share".into(),
+            format!("{},tag=ro,ro", ro.display()),
+        ],
+    )?;
+    guest_reads_and_writes(&mut vm, &host_token, &guest_token)?;
+    assert_eq!(guest_result(&mut vm, "ro-read")?, host_token);
+    let refused = guest_result(&mut vm, "ro-write")?;
+    assert!(refused.contains("Read-only file system"), "{refused}");
+    vm.expect_line_within("RVMM-FS done", BOOT_LIMIT)?;
+    let status = vm.wait_exit(Duration::from_secs(60))?;
+    assert_eq!(status.code(), Some(0), "{}", vm.stderr());
+    host_sees_the_guests_writes(&rw, &guest_token);
+    assert!(!ro.join("from-guest.txt").exists());
+    // rvmm reaped its virtiofsd processes before it exited.
+    let rw_dir = rw.display().to_string();
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("virtiofsd") && c.contains(&rw_dir))
+        .collect();
+    assert!(left.is_empty(), "still running: {left:?}");
+    let stderr = vm.stderr();
+    assert!(!stderr.contains("virtio"), "{stderr}");
     Ok(())
 }

@@ -208,9 +208,14 @@ where
     Ok(slot)
 }
 
-/// Attaches every virtio device the configuration asks for; their slots are in `ctx.slots`.
-/// Disks come first so that their guest names follow the command line's order.
-pub fn attach_virtio_devices(ctx: &mut VirtioContext, cfg: &VmConfig) -> Result<(), DeviceError> {
+/// Attaches every virtio device the configuration asks for, plus the virtio-fs devices of
+/// rvmm's own virtiofsd processes (`shares`); their slots are in `ctx.slots`. Disks come first
+/// so that their guest names follow the command line's order.
+pub fn attach_virtio_devices(
+    ctx: &mut VirtioContext,
+    cfg: &VmConfig,
+    shares: &[FsConfig],
+) -> Result<(), DeviceError> {
     attach_disks(ctx, &cfg.disks)?;
     attach_nets(ctx, &cfg.nets)?;
     if cfg.rng {
@@ -226,6 +231,7 @@ pub fn attach_virtio_devices(ctx: &mut VirtioContext, cfg: &VmConfig) -> Result<
         attach_virtio(ctx, Arc::new(Mutex::new(device)))?;
     }
     attach_fs(ctx, &cfg.fs)?;
+    attach_fs(ctx, shares)?;
     if cfg.console == ConsoleKind::Virtio {
         let stdin = crate::terminal::dup_stdin().map_err(DeviceError::Stdin)?;
         let console = Console::new(

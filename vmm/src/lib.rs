@@ -12,6 +12,7 @@ pub mod kernel_image;
 pub mod seccomp;
 pub mod signals;
 pub mod terminal;
+pub mod virtiofsd;
 pub mod vmm;
 pub mod vstate;
 

@@ -126,12 +126,14 @@ const COMMON: &[i64] = &[
 ];
 
 /// The main thread once the VM runs: it polls its signalfd and the exit eventfds, kicks and
-/// joins the other threads, and drops the VM, which removes the vsock socket file.
+/// joins the other threads, and drops the VM, which removes the vsock socket file and reaps
+/// `--share`'s virtiofsd processes (kill, below).
 const MAIN: &[i64] = &[
     libc::SYS_poll,
     libc::SYS_statx,
     libc::SYS_tgkill,
     libc::SYS_unlink,
+    libc::SYS_wait4,
 ];
 
 /// A vCPU thread, past the common calls: virtio-fs activation and reset talk to virtiofsd.
@@ -175,6 +177,10 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
     // std checks a descriptor is open before closing it (in debug builds).
     map.insert(libc::SYS_fcntl, vec![arg_eq(1, libc::F_GETFD as u64)?]);
     map.insert(libc::SYS_ioctl, ioctl_rules(kind)?);
+    if kind == ThreadKind::Main {
+        // Only SIGKILL, for a virtiofsd that does not leave by itself.
+        map.insert(libc::SYS_kill, vec![arg_eq(1, libc::SIGKILL as u64)?]);
+    }
     if kind == ThreadKind::Devices {
         // Only Unix sockets, for guest connections to host listeners.
         map.insert(libc::SYS_socket, vec![arg_eq(0, libc::AF_UNIX as u64)?]);

@@ -25,6 +25,7 @@ use crate::exit::Buses;
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::signals::{ControlWait, SignalError, Wake};
 use crate::terminal::dup_stdin;
+use crate::virtiofsd::{start_all, Virtiofsd, VirtiofsdError};
 use crate::vstate::cpuid;
 use crate::vstate::kvm::{KvmError, KvmHost};
 use crate::vstate::memory::{create_guest_memory, MemoryBacking, MemoryError};
@@ -67,6 +68,8 @@ pub enum VmmError {
     Seccomp(#[source] SeccompError),
     #[error("cannot set up the event manager")]
     EventManager(#[source] event_manager::Error),
+    #[error(transparent)]
+    Virtiofsd(#[from] VirtiofsdError),
     #[error("{0}")]
     Guest(String),
 }
@@ -93,6 +96,8 @@ pub struct Vmm {
     console_watch: Arc<PanicWatch>,
     event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     seccomp: Seccomp,
+    // Last, so that the devices have closed their sockets when each is reaped.
+    _virtiofsd: Vec<Virtiofsd>,
 }
 
 impl Vmm {
@@ -112,7 +117,7 @@ impl Vmm {
         };
         let vm = Vm::new(&host.kvm, irqchip)?;
         // A vhost-user backend maps guest RAM itself, from the fds in the memory table.
-        let backing = if cfg.fs.is_empty() {
+        let backing = if cfg.fs.is_empty() && cfg.shares.is_empty() {
             MemoryBacking::Anonymous
         } else {
             MemoryBacking::Shared
@@ -140,7 +145,9 @@ impl Vmm {
         if host.emulated && template == CpuTemplate::Baseline {
             cmdline.push(cpuid::BASELINE_KERNEL_PARAMS);
         }
-        attach_virtio_devices(&mut virtio, cfg)?;
+        let (mut virtiofsd, shares) = start_all(&cfg.shares)?;
+        attach_virtio_devices(&mut virtio, cfg, &shares)?;
+        virtiofsd.iter_mut().for_each(Virtiofsd::connected);
         // With ACPI the DSDT describes the devices; without it the command line must.
         if !cfg.acpi {
             for slot in slots.allocated() {
@@ -186,6 +193,7 @@ impl Vmm {
             console_watch,
             event_manager,
             seccomp: cfg.seccomp,
+            _virtiofsd: virtiofsd,
         })
     }
 

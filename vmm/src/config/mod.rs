@@ -40,7 +40,9 @@ pub enum ConfigError {
     VsockSpec { spec: String, reason: String },
     #[error("--fs {spec}: {reason}")]
     FsSpec { spec: String, reason: String },
-    #[error("--fs tag {0:?} is given twice")]
+    #[error("--share {spec}: {reason}")]
+    ShareSpec { spec: String, reason: String },
+    #[error("--fs/--share tag {0:?} is given twice")]
     DuplicateFsTag(String),
     #[error("{count} virtio devices asked for; the MMIO window and interrupt pins allow {max}")]
     TooManyDevices { count: usize, max: u32 },
@@ -115,6 +117,8 @@ pub struct VmParams {
     pub vsock: Option<String>,
     /// `tag=TAG,socket=PATH` each.
     pub fs: Vec<String>,
+    /// `DIR,tag=TAG[,ro]` each.
+    pub shares: Vec<String>,
     pub seccomp: Seccomp,
     pub acpi: bool,
 }
@@ -267,10 +271,7 @@ impl std::str::FromStr for FsConfig {
         let tag = opts
             .get("tag")
             .ok_or_else(|| bad("tag=TAG is required".into()))?;
-        let max = rvmm_devices::virtio::fs::MAX_TAG_LEN;
-        if tag.is_empty() || tag.len() > max {
-            return Err(bad(format!("tag must be 1 to {max} bytes")));
-        }
+        check_tag(tag).map_err(bad)?;
         let socket = opts
             .get("socket")
             .ok_or_else(|| bad("socket=PATH is required".into()))?;
@@ -281,17 +282,81 @@ impl std::str::FromStr for FsConfig {
     }
 }
 
-/// Parses every `--fs`; the guest tells the devices apart by tag, so each must be unique.
-fn parse_fs(specs: &[String]) -> Result<Vec<FsConfig>, ConfigError> {
-    let mut fs: Vec<FsConfig> = Vec::new();
-    for spec in specs {
-        let cfg: FsConfig = spec.parse()?;
-        if fs.iter().any(|f| f.tag == cfg.tag) {
-            return Err(ConfigError::DuplicateFsTag(cfg.tag));
+/// A host directory shared through a virtiofsd that rvmm starts and stops with the VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareConfig {
+    pub dir: PathBuf,
+    pub tag: String,
+    /// Enforced on the host: virtiofsd sees a read-only bind mount.
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for ShareConfig {
+    type Err = ConfigError;
+
+    fn from_str(spec: &str) -> Result<Self, ConfigError> {
+        let bad = |reason: String| ConfigError::ShareSpec {
+            spec: spec.to_string(),
+            reason,
+        };
+        let opts = OptionParser::new()
+            .positional("dir")
+            .value("tag")
+            .flag("ro")
+            .parse(spec)
+            .map_err(|e| bad(e.to_string()))?;
+        let tag = opts
+            .get("tag")
+            .ok_or_else(|| bad("tag=TAG is required".into()))?;
+        check_tag(tag).map_err(bad)?;
+        let dir = PathBuf::from(opts.get("dir").unwrap_or_default());
+        match fs::metadata(&dir) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Err(bad("not a directory".into())),
+            Err(e) => return Err(bad(e.to_string())),
         }
-        fs.push(cfg);
+        Ok(ShareConfig {
+            dir,
+            tag: tag.to_string(),
+            read_only: opts.is_set("ro"),
+        })
     }
-    Ok(fs)
+}
+
+fn check_tag(tag: &str) -> Result<(), String> {
+    let max = rvmm_devices::virtio::fs::MAX_TAG_LEN;
+    if tag.is_empty() || tag.len() > max {
+        return Err(format!("tag must be 1 to {max} bytes"));
+    }
+    Ok(())
+}
+
+/// Parses every `--fs` and `--share`; the guest tells the devices apart by tag, so each must
+/// be unique across both.
+fn parse_fs(
+    fs_specs: &[String],
+    share_specs: &[String],
+) -> Result<(Vec<FsConfig>, Vec<ShareConfig>), ConfigError> {
+    let fs = fs_specs
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<Vec<FsConfig>, _>>()?;
+    let shares = share_specs
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<Vec<ShareConfig>, _>>()?;
+    let mut tags: Vec<&str> = Vec::new();
+    for tag in fs
+        .iter()
+        .map(|f| &f.tag)
+        .chain(shares.iter().map(|s| &s.tag))
+    {
+        if tags.contains(&tag.as_str()) {
+            return Err(ConfigError::DuplicateFsTag(tag.clone()));
+        }
+        tags.push(tag);
+    }
+    Ok((fs, shares))
 }
 
 /// A validated VM description: what [`crate::vmm::Vmm::build`] needs and nothing else.
@@ -310,8 +375,11 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     pub rng: bool,
     pub vsock: Option<VsockConfig>,
-    /// virtio-fs devices; any of them makes guest RAM a shared memfd.
+    /// virtio-fs devices on external backends; any of them (or of `shares`) makes guest RAM a
+    /// shared memfd.
     pub fs: Vec<FsConfig>,
+    /// virtio-fs devices on a virtiofsd of rvmm's own.
+    pub shares: Vec<ShareConfig>,
     pub seccomp: Seccomp,
     /// Describe the machine with ACPI tables (and offer S5 power-off).
     pub acpi: bool,
@@ -371,10 +439,11 @@ impl TryFrom<VmParams> for VmConfig {
             .map(|spec| spec.parse())
             .collect::<Result<Vec<NetConfig>, _>>()?;
         let vsock = cli.vsock.as_deref().map(str::parse).transpose()?;
-        let fs = parse_fs(&cli.fs)?;
+        let (fs, shares) = parse_fs(&cli.fs, &cli.shares)?;
         let count = disks.len()
             + nets.len()
             + fs.len()
+            + shares.len()
             + usize::from(cli.rng)
             + usize::from(vsock.is_some())
             + usize::from(cli.console == ConsoleKind::Virtio);
@@ -399,6 +468,7 @@ impl TryFrom<VmParams> for VmConfig {
             rng: cli.rng,
             vsock,
             fs,
+            shares,
             seccomp: cli.seccomp,
             acpi: cli.acpi,
         })
@@ -475,6 +545,7 @@ mod tests {
             rng: false,
             vsock: None,
             fs: Vec::new(),
+            shares: Vec::new(),
             seccomp: Seccomp::On,
             acpi: true,
         }
@@ -610,11 +681,28 @@ mod tests {
             "--fs tag=a,socket=/s,ro: unknown option \"ro\""
         );
         let specs = ["tag=a,socket=/s".to_string(), "tag=a,socket=/t".to_string()];
+        let dup = Err(ConfigError::DuplicateFsTag("a".into()));
+        assert_eq!(parse_fs(&specs, &[]), dup);
+        assert_eq!(parse_fs(&specs[..1], &["/,tag=a".to_string()]), dup);
+        let (fs, shares) = parse_fs(&specs[..1], &["/,tag=b,ro".to_string()]).unwrap();
+        assert_eq!((fs.len(), shares.len()), (1, 1));
         assert_eq!(
-            parse_fs(&specs),
-            Err(ConfigError::DuplicateFsTag("a".into()))
+            shares[0],
+            ShareConfig {
+                dir: "/".into(),
+                tag: "b".into(),
+                read_only: true
+            }
         );
-        assert_eq!(parse_fs(&specs[..1]).unwrap().len(), 1);
+        let msg = |s: &str| s.parse::<ShareConfig>().unwrap_err().to_string();
+        assert_eq!(msg("/"), "--share /: tag=TAG is required");
+        assert_eq!(msg(",tag=a"), "--share ,tag=a: no dir");
+        assert_eq!(msg("/,tag="), "--share /,tag=: tag must be 1 to 36 bytes");
+        assert_eq!(
+            msg("/proc/self/exe,tag=a"),
+            "--share /proc/self/exe,tag=a: not a directory"
+        );
+        assert!(msg("/nonexistent-dir,tag=a").contains("No such file"));
     }
 
     #[test]
