@@ -14,15 +14,14 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
 use common::{
-    can_make_namespaces, guest_artifacts, linux_kvm_or_skip, serve_vsock_pong, static_c_program,
-    vsock_echo, NetNs, TestResult, TestVm,
+    can_make_namespaces, guest_artifacts, linux_kvm_or_skip, rootfs_with_programs,
+    serve_vsock_pong, static_c_program, vsock_echo, NetNs, TestResult, TestVm,
 };
 
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
@@ -70,31 +69,15 @@ fn scratch(name: &str) -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join(name)
 }
 
-/// A copy of the guest's rootfs.ext4 with /net_init.sh and /net_probe written in by debugfs.
+/// A copy of the guest's rootfs.ext4 with /net_init.sh and /net_probe in its root.
 fn net_rootfs(guest: &Path) -> TestResult<PathBuf> {
-    let rootfs = scratch("net-rootfs.ext4");
-    std::fs::copy(guest.join("rootfs.ext4"), &rootfs).map_err(|e| e.to_string())?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests/net_init.sh");
     let probe = static_c_program("net_probe");
-    let commands = format!(
-        "write {} net_init.sh\nsif net_init.sh mode 0100755\n\
-         write {} net_probe\nsif net_probe mode 0100755\n",
-        script.display(),
-        probe.display()
-    );
-    let cmds = scratch("net-rootfs.debugfs");
-    std::fs::write(&cmds, commands).map_err(|e| e.to_string())?;
-    let out = Command::new("debugfs")
-        .args(["-w", "-f"])
-        .arg(&cmds)
-        .arg(&rootfs)
-        .output()
-        .map_err(|e| format!("debugfs: {e}"))?;
-    let log = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() || log.contains("rror") {
-        return Err(format!("debugfs -w failed: {log}"));
-    }
-    Ok(rootfs)
+    rootfs_with_programs(
+        guest,
+        "net-rootfs.ext4",
+        &[(&script, "net_init.sh"), (&probe, "net_probe")],
+    )
 }
 
 /// What the host's TCP listener received: byte count and SHA-256 (hex).

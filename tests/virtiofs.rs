@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{kvm_and_guest_or_skip, TestResult, TestVm};
+use common::{kvm_and_guest_or_skip, rootfs_with_programs, TestResult, TestVm};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
 const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
@@ -21,28 +21,14 @@ fn scratch(name: &str) -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join(name)
 }
 
-/// A copy of the guest's rootfs.ext4 with /fs_init.sh written in by debugfs.
-fn fs_rootfs(guest: &Path, name: &str) -> TestResult<PathBuf> {
-    let rootfs = scratch(&format!("{name}-rootfs.ext4"));
-    std::fs::copy(guest.join("rootfs.ext4"), &rootfs).map_err(|e| e.to_string())?;
+/// A copy of the guest's rootfs.ext4 with /fs_init.sh in its root.
+fn fs_rootfs(guest: &Path, copy: &str) -> TestResult<PathBuf> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests/fs_init.sh");
-    let commands = format!(
-        "write {} fs_init.sh\nsif fs_init.sh mode 0100755\n",
-        script.display()
-    );
-    let cmds = scratch(&format!("{name}-rootfs.debugfs"));
-    std::fs::write(&cmds, commands).map_err(|e| e.to_string())?;
-    let out = Command::new("debugfs")
-        .args(["-w", "-f"])
-        .arg(&cmds)
-        .arg(&rootfs)
-        .output()
-        .map_err(|e| format!("debugfs: {e}"))?;
-    let log = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() || log.contains("rror") {
-        return Err(format!("debugfs -w failed: {log}"));
-    }
-    Ok(rootfs)
+    rootfs_with_programs(
+        guest,
+        &format!("{copy}-rootfs.ext4"),
+        &[(&script, "fs_init.sh")],
+    )
 }
 
 /// virtiofsd serving `dir` on `socket`, killed when dropped.

@@ -410,6 +410,35 @@ pub fn can_make_namespaces(test: &str) -> bool {
     false
 }
 
+/// A copy of the guest artifacts' rootfs.ext4 named `copy` under the test's scratch directory,
+/// with each `(host file, name)` written into its root as an executable by debugfs (no mount).
+pub fn rootfs_with_programs(
+    guest: &Path,
+    copy: &str,
+    files: &[(&Path, &str)],
+) -> TestResult<PathBuf> {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let rootfs = dir.join(copy);
+    std::fs::copy(guest.join("rootfs.ext4"), &rootfs).map_err(|e| e.to_string())?;
+    let commands: String = files
+        .iter()
+        .map(|(host, name)| format!("write {} {name}\nsif {name} mode 0100755\n", host.display()))
+        .collect();
+    let cmds = dir.join(format!("{copy}.debugfs"));
+    std::fs::write(&cmds, commands).map_err(|e| e.to_string())?;
+    let out = Command::new("debugfs")
+        .args(["-w", "-f"])
+        .arg(&cmds)
+        .arg(&rootfs)
+        .output()
+        .map_err(|e| format!("debugfs: {e}"))?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || log.contains("rror") {
+        return Err(format!("debugfs -w failed: {log}"));
+    }
+    Ok(rootfs)
+}
+
 /// Reads a file out of an ext4 image with debugfs (e2fsprogs), as the host sees it.
 pub fn debugfs_cat(image: &Path, file: &str) -> TestResult<Vec<u8>> {
     let out = Command::new("debugfs")
