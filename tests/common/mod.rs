@@ -159,7 +159,8 @@ impl TestVm {
                     return Err(self.failure(&format!("no line with {needle:?} in {limit:?}")))
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err(self.failure(&format!("rvmm ended before {needle:?}")))
+                    let how = self.end_status();
+                    return Err(self.failure(&format!("rvmm ended ({how}) before {needle:?}")));
                 }
             }
         }
@@ -188,7 +189,8 @@ impl TestVm {
                     return Err(self.failure(&format!("no lines with {missing:?} in {limit:?}")))
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err(self.failure(&format!("rvmm ended before {missing:?}")))
+                    let how = self.end_status();
+                    return Err(self.failure(&format!("rvmm ended ({how}) before {missing:?}")));
                 }
             }
         }
@@ -235,6 +237,17 @@ impl TestVm {
     pub fn signal(&self, signo: i32) {
         // SAFETY: plain kill(2) of our own child process.
         unsafe { libc::kill(self.child.id() as i32, signo) };
+    }
+
+    /// How rvmm ended once its console closed: its exit status or the signal that killed it.
+    fn end_status(&mut self) -> String {
+        for _ in 0..100 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.to_string();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        "its console closed, the process still runs".into()
     }
 
     fn failure(&self, what: &str) -> String {
