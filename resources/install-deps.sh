@@ -18,10 +18,14 @@ packages=(
     qemu-system-x86
     # virtio-fs tests: the vhost-user backend, /usr/lib/qemu/virtiofsd
     qemu-system-common
-    # network tests: namespaces, TAP devices, ping
-    iproute2 iputils-ping
+    # network tests: namespaces, TAP devices, ping; user-mode networking (--net user)
+    iproute2 iputils-ping passt
     # rvmm bench: the container runtime and the disk and network workloads
     crun fio iperf3
+    # rvmm-oci's tests: podman (with conmon) drives it as its OCI runtime
+    podman
+    # tests/oci_engines.rs: containerd (ctr, its runc shim) and Docker drive rvmm-oci as well
+    containerd docker.io
     # the nested-KVM test machine (resources/nested-kvm.sh): QEMU above, and jq for test.sh
     jq
 )

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rvmm_bench::{BenchOptions, Step};
+use rvmm_container::network::Network;
 use rvmm_container::RunOptions;
 use rvmm_vmm::config::{ConsoleKind, CpuTemplate, Seccomp, VmParams};
 
@@ -67,12 +68,22 @@ pub struct VmArgs {
     /// An extra virtio disk (vdb, vdc, … in order): PATH[,ro][,serial=ID]. Repeatable.
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<String>,
-    /// A virtio-net interface on an existing TAP device: tap=NAME[,mac=MAC]. Repeatable.
+    /// A virtio-net interface: tap=NAME[,mac=MAC] on an existing TAP device, or
+    /// user[,mac=MAC] for user-mode networking through a passt that rvmm starts (guest
+    /// 10.0.2.15/24, gateway 10.0.2.2, which reaches the host's 127.0.0.1). Repeatable.
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<String>,
+    /// Forwards a host port to a guest port on the --net user network:
+    /// [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|udp]. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    pub publish: Vec<String>,
     /// A virtio-rng device fed from the host's getrandom().
     #[arg(long)]
     pub rng: bool,
+    /// A virtio-balloon device with free page reporting: memory the guest frees goes back to
+    /// the host a few seconds later.
+    #[arg(long)]
+    pub balloon: bool,
     /// A virtio-vsock device, cid=N,uds=PATH: host programs reach guest port P by connecting to
     /// the Unix socket PATH and writing "CONNECT P\n"; the guest reaches host port P at PATH_P.
     #[arg(long, value_name = "SPEC")]
@@ -144,7 +155,9 @@ impl From<VmArgs> for VmParams {
             rootfs: a.rootfs,
             disks: a.disk,
             nets: a.net,
+            publish: a.publish,
             rng: a.rng,
+            balloon: a.balloon,
             vsock: a.vsock,
             fs: a.fs,
             shares: a.share,
@@ -184,10 +197,27 @@ pub struct RunArgs {
     /// Send stdin to the command.
     #[arg(short = 'i', long = "interactive")]
     pub interactive: bool,
-    /// A virtio-net interface on an existing TAP device (tap=NAME[,mac=MAC]); the container
-    /// then shares the VM's network instead of getting an empty namespace.
+    /// Run the command on a terminal (rvmm's own terminal is raw meanwhile; stdin must be a
+    /// terminal, and goes to the command).
+    #[arg(short = 't', long = "tty")]
+    pub tty: bool,
+    /// The container's network: `user` (default; user-mode networking through passt, the
+    /// container is 10.0.2.15/24 and its gateway 10.0.2.2 reaches the host's 127.0.0.1) or
+    /// `none` (no network).
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub network: Option<NetworkArg>,
+    /// Publishes a container port on the host through the user network:
+    /// [HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|udp]. Repeatable.
+    #[arg(short = 'p', long = "publish", value_name = "SPEC")]
+    pub publish: Vec<String>,
+    /// A virtio-net interface on an existing TAP device (tap=NAME[,mac=MAC]), for root users;
+    /// replaces the default user network unless --network user is given too. Repeatable.
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<String>,
+    /// A host directory in the container, shared with the VM over virtio-fs:
+    /// HOSTDIR:GUESTDIR[:ro|:rw]; `ro` is enforced on the host. Repeatable.
+    #[arg(short = 'v', long = "volume", value_name = "SPEC")]
+    pub volume: Vec<String>,
     /// How long to wait for the guest's agent, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     pub agent_timeout: u64,
@@ -204,6 +234,15 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
+/// `rvmm run --network`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum NetworkArg {
+    /// User-mode networking through passt.
+    User,
+    /// No network.
+    None,
+}
+
 impl From<RunArgs> for RunOptions {
     fn from(a: RunArgs) -> Self {
         RunOptions {
@@ -212,7 +251,14 @@ impl From<RunArgs> for RunOptions {
             env: a.env,
             workdir: a.workdir,
             interactive: a.interactive,
+            tty: a.tty,
+            network: a.network.map(|n| match n {
+                NetworkArg::User => Network::User,
+                NetworkArg::None => Network::None,
+            }),
             nets: a.net,
+            publish: a.publish,
+            volumes: a.volume,
             agent_timeout: Duration::from_secs(a.agent_timeout),
             guest: a.guest,
             console_log: a.console_log,
@@ -243,6 +289,8 @@ pub enum StepArg {
     Cpu,
     Disk,
     Net,
+    Fs,
+    Runtime,
 }
 
 impl From<BenchArgs> for BenchOptions {
@@ -253,6 +301,8 @@ impl From<BenchArgs> for BenchOptions {
             StepArg::Cpu => Step::Cpu,
             StepArg::Disk => Step::Disk,
             StepArg::Net => Step::Net,
+            StepArg::Fs => Step::Fs,
+            StepArg::Runtime => Step::Runtime,
         };
         BenchOptions {
             runs: a.runs,
@@ -301,6 +351,8 @@ mod tests {
             "/b",
             "--net",
             "tap=t0",
+            "--publish",
+            "127.0.0.1:8080:80",
             "--vsock",
             "cid=3,uds=/v",
             "--fs",
@@ -316,6 +368,7 @@ mod tests {
         assert_eq!(params.seccomp, Seccomp::Off);
         assert_eq!(params.disks, ["/a,ro", "/b"]);
         assert_eq!(params.nets, ["tap=t0"]);
+        assert_eq!(params.publish, ["127.0.0.1:8080:80"]);
         assert_eq!(params.vsock.as_deref(), Some("cid=3,uds=/v"));
         assert_eq!(params.fs, ["tag=a,socket=/a", "tag=b,socket=/b"]);
         assert_eq!(params.shares, ["/d,tag=c,ro"]);
@@ -329,6 +382,25 @@ mod tests {
         let run = RunOptions::from(run);
         assert_eq!(run.agent_timeout, Duration::from_secs(7));
         assert_eq!((run.cpus, run.memory_mib), (1, 512));
+        assert_eq!((run.network, run.tty), (None, false));
+        let Some(Command::Run(run)) = parse(&[
+            "run",
+            "-t",
+            "--network",
+            "none",
+            "-p",
+            "8080:80",
+            "--publish",
+            "53:53/udp",
+            "img",
+        ])
+        .command
+        else {
+            panic!("not run");
+        };
+        let run = RunOptions::from(run);
+        assert_eq!((run.network, run.tty), (Some(Network::None), true));
+        assert_eq!(run.publish, ["8080:80", "53:53/udp"]);
         let Some(Command::Bench(bench)) = parse(&["bench", "--only", "cpu,net"]).command else {
             panic!("not bench");
         };

@@ -219,7 +219,7 @@ fn bad_device_specs() {
     for (spec, needle) in [
         ("", "unknown option"),
         ("tap=", "unknown option \"tap=\""),
-        ("mac=52:54:00:12:34:56", "tap=NAME is required"),
+        ("mac=52:54:00:12:34:56", "tap=NAME or user is required"),
         ("tap=t0,mac=zz", "--net tap=t0,mac=zz"),
         ("tap=t0,mtu=9000", "unknown option \"mtu=9000\""),
     ] {
@@ -376,6 +376,43 @@ fn bad_inputs_found_while_building_the_vm() {
         .filter(|n| n.to_string_lossy().contains("sock"))
         .collect();
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+    no_process_mentions(&dir);
+}
+
+/// virtio-fs backends that cannot serve: none installed, one that dies before it listens, a
+/// socket whose peer does not speak vhost-user. Each is one line, and nothing is left running.
+#[test]
+fn virtio_fs_backends_that_fail() {
+    if !kvm_or_skip("virtio_fs_backends_that_fail") {
+        return;
+    }
+    let dir = scratch("fs-backends");
+    let k = tiny_guest("hello").display().to_string();
+    let share = format!("{},tag=a", dir.display());
+    let args = ["--kernel", k.as_str(), "--share", &share];
+    let with_virtiofsd = |path: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rvmm"));
+        cmd.env("RVMM_VIRTIOFSD", path);
+        Some(cmd)
+    };
+    let missing = dir.join("no-virtiofsd").display().to_string();
+    refused_with(
+        with_virtiofsd(&missing),
+        &args,
+        &format!("RVMM_VIRTIOFSD={missing}: no such file"),
+    );
+    refused_with(
+        with_virtiofsd("/bin/false"),
+        &args,
+        "exited before it listened (exit status: 1)",
+    );
+    // A listener that hangs up on every connection, as a socket of some other service might.
+    let socket = dir.join("not-vhost-user.sock");
+    let _ = std::fs::remove_file(&socket);
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::thread::spawn(move || listener.incoming().for_each(drop));
+    let fs = format!("tag=a,socket={}", socket.display());
+    refused(&["--kernel", &k, "--fs", &fs], "--fs tag a: vhost-user");
     no_process_mentions(&dir);
 }
 

@@ -184,7 +184,7 @@ fn bench_report_holds_the_measured_samples() -> TestResult {
         "start: process",
         "memory: rvmm microVM",
         "cpu: process",
-        "cpu/disk/net: rvmm microVM Linux guest",
+        "guest steps: rvmm microVM Linux guest",
     ] {
         if !stderr.contains(&format!("rvmm bench: {step}")) {
             return Err(format!("no progress line for {step:?}:\n{stderr}"));

@@ -10,12 +10,13 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use common::container::{container_guest, run_dirs, write_images};
 use common::{assemble_program, linux_kvm_or_skip};
 use rvmm_agent::bundle::{config_json, runtime_spec, BundleParams};
 use rvmm_agent::protocol::{ExitStatus, RunRequest};
 use rvmm_agent::user::resolve;
 use rvmm_container::image::disk::DiskCache;
-use rvmm_container::image::testimage::{self, TestImage};
+use rvmm_container::image::testimage;
 use rvmm_container::image::Image;
 use rvmm_container::request::{run_request, Overrides};
 use rvmm_container::session::{RunIo, Session};
@@ -52,21 +53,6 @@ fn debugfs(disk: &Path, request: &str) -> String {
         .output()
         .expect("debugfs runs");
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The test image as a docker save tar and an OCI layout, in `dir`.
-fn write_images(dir: &Path) -> Option<(PathBuf, PathBuf)> {
-    let image = match TestImage::busybox() {
-        Ok(image) => image,
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            return None;
-        }
-    };
-    let (docker, oci) = (dir.join("docker.tar"), dir.join("oci"));
-    image.write_docker_save(&docker).unwrap();
-    image.write_oci_layout(&oci).unwrap();
-    Some((docker, oci))
 }
 
 /// Everything up to the hand-over to the guest: the ext4 disk and the config.json the agent
@@ -129,24 +115,6 @@ fn host_side_builds_the_disk_and_bundle_the_guest_gets() {
     }
 }
 
-/// The container guest, or a skip (a failure under RVMM_REQUIRE_KVM=1).
-fn container_guest(test: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("RVMM_CONTAINER_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| rvmm_container::cache::cache_base().join("container-guest"));
-    if GuestFiles::find(Some(&dir)).is_ok() {
-        return Some(dir);
-    }
-    if std::env::var("RVMM_REQUIRE_KVM").as_deref() == Ok("1") {
-        panic!(
-            "{test}: no container guest in {} (run resources/build-container-guest.sh)",
-            dir.display()
-        );
-    }
-    eprintln!("SKIPPED {test}: no container guest in {}", dir.display());
-    None
-}
-
 /// A guest that boots but never answers: the container guest's kernel with a root disk whose
 /// /sbin/init spins (tests/guests/spin_init.S). Made in `scratch`.
 fn silent_guest(container_dir: &Path, scratch: &Path) -> PathBuf {
@@ -191,15 +159,6 @@ fn processes_naming(marker: &str) -> Vec<String> {
 /// The VM tests run one at a time: each checks that no run directory or VM process is left
 /// behind, which the other's would look like.
 static ONE_VM_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn run_dirs() -> Vec<PathBuf> {
-    std::fs::read_dir("/tmp")
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().starts_with("/tmp/rvmm-run-"))
-        .collect()
-}
 
 /// A guest whose agent never answers: one error line, exit 1, no VM and no sockets left.
 #[test]
@@ -251,6 +210,60 @@ fn agent_timeout_fails_cleanly() {
         .unwrap()
         .count();
     assert!(disks >= 1);
+}
+
+/// `rvmm run -v`: the container reads a host file and writes one the host then finds; a `:ro`
+/// volume refuses writes; no virtiofsd outlives the run.
+#[test]
+fn run_mounts_host_directories_as_volumes() {
+    let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let test = "run_mounts_host_directories_as_volumes";
+    if !linux_kvm_or_skip(test) {
+        return;
+    }
+    let Some(guest) = container_guest(test) else {
+        return;
+    };
+    let dir = TempDir::new().unwrap();
+    let Some((docker, _)) = write_images(dir.as_path()) else {
+        return;
+    };
+    let (rw, ro) = (dir.as_path().join("rw"), dir.as_path().join("ro"));
+    for (d, text) in [(&rw, "from-host\n"), (&ro, "read-only\n")] {
+        std::fs::create_dir(d).unwrap();
+        std::fs::write(d.join("in"), text).unwrap();
+    }
+    let script = "cat /data/in /conf/in; echo out >/data/out; \
+                  if echo no >/conf/x; then echo ro-was-writable; fi";
+    let out = Command::new(RVMM)
+        .env("XDG_CACHE_HOME", dir.as_path().join("xdg"))
+        .arg("run")
+        .arg("--guest")
+        .arg(&guest)
+        .arg("-v")
+        .arg(format!("{}:/data", rw.display()))
+        .arg("--volume")
+        .arg(format!("{}:/conf:ro", ro.display()))
+        .arg(&docker)
+        .args(["--", "sh", "-c", script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert_eq!(stdout, "from-host\nread-only\n");
+    assert!(stderr.contains("Read-only file system"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(rw.join("out")).unwrap(), "out\n");
+    assert!(!ro.join("x").exists());
+    let marker = dir.as_path().display().to_string();
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&marker))
+        .collect();
+    assert!(left.is_empty(), "still running: {left:?}");
 }
 
 struct Ran {
@@ -308,10 +321,13 @@ fn container_vm_serves_several_requests() {
     let mut vm = VmProcess::start(&VmLaunch {
         vmm: Path::new(RVMM),
         guest: &guest,
-        image_disk: &disk,
+        image_disk: Some(&disk),
         cpus: 2,
         memory_mib: 512,
         nets: &[],
+        publish: &[],
+        shares: &[],
+        netns: None,
         console_log: Some(&log),
     })
     .unwrap();

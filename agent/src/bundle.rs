@@ -9,7 +9,7 @@ use oci_spec::runtime::{
 };
 use oci_spec::OciSpecError;
 
-use crate::protocol::RunRequest;
+use crate::protocol::{RunRequest, Volume};
 use crate::user::ResolvedUser;
 
 /// At most this many processes per container (cgroup v2 pids.max), so a fork bomb cannot take
@@ -17,6 +17,8 @@ use crate::user::ResolvedUser;
 pub const PIDS_LIMIT: i64 = 4096;
 /// The rootfs directory inside a bundle.
 pub const ROOTFS_DIR: &str = "rootfs";
+/// Where the guest mounts each volume's virtio-fs tag, to bind it into containers.
+pub const VOLUMES_DIR: &str = "/run/rvmm-volumes";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
@@ -26,6 +28,13 @@ pub enum BundleError {
     NoCommand,
     #[error("working directory {0:?} is not absolute")]
     RelativeCwd(String),
+    #[error("volume destination {0:?} must be an absolute path other than /")]
+    VolumeDestination(String),
+}
+
+/// Where the guest mounts the virtio-fs `tag` of a volume.
+pub fn volume_source(tag: &str) -> String {
+    format!("{VOLUMES_DIR}/{tag}")
 }
 
 /// What one container needs besides the request itself.
@@ -41,7 +50,8 @@ pub struct BundleParams<'a> {
 
 /// The runtime config: the OCI defaults (pid, net, ipc, uts, mount and cgroup namespaces; the
 /// default capabilities, masked and read-only paths, /proc, /dev, /sys mounts) with the
-/// request's process, a writable root, a tmpfs /tmp, and a pids limit.
+/// request's process, a writable root, a tmpfs /tmp, the request's volumes as bind mounts, and
+/// a pids limit.
 pub fn runtime_spec(p: &BundleParams) -> Result<Spec, BundleError> {
     let req = p.request;
     if req.argv.is_empty() {
@@ -58,7 +68,8 @@ pub fn runtime_spec(p: &BundleParams) -> Result<Spec, BundleError> {
     process.set_args(Some(req.argv.clone()));
     process.set_env(Some(req.env.clone()));
     process.set_cwd(cwd.into());
-    process.set_terminal(Some(false));
+    // The agent gives crun a console socket for such a request.
+    process.set_terminal(Some(req.terminal.is_some()));
     let user = UserBuilder::default()
         .uid(p.user.uid)
         .gid(p.user.gid)
@@ -76,6 +87,9 @@ pub fn runtime_spec(p: &BundleParams) -> Result<Spec, BundleError> {
 
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     mounts.push(tmp_mount()?);
+    for volume in &req.volumes {
+        mounts.push(volume_mount(volume)?);
+    }
     spec.set_mounts(Some(mounts));
 
     let mut linux = spec.linux().clone().unwrap_or_default();
@@ -108,6 +122,25 @@ fn tmp_mount() -> Result<Mount, BundleError> {
         .map_err(BundleError::Spec)
 }
 
+/// The guest's mount of the volume's tag, bound at its destination.
+fn volume_mount(volume: &Volume) -> Result<Mount, BundleError> {
+    let dest = &volume.destination;
+    if !dest.starts_with('/') || dest.trim_end_matches('/').is_empty() {
+        return Err(BundleError::VolumeDestination(dest.clone()));
+    }
+    let mut options = vec!["rbind".to_string(), "rprivate".into()];
+    if volume.read_only {
+        options.push("ro".into());
+    }
+    MountBuilder::default()
+        .destination(dest)
+        .typ("bind")
+        .source(volume_source(&volume.tag))
+        .options(options)
+        .build()
+        .map_err(BundleError::Spec)
+}
+
 /// `config.json` as crun reads it.
 pub fn config_json(spec: &Spec) -> Result<String, BundleError> {
     serde_json::to_string_pretty(spec).map_err(|e| BundleError::Spec(OciSpecError::SerDe(e)))
@@ -125,6 +158,10 @@ mod tests {
             user: "app".into(),
             stdin: false,
             host_network: false,
+            volumes: Vec::new(),
+            spec: None,
+            terminal: None,
+            network: None,
         }
     }
 
@@ -158,6 +195,9 @@ mod tests {
         assert_eq!(process["user"]["gid"], 100);
         assert_eq!(process["user"]["additionalGids"], serde_json::json!([10]));
         assert_eq!(process["terminal"], false);
+        let mut on_terminal = request();
+        on_terminal.terminal = Some(crate::protocol::WindowSize { rows: 5, cols: 9 });
+        assert_eq!(spec_for(&on_terminal).unwrap()["process"]["terminal"], true);
         let caps = serde_json::json!(["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]);
         for set in ["bounding", "effective", "permitted"] {
             let mut got = process["capabilities"][set].as_array().unwrap().clone();
@@ -197,6 +237,43 @@ mod tests {
         let ns = v["linux"]["namespaces"].as_array().unwrap();
         assert!(ns.iter().all(|n| n["type"] != "network"));
         assert!(ns.iter().any(|n| n["type"] == "pid"));
+    }
+
+    #[test]
+    fn volumes_are_bind_mounts_of_their_tags() {
+        let mut req = request();
+        req.volumes = vec![
+            Volume {
+                tag: "v0".into(),
+                destination: "/data".into(),
+                read_only: false,
+            },
+            Volume {
+                tag: "v1".into(),
+                destination: "/etc/conf".into(),
+                read_only: true,
+            },
+        ];
+        let v = spec_for(&req).unwrap();
+        let mounts = v["mounts"].as_array().unwrap();
+        let find = |dest: &str| mounts.iter().find(|m| m["destination"] == dest).unwrap();
+        assert_eq!(find("/data")["source"], "/run/rvmm-volumes/v0");
+        assert_eq!(find("/data")["type"], "bind");
+        assert_eq!(
+            find("/data")["options"],
+            serde_json::json!(["rbind", "rprivate"])
+        );
+        assert_eq!(
+            find("/etc/conf")["options"],
+            serde_json::json!(["rbind", "rprivate", "ro"])
+        );
+        for bad in ["data", "/", "//"] {
+            req.volumes[0].destination = bad.into();
+            assert!(
+                matches!(spec_for(&req), Err(BundleError::VolumeDestination(d)) if d == bad),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -15,6 +15,7 @@ pub const IMAGE_DISK: &str = "/dev/vdb";
 /// The host's well-known vsock CID.
 const HOST_CID: u32 = 2;
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+const BUSYBOX: &str = "/bin/busybox";
 const SUBTREE_CONTROL: &str = "/sys/fs/cgroup/cgroup.subtree_control";
 const CONTROLLERS: [&str; 3] = ["pids", "memory", "cpu"];
 const CONNECT_TRIES: u32 = 50;
@@ -44,6 +45,16 @@ pub fn mount(source: &str, target: &Path, fstype: &str, flags: u64, data: &str) 
 }
 
 /// Detaches a mount; a failure only leaks a tmpfs-backed overlay until power off.
+/// Whether something is mounted at `path`: it sits on another device than its parent.
+pub fn is_mount_point(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+    match (dev(path), path.parent().and_then(dev)) {
+        (Some(here), Some(parent)) => here != parent,
+        _ => false,
+    }
+}
+
 pub fn unmount(target: &Path) {
     if let Ok(target) = cstr(target) {
         // SAFETY: `target` is a valid NUL-terminated string.
@@ -52,7 +63,7 @@ pub fn unmount(target: &Path) {
 }
 
 /// The kernel file systems crun needs, a tmpfs for bundles and overlay upper layers, and the
-/// image disk read-only at `image_dir`.
+/// image disk, where there is one, read-only at `image_dir`.
 pub fn setup(image_disk: &Path, image_dir: &str) -> io::Result<()> {
     let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     let mounts: [(&str, &str, &str, u64, &str); 6] = [
@@ -93,7 +104,16 @@ pub fn setup(image_disk: &Path, image_dir: &str) -> io::Result<()> {
     for controller in CONTROLLERS {
         let _ = std::fs::write(SUBTREE_CONTROL, format!("+{controller}"));
     }
+    // Containers on the guest's network (`rvmm run`'s default) need its loopback; eth0 is up
+    // already where rvmm's `--net user` had the kernel configure it (`ip=`).
+    if let Err(e) = run_ip(&["link", "set", "lo", "up"]) {
+        log_line(&format!("cannot bring up lo: {e}"));
+    }
     std::fs::create_dir_all(image_dir)?;
+    // rvmm-oci's VMs get their roots over virtio-fs instead.
+    if !image_disk.exists() {
+        return Ok(());
+    }
     let disk = image_disk.to_string_lossy();
     mount(&disk, Path::new(image_dir), "ext4", libc::MS_RDONLY, "")
         .map_err(|e| io::Error::new(e.kind(), format!("cannot mount the image disk {disk}: {e}")))
@@ -123,7 +143,8 @@ pub fn connect_host(port: u32, unix: Option<&Path>) -> io::Result<File> {
     Err(last)
 }
 
-fn connect_vsock(port: u32) -> io::Result<File> {
+/// A new vsock stream socket and the address of `cid`:`port`.
+fn vsock_socket(cid: u32, port: u32) -> io::Result<(File, libc::sockaddr_vm)> {
     // SAFETY: plain socket creation; the result is checked.
     let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -134,20 +155,57 @@ fn connect_vsock(port: u32) -> io::Result<File> {
     // SAFETY: sockaddr_vm is plain data; all-zero is a valid starting value.
     let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
     addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-    addr.svm_cid = HOST_CID;
+    addr.svm_cid = cid;
     addr.svm_port = port;
-    // SAFETY: `addr` is a valid sockaddr_vm and the length passed is its size.
+    Ok((sock, addr))
+}
+
+const VSOCK_ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+
+fn connect_vsock(port: u32) -> io::Result<File> {
+    let (sock, addr) = vsock_socket(HOST_CID, port)?;
+    let addr = (&addr as *const libc::sockaddr_vm).cast();
+    // SAFETY: `addr` points at a valid sockaddr_vm of the length passed.
+    if unsafe { libc::connect(sock.as_raw_fd(), addr, VSOCK_ADDR_LEN) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sock)
+}
+
+/// A vsock listener on `port` for any CID.
+pub fn listen_vsock(port: u32) -> io::Result<File> {
+    let (sock, addr) = vsock_socket(libc::VMADDR_CID_ANY, port)?;
+    let addr = (&addr as *const libc::sockaddr_vm).cast();
+    // SAFETY: `addr` points at a valid sockaddr_vm of the length passed; listen takes
+    // integers.
     let rc = unsafe {
-        libc::connect(
-            fd,
-            (&addr as *const libc::sockaddr_vm).cast(),
-            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-        )
+        match libc::bind(sock.as_raw_fd(), addr, VSOCK_ADDR_LEN) {
+            0 => libc::listen(sock.as_raw_fd(), 8),
+            rc => rc,
+        }
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(sock)
+}
+
+/// The next connection on a listener from [`listen_vsock`].
+pub fn accept(listener: &File) -> io::Result<File> {
+    // SAFETY: accept4 on a listening socket; null address pointers are allowed.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor owned by nothing else.
+    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
 /// Flushes the disks and resets the guest, which ends the VM (rvmm stops on reset).
@@ -159,4 +217,60 @@ pub fn power_off() -> ! {
     }
     // PID 1 exiting panics the kernel, which (panic=1) also resets the guest.
     std::process::exit(1)
+}
+
+/// The guest's network as the host's namespace had it: `net`'s interface (found by its MAC)
+/// with its MTU, addresses, default route and the container's net sysctls, and loopback up,
+/// so that a container in the guest's own namespace is on the caller's network.
+pub fn configure_network(net: &rvmm_agent::protocol::GuestNetwork) -> Result<(), String> {
+    let name = std::fs::read_dir("/sys/class/net")
+        .map_err(|e| format!("network: {e}"))?
+        .flatten()
+        .find(|e| {
+            std::fs::read_to_string(e.path().join("address"))
+                .is_ok_and(|a| a.trim().eq_ignore_ascii_case(&net.mac))
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .ok_or_else(|| format!("no network interface has the MAC {}", net.mac))?;
+    let mtu = net.mtu.to_string();
+    let mut steps: Vec<Vec<&str>> = vec![
+        vec!["link", "set", "lo", "up"],
+        vec!["link", "set", &name, "mtu", &mtu, "up"],
+    ];
+    for address in &net.addresses {
+        steps.push(vec!["addr", "add", address, "dev", &name]);
+    }
+    if let Some(gateway) = &net.gateway {
+        steps.push(vec![
+            "route", "add", "default", "via", gateway, "dev", &name,
+        ]);
+    }
+    for args in steps {
+        run_ip(&args)?;
+    }
+    for (name, value) in &net.sysctls {
+        let path = Path::new("/proc/sys").join(name.replace('.', "/"));
+        std::fs::write(&path, value).map_err(|e| format!("sysctl {name}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// busybox `ip` with `args`; its complaint when it fails.
+fn run_ip(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new(BUSYBOX)
+        .arg("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if !out.status.success() {
+        let said = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("ip {}: {}", args.join(" "), said.trim()));
+    }
+    Ok(())
+}
+
+/// A line on the console, which PID 1 must not die for.
+fn log_line(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(io::stderr(), "rvmm-agent: {line}");
 }

@@ -17,9 +17,11 @@ use bincode::Options;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; a peer with another version is refused.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// The vsock port the host listens on and the agent connects to.
 pub const AGENT_PORT: u32 = 1024;
+/// The vsock port the agent listens on for more sessions from the host (`rvmm-oci exec`).
+pub const EXEC_PORT: u32 = 1025;
 /// The largest payload either side accepts; stdio data is sent in chunks below it.
 pub const MAX_PAYLOAD: usize = 1 << 20;
 /// Stdio is relayed in chunks of at most this many bytes.
@@ -62,6 +64,57 @@ pub struct RunRequest {
     pub stdin: bool,
     /// Whether the container shares the VM's network instead of getting its own namespace.
     pub host_network: bool,
+    /// Host directories the container sees, each shared with the VM over virtio-fs.
+    pub volumes: Vec<Volume>,
+    /// A complete OCI runtime config (config.json) to run as it is, after mounting `volumes`,
+    /// instead of one made from the fields above: what rvmm-oci sends for a bundle whose root
+    /// and mounts it has rewritten to the guest's volume paths.
+    pub spec: Option<String>,
+    /// Run the container on a terminal of this size (the spec's process.terminal must agree);
+    /// stdout and stderr then arrive together as stdout.
+    pub terminal: Option<WindowSize>,
+    /// Configure the guest's eth0 so and run the container in the guest's network namespace
+    /// (rvmm-oci, whose VM joins the caller's network).
+    pub network: Option<GuestNetwork>,
+}
+
+/// What the guest's eth0 becomes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNetwork {
+    /// The MAC the VM's interface already has; kept to name the interface in messages.
+    pub mac: String,
+    /// CIDR addresses, such as 10.88.0.5/16.
+    pub addresses: Vec<String>,
+    pub gateway: Option<String>,
+    pub mtu: u32,
+    /// The container's `net.*` sysctls (name, value), set in the guest's namespace, which is
+    /// the container's: crun takes them only for a namespace of the container's own.
+    pub sysctls: Vec<(String, String)>,
+}
+
+/// A process to start in the running container.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// The OCI process (process.json) as crun exec takes it.
+    pub process: String,
+    /// On a terminal of this size (the process's `terminal` must agree).
+    pub terminal: Option<WindowSize>,
+}
+
+/// A terminal's size in characters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// A host directory that the VM has as virtio-fs `tag` and the container sees at
+/// `destination`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub tag: String,
+    pub destination: String,
+    pub read_only: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,8 +123,9 @@ pub enum Message {
     Hello {
         agent: String,
     },
-    /// host → agent: start a command; only one runs at a time.
-    Run(RunRequest),
+    /// host → agent: start a command; only one runs at a time. Boxed: it is far larger than
+    /// the stdio messages that make up most of the traffic.
+    Run(Box<RunRequest>),
     Stdin(Vec<u8>),
     StdinClose,
     /// host → agent: deliver this signal to the container.
@@ -83,6 +137,12 @@ pub enum Message {
     Failed(String),
     /// host → agent: power the VM off.
     Shutdown,
+    // Later additions stay at the end, so that the earlier messages keep their encoding.
+    /// host → agent: start another process in the running container (`crun exec`); it is
+    /// this connection's command, answered like a run.
+    Exec(Box<ExecRequest>),
+    /// host → agent: the container's terminal has a new size.
+    Resize(WindowSize),
 }
 
 fn codec() -> impl Options {
@@ -195,13 +255,31 @@ mod tests {
             Message::Hello {
                 agent: "rvmm-agent 0.1".into(),
             },
-            Message::Run(RunRequest {
+            Message::Run(Box::new(RunRequest {
                 argv: vec!["sh".into(), "-c".into(), "exit 3".into()],
                 env: vec!["FOO=bar".into()],
                 cwd: "/".into(),
                 user: "1000:1000".into(),
                 stdin: true,
                 host_network: false,
+                volumes: vec![Volume {
+                    tag: "v0".into(),
+                    destination: "/data".into(),
+                    read_only: true,
+                }],
+                spec: Some("{}".into()),
+                terminal: Some(WindowSize { rows: 24, cols: 80 }),
+                network: Some(GuestNetwork {
+                    mac: "02:00:00:00:00:01".into(),
+                    addresses: vec!["10.0.0.2/24".into()],
+                    gateway: Some("10.0.0.1".into()),
+                    mtu: 1500,
+                    sysctls: vec![("net.ipv4.ping_group_range".into(), "0 0".into())],
+                }),
+            })),
+            Message::Resize(WindowSize {
+                rows: 50,
+                cols: 132,
             }),
             Message::Stdin(b"data".to_vec()),
             Message::StdinClose,
@@ -270,10 +348,11 @@ mod tests {
     fn rejects_unknown_versions() {
         let mut frame = encode(&Message::Shutdown).unwrap();
         frame[0] = VERSION + 1;
-        assert!(matches!(decode(&frame), Err(ProtocolError::Version(2))));
+        let next = VERSION + 1;
+        assert!(matches!(decode(&frame), Err(ProtocolError::Version(v)) if v == next));
         assert!(matches!(
             recv(&mut frame.as_slice()),
-            Err(ProtocolError::Version(2))
+            Err(ProtocolError::Version(v)) if v == next
         ));
     }
 

@@ -115,7 +115,7 @@ fn request(argv: &[&str], env: &[&str]) -> RunRequest {
 /// Sends a run request and its stdin.
 fn start(conn: &mut UnixStream, mut req: RunRequest, stdin: Option<&[u8]>) {
     req.stdin = stdin.is_some();
-    protocol::send(conn, &Message::Run(req)).unwrap();
+    protocol::send(conn, &Message::Run(Box::new(req))).unwrap();
     if let Some(data) = stdin {
         for chunk in data.chunks(protocol::CHUNK) {
             protocol::send(conn, &Message::Stdin(chunk.to_vec())).unwrap();

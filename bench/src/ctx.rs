@@ -16,11 +16,21 @@ pub enum Step {
     Cpu,
     Disk,
     Net,
+    Fs,
+    Runtime,
 }
 
 impl Step {
     /// Every step, in the order they run.
-    pub const ALL: [Step; 5] = [Step::Start, Step::Memory, Step::Cpu, Step::Disk, Step::Net];
+    pub const ALL: [Step; 7] = [
+        Step::Start,
+        Step::Memory,
+        Step::Cpu,
+        Step::Disk,
+        Step::Net,
+        Step::Fs,
+        Step::Runtime,
+    ];
 }
 
 /// Everything a step needs: the built tools and what is available on this host.

@@ -1,6 +1,6 @@
-//! The VM rows of the cpu, disk and net figures: a Linux guest whose /init is the workload
+//! The VM rows of the cpu, disk, net and fs figures: a Linux guest whose /init is the workload
 //! agent runs the same workloads under rvmm and under QEMU microvm (same kernel, root disk,
-//! data disk and TAP) and prints their results. When a guest's agent never finishes, that
+//! data disks, TAP and virtio-fs share) and prints their results. When a guest's agent never finishes, that
 //! VMM's rows are skipped with what the guest printed last.
 
 use std::path::{Path, PathBuf};
@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::container::ip;
 use super::ctx::{progress, Ctx, Step};
+use super::fs::{FsData, QemuVirtiofsd};
 use super::report::{Figure, Variant};
 use super::runner::{field, last_line, run, RunError, Watch};
 use super::tools::install_with_libs;
@@ -25,6 +26,9 @@ const ROOT_MAX_BYTES: u64 = 1 << 30;
 /// A Linux boot takes ~1 minute on an emulating KVM and the workloads a few more, longer
 /// when the machine is busy.
 const PASS_TIMEOUT: Duration = Duration::from_secs(900);
+/// The fs step's pass: QEMU + virtiofsd took ~10 minutes to extract the 5 000 files on a KVM
+/// nested in TCG.
+const FS_PASS_TIMEOUT: Duration = Duration::from_secs(1800);
 const GUEST_MIB: &str = "256";
 const TAP_HOST_IP: &str = "10.231.1.1";
 const TAP_GUEST_IP: &str = "10.231.1.2";
@@ -97,6 +101,8 @@ fn root_disk(ctx: &Ctx) -> Result<PathBuf, String> {
 struct Printed {
     values: Vec<(&'static str, f64)>,
     syscall_usec: Option<f64>,
+    /// What the fs step printed instead of its figures.
+    fs_error: Option<String>,
 }
 
 fn parse(console: &str) -> Printed {
@@ -122,17 +128,26 @@ fn parse(console: &str) -> Printed {
     if let Some(v) = field(console, "RVMM-BENCH rr usec=") {
         values.push(("net.rr", v));
     }
+    values.extend(super::fs::guest_values(console));
     Printed {
         values,
         syscall_usec: field(console, SYSCALL),
+        fs_error: super::fs::guest_error(console),
     }
+}
+
+/// The guest's disks besides its root: the disk step's raw file and the fs step's data.
+pub struct Disks<'a> {
+    pub data: Option<&'a Path>,
+    /// Present when the fs step runs.
+    pub fs: Option<&'a FsData>,
 }
 
 /// What every pass boots, whichever VMM runs it.
 struct Guest<'a> {
     kernel: PathBuf,
     root: PathBuf,
-    disk: &'a Path,
+    disks: &'a Disks<'a>,
     steps: &'a [Step],
 }
 
@@ -145,6 +160,7 @@ impl Guest<'_> {
             .map(|s| match s {
                 Step::Cpu => format!("cpu:{CPU_ROUNDS}"),
                 Step::Disk => "disk".into(),
+                Step::Fs => "fs".into(),
                 _ => "net".into(),
             })
             .collect();
@@ -155,12 +171,19 @@ impl Guest<'_> {
         )
     }
 
-    fn rvmm(&self, ctx: &Ctx, tap: Option<&str>) -> Command {
-        let mut cmd = Command::new(&ctx.tools.rvmm);
+    fn rvmm(&self, rvmm: &Path, tap: Option<&str>) -> Command {
+        let mut cmd = Command::new(rvmm);
         cmd.arg("--kernel").arg(&self.kernel);
         cmd.arg("--rootfs").arg(&self.root);
-        cmd.args(["--memory", GUEST_MIB, "--disk"])
-            .arg(format!("{},ro", self.disk.display()));
+        cmd.args(["--memory", GUEST_MIB]);
+        if let Some(data) = self.disks.data {
+            cmd.arg("--disk").arg(format!("{},ro", data.display()));
+        }
+        if let Some(fs) = self.disks.fs {
+            cmd.arg("--disk").arg(&fs.disk);
+            cmd.arg("--share")
+                .arg(format!("{},tag={}", fs.share.display(), super::fs::TAG));
+        }
         if let Some(tap) = tap {
             cmd.args(["--net", &format!("tap={tap}")]);
         }
@@ -170,21 +193,27 @@ impl Guest<'_> {
     }
 
     /// QEMU microvm with the same devices on virtio-mmio; its ACPI DSDT describes them (vda is
-    /// the first).
-    fn qemu(&self, qemu: &Path, tap: Option<&str>) -> Command {
+    /// the first). virtio-fs needs its RAM shared with virtiofsd, as rvmm's is then.
+    fn qemu(&self, qemu: &Path, tap: Option<&str>, fs_socket: Option<&Path>) -> Command {
         let cmdline = self.cmdline() + " root=/dev/vda rw";
         let mut cmd = Command::new(qemu);
-        cmd.args(["-M", "microvm,accel=kvm", "-cpu", "host", "-smp", "1"])
+        let machine = match fs_socket {
+            Some(_) => "microvm,accel=kvm,memory-backend=mem",
+            None => "microvm,accel=kvm",
+        };
+        // Virtio 1.x on virtio-mmio, as rvmm's devices are: microvm's default is the legacy
+        // transport, where virtio-fs cannot negotiate VERSION_1.
+        cmd.args(["-M", machine, "-cpu", "host", "-smp", "1"])
+            .args(["-global", "virtio-mmio.force-legacy=false"])
             .args(["-m", GUEST_MIB, "-nodefaults", "-no-user-config"])
             .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
             .arg("-kernel")
             .arg(&self.kernel)
             .arg("-append")
             .arg(cmdline);
-        let drives = [
-            (self.root.as_path(), "root", ""),
-            (self.disk, "data", ",readonly=on"),
-        ];
+        let mut drives = vec![(self.root.as_path(), "root", "")];
+        drives.extend(self.disks.data.map(|d| (d, "data", ",readonly=on")));
+        drives.extend(self.disks.fs.map(|fs| (fs.disk.as_path(), "fs", "")));
         for (path, id, extra) in drives {
             cmd.arg("-drive")
                 .arg(format!(
@@ -201,6 +230,15 @@ impl Guest<'_> {
                 "virtio-net-device,netdev=net0",
             ]);
         }
+        if let Some(socket) = fs_socket {
+            let size = format!("memory-backend-memfd,id=mem,size={GUEST_MIB}M,share=on");
+            cmd.args(["-object", &size, "-chardev"])
+                .arg(format!("socket,id=fs0,path={}", socket.display()))
+                .args([
+                    "-device",
+                    &format!("vhost-user-fs-device,chardev=fs0,tag={}", super::fs::TAG),
+                ]);
+        }
         cmd
     }
 }
@@ -215,17 +253,35 @@ fn guest_pass(ctx: &Ctx, variant: Variant, guest: &Guest) -> Result<PassResult, 
         tap => tap.and_then(Result::ok),
     };
     let tap_name = tap.as_ref().map(|t| t.0.as_str());
+    if let Some(Err(e)) = guest.disks.fs.map(FsData::reset) {
+        return Ok(Err(rvmm_vmm::error_chain(&e)));
+    }
+    let virtiofsd = match (variant, guest.disks.fs) {
+        (Variant::Qemu, Some(fs)) => match QemuVirtiofsd::start(&ctx.work, fs) {
+            Ok(d) => Some(d),
+            Err(e) => return Ok(Err(e)),
+        },
+        _ => None,
+    };
     let mut cmd = match variant {
         Variant::Qemu => match &ctx.tools.qemu {
-            Some(qemu) => guest.qemu(qemu, tap_name),
+            Some(qemu) => guest.qemu(
+                qemu,
+                tap_name,
+                virtiofsd.as_ref().map(|d| d.socket.as_path()),
+            ),
             None => return Ok(Err("qemu-system-x86_64 is not installed".into())),
         },
-        _ => guest.rvmm(ctx, tap_name),
+        _ => guest.rvmm(&ctx.tools.rvmm, tap_name),
     };
     let what = format!("{} with the bench guest", variant.label());
     // The agent prints everything before DONE; what the VMM does after it does not matter.
     let mut stop = |_| true;
-    let mut watch = Watch::new(&what, PASS_TIMEOUT, DONE);
+    let timeout = match guest.steps.contains(&Step::Fs) {
+        true => FS_PASS_TIMEOUT,
+        false => PASS_TIMEOUT,
+    };
+    let mut watch = Watch::new(&what, timeout, DONE);
     watch.on_marker = Some(&mut stop);
     watch.any_status = true;
     watch.give_up = GIVE_UP;
@@ -275,15 +331,35 @@ fn unavailable(ctx: &Ctx, kernel: &Path) -> Option<String> {
     ))
 }
 
-/// The samples of `ctx.runs` passes under one VMM, by figure id, and its system-call times.
-type VmmSamples = Result<(Vec<(&'static str, Vec<f64>)>, Vec<f64>), String>;
+/// What `ctx.runs` passes under one VMM printed.
+#[derive(Default)]
+struct VmmSamples {
+    /// Samples by figure id.
+    values: Vec<(&'static str, Vec<f64>)>,
+    syscalls: Vec<f64>,
+    /// The first thing the fs step printed instead of its figures.
+    fs_error: Option<String>,
+}
 
-fn passes(ctx: &Ctx, variant: Variant, guest: &Guest) -> Result<VmmSamples, RunError> {
-    let mut samples: Vec<(&'static str, Vec<f64>)> = Vec::new();
-    let mut syscalls = Vec::new();
+impl VmmSamples {
+    /// Why `fig` has no sample from every pass.
+    fn missing(&self, fig: &Figure) -> String {
+        match &self.fs_error {
+            Some(e) if fig.id.starts_with("fs.") => format!("the guest printed {e:?}"),
+            _ => "the guest did not print this workload's result in every run".into(),
+        }
+    }
+}
+
+fn passes(
+    ctx: &Ctx,
+    variant: Variant,
+    guest: &Guest,
+) -> Result<Result<VmmSamples, String>, RunError> {
+    let mut out = VmmSamples::default();
     for i in 0..ctx.runs {
         progress(&format!(
-            "cpu/disk/net: {} Linux guest, run {} of {}",
+            "guest steps: {} Linux guest, run {} of {}",
             variant.label(),
             i + 1,
             ctx.runs
@@ -292,22 +368,23 @@ fn passes(ctx: &Ctx, variant: Variant, guest: &Guest) -> Result<VmmSamples, RunE
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
-        syscalls.extend(printed.syscall_usec);
+        out.syscalls.extend(printed.syscall_usec);
+        out.fs_error = out.fs_error.or(printed.fs_error);
         for (id, v) in printed.values {
-            match samples.iter_mut().find(|s| s.0 == id) {
+            match out.values.iter_mut().find(|s| s.0 == id) {
                 Some(s) => s.1.push(v),
-                None => samples.push((id, vec![v])),
+                None => out.values.push((id, vec![v])),
             }
         }
     }
-    Ok(Ok((samples, syscalls)))
+    Ok(Ok(out))
 }
 
-/// Adds the rvmm and QEMU rows to the cpu/disk/net figures; returns notes for the report.
+/// Adds the rvmm and QEMU rows to the cpu/disk/net/fs figures; returns notes for the report.
 pub fn add_vm_rows(
     ctx: &Ctx,
     steps: &[Step],
-    disk: &Path,
+    disks: &Disks,
     figures: &mut [Figure],
 ) -> Result<Vec<String>, RunError> {
     let kernel = guest_dir().join(KERNEL);
@@ -328,7 +405,7 @@ pub fn add_vm_rows(
     let guest = Guest {
         kernel,
         root,
-        disk,
+        disks,
         steps,
     };
     let _servers = (
@@ -342,20 +419,17 @@ pub fn add_vm_rows(
     let mut syscalls = Vec::new();
     for variant in [Variant::Rvmm, Variant::Qemu] {
         let outcome = passes(ctx, variant, &guest)?;
-        if let Ok((_, times)) = &outcome {
-            if let Some(median) = super::stats::Summary::of(times).map(|s| s.median) {
+        if let Ok(out) = &outcome {
+            if let Some(median) = super::stats::Summary::of(&out.syscalls).map(|s| s.median) {
                 syscalls.push((variant, median));
             }
         }
         for fig in figures.iter_mut() {
             match &outcome {
                 Err(reason) => fig.skipped(variant, reason),
-                Ok((samples, _)) => match samples.iter().find(|s| s.0 == fig.id) {
+                Ok(out) => match out.values.iter().find(|s| s.0 == fig.id) {
                     Some((_, s)) if s.len() == ctx.runs as usize => fig.samples(variant, s.clone()),
-                    _ => fig.skipped(
-                        variant,
-                        "the guest did not print this workload's result in every run",
-                    ),
+                    _ => fig.skipped(variant, &out.missing(fig)),
                 },
             }
         }
@@ -366,7 +440,7 @@ pub fn add_vm_rows(
 /// Which kernel the guest passes booted, and what a guest system call cost.
 fn guest_note(ctx: &Ctx, syscalls: &[(Variant, f64)]) -> String {
     let mut note = format!(
-        "The cpu/disk/net VM rows boot `{KERNEL}` from {}",
+        "The VM rows of the guest steps boot `{KERNEL}` from {}",
         guest_dir().display()
     );
     let measured: Vec<String> = syscalls
@@ -431,22 +505,39 @@ mod tests {
 
     #[test]
     fn both_vmms_boot_the_same_kernel_disks_and_command_line() {
-        let disk = Path::new("/tmp/data.img");
+        let fs = FsData {
+            share: PathBuf::from("/tmp/share"),
+            disk: PathBuf::from("/tmp/fs.ext4"),
+        };
+        let disks = Disks {
+            data: Some(Path::new("/tmp/data.img")),
+            fs: Some(&fs),
+        };
         let guest = Guest {
             kernel: PathBuf::from("/k/vmlinux"),
             root: PathBuf::from("/tmp/root.ext4"),
-            disk,
-            steps: &[Step::Cpu, Step::Net],
+            disks: &disks,
+            steps: &[Step::Cpu, Step::Net, Step::Fs],
         };
         let cmdline = guest.cmdline();
         assert!(
-            cmdline.contains(&format!("rvmm_bench=cpu:{CPU_ROUNDS},net ")),
+            cmdline.contains(&format!("rvmm_bench=cpu:{CPU_ROUNDS},net,fs ")),
             "{cmdline}"
         );
-        let qemu = guest.qemu(Path::new("/usr/bin/qemu-system-x86_64"), Some("tap0"));
+        let socket = Path::new("/tmp/fs.sock");
+        let qemu = guest.qemu(
+            Path::new("/usr/bin/qemu-system-x86_64"),
+            Some("tap0"),
+            Some(socket),
+        );
         let qemu = guest_args(&qemu);
         for want in [
-            "microvm,accel=kvm",
+            "microvm,accel=kvm,memory-backend=mem",
+            "virtio-mmio.force-legacy=false",
+            "memory-backend-memfd,id=mem,size=256M,share=on",
+            "socket,id=fs0,path=/tmp/fs.sock",
+            "vhost-user-fs-device,chardev=fs0,tag=benchfs",
+            "id=fs,file=/tmp/fs.ext4,format=raw,if=none",
             "host",
             "/k/vmlinux",
             "id=root,file=/tmp/root.ext4,format=raw,if=none",
@@ -462,6 +553,10 @@ mod tests {
         let root = qemu.iter().position(|a| a.starts_with("id=root")).unwrap();
         let data = qemu.iter().position(|a| a.starts_with("id=data")).unwrap();
         assert!(root < data);
+        let rvmm = guest_args(&guest.rvmm(Path::new("/bin/rvmm"), None));
+        for want in ["/tmp/data.img,ro", "/tmp/fs.ext4", "/tmp/share,tag=benchfs"] {
+            assert!(rvmm.iter().any(|a| a == want), "{want} not in {rvmm:?}");
+        }
     }
 
     fn guest_args(cmd: &Command) -> Vec<String> {

@@ -5,11 +5,13 @@
 mod chart;
 mod container;
 mod ctx;
+mod fs;
 mod guest;
 mod machine;
 mod procmem;
 mod report;
 mod runner;
+mod runtime;
 mod start;
 mod stats;
 mod tools;
@@ -101,6 +103,11 @@ fn bench(args: &BenchOptions) -> Result<(), BenchError> {
         figures.extend(start::memory(&ctx)?);
     }
     figures.extend(guest_steps(&ctx, &steps, &mut notes)?);
+    if steps.contains(&Step::Runtime) {
+        let (figs, note) = runtime::runtime(&ctx)?;
+        figures.extend(figs);
+        notes.extend(note);
+    }
     let bench_peak_rss_mib = procmem::own_peak_kib() as f64 / 1024.0;
     notes.extend(rss_note(&figures, bench_peak_rss_mib));
     write_report(
@@ -130,6 +137,8 @@ fn container_rootfs(
 }
 
 /// The cpu, disk and net steps: host variants here, VM variants from one guest pass per VMM.
+/// The fs step boots passes of its own, so that a VMM whose file sharing hangs loses only
+/// the fs rows.
 fn guest_steps(
     ctx: &Ctx,
     steps: &[Step],
@@ -139,22 +148,40 @@ fn guest_steps(
         .into_iter()
         .filter(|s| steps.contains(s))
         .collect();
-    if wanted.is_empty() {
-        return Ok(Vec::new());
-    }
-    let disk = ctx.work.join("disk.img");
-    workloads::make_disk_file(&disk).map_err(|e| BenchError::Io(disk.display().to_string(), e))?;
     let mut figures = Vec::new();
-    if wanted.contains(&Step::Cpu) {
-        figures.extend(workloads::cpu(ctx)?);
+    if !wanted.is_empty() {
+        let disk = ctx.work.join("disk.img");
+        workloads::make_disk_file(&disk)
+            .map_err(|e| BenchError::Io(disk.display().to_string(), e))?;
+        if wanted.contains(&Step::Cpu) {
+            figures.extend(workloads::cpu(ctx)?);
+        }
+        if wanted.contains(&Step::Disk) {
+            figures.extend(workloads::disk(ctx, &disk)?);
+        }
+        if wanted.contains(&Step::Net) {
+            figures.extend(workloads::net(ctx)?);
+        }
+        let disks = guest::Disks {
+            data: Some(&disk),
+            fs: None,
+        };
+        notes.extend(guest::add_vm_rows(ctx, &wanted, &disks, &mut figures)?);
     }
-    if wanted.contains(&Step::Disk) {
-        figures.extend(workloads::disk(ctx, &disk)?);
+    if steps.contains(&Step::Fs) {
+        progress("fs: writing 5 000 small files as a tar and a 256 MiB file");
+        let data = fs::FsData::create(&ctx.work).map_err(|e| error_chain(&e));
+        let mut fs_figures = fs::host(ctx, &data)?;
+        let disks = guest::Disks {
+            data: None,
+            fs: data.as_ref().ok(),
+        };
+        let fs_notes = guest::add_vm_rows(ctx, &[Step::Fs], &disks, &mut fs_figures)?;
+        if wanted.is_empty() {
+            notes.extend(fs_notes);
+        }
+        figures.extend(fs_figures);
     }
-    if wanted.contains(&Step::Net) {
-        figures.extend(workloads::net(ctx)?);
-    }
-    notes.extend(guest::add_vm_rows(ctx, &wanted, &disk, &mut figures)?);
     Ok(figures)
 }
 

@@ -24,8 +24,8 @@ pub fn tree(pid: u32, guest_kib: u64) -> MemSample {
     sample
 }
 
-/// `root` and every process whose parent chain leads to it.
-fn descendants(root: u32) -> Vec<u32> {
+/// Every process now: pid → parent pid.
+pub fn parents() -> HashMap<u32, u32> {
     let mut parent = HashMap::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = entry
@@ -40,6 +40,12 @@ fn descendants(root: u32) -> Vec<u32> {
             parent.insert(pid, ppid);
         }
     }
+    parent
+}
+
+/// `root` and every process whose parent chain leads to it.
+fn descendants(root: u32) -> Vec<u32> {
+    let parent = parents();
     let mut out = vec![root];
     let mut i = 0;
     while i < out.len() {
@@ -68,7 +74,8 @@ pub fn own_peak_kib() -> u64 {
     )
 }
 
-fn kib_field(text: &str, name: &str) -> u64 {
+/// The number after `name` on its line, e.g. `Pss:` in /proc/PID/smaps_rollup (kB).
+pub fn kib_field(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name))
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())

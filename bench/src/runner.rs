@@ -23,8 +23,12 @@ pub enum RunError {
     Cancelled,
     #[error("cannot start {0}")]
     Spawn(String, #[source] std::io::Error),
-    #[error("{what} did not finish within {secs} s")]
-    Timeout { what: String, secs: u64 },
+    #[error("{what} did not finish within {secs} s (its last output line: {last:?})")]
+    Timeout {
+        what: String,
+        secs: u64,
+        last: String,
+    },
     #[error("{what} failed ({status}): {stderr}")]
     Failed {
         what: String,
@@ -199,9 +203,11 @@ pub fn run(cmd: &mut Command, mut watch: Watch) -> Result<Measured, RunError> {
     while !stopped && pipes.iter().any(Option::is_some) {
         check_cancel()?;
         if start.elapsed() > watch.timeout {
+            let out = pipes[0].as_ref().map_or("", |p| p.text.as_str());
             return Err(RunError::Timeout {
                 what: watch.what.to_string(),
                 secs: watch.timeout.as_secs(),
+                last: last_line(out).to_string(),
             });
         }
         poll_pipes(&mut pipes);

@@ -148,13 +148,18 @@ pub fn fio_args(file: &str, seq: bool) -> Vec<String> {
     .collect()
 }
 
-/// A file of pseudo-random data (not sparse, so that reads hit real blocks).
+/// The disk step's file.
 pub fn make_disk_file(path: &Path) -> std::io::Result<()> {
+    write_random(path, DISK_MIB)
+}
+
+/// A file of `mib` MiB of pseudo-random data (not sparse, so that reads hit real blocks).
+pub fn write_random(path: &Path, mib: usize) -> std::io::Result<()> {
     use std::io::Write;
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut block = vec![0u8; 1 << 20];
-    for _ in 0..DISK_MIB {
+    for _ in 0..mib {
         for chunk in block.chunks_mut(8) {
             x ^= x << 13;
             x ^= x >> 7;

@@ -2,7 +2,7 @@
 //! given command replaces Cmd and keeps Entrypoint; `-e` overrides the image's Env; `-w`
 //! overrides WorkingDir.
 
-use rvmm_agent::protocol::RunRequest;
+use rvmm_agent::protocol::{RunRequest, Volume};
 
 use super::image::Settings;
 
@@ -27,6 +27,7 @@ pub struct Overrides<'a> {
     pub workdir: Option<&'a str>,
     pub stdin: bool,
     pub host_network: bool,
+    pub volumes: &'a [Volume],
 }
 
 /// Adds KEY=VALUE entries to `env`, replacing an existing KEY in place.
@@ -78,6 +79,10 @@ pub fn run_request(image: &Settings, o: &Overrides) -> Result<RunRequest, Reques
         user: image.user.clone(),
         stdin: o.stdin,
         host_network: o.host_network,
+        volumes: o.volumes.to_vec(),
+        spec: None,
+        terminal: None,
+        network: None,
     })
 }
 
@@ -121,6 +126,7 @@ mod tests {
                 workdir: Some("/tmp"),
                 stdin: true,
                 host_network: true,
+                volumes: &[],
             },
         )
         .unwrap();

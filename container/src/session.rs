@@ -3,11 +3,14 @@
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rvmm_agent::protocol::{self, ExitStatus, Message, ProtocolError, RunRequest, CHUNK};
+use rvmm_agent::protocol::{
+    self, ExecRequest, ExitStatus, Message, ProtocolError, RunRequest, CHUNK, EXEC_PORT,
+};
 
 const ACCEPT_POLL: Duration = Duration::from_millis(50);
 
@@ -115,11 +118,58 @@ impl Session {
         self.sender.clone()
     }
 
+    /// Opens another session with the agent of a running VM: through the VM's vsock socket
+    /// `uds` (Firecracker's `CONNECT` handshake) to the agent's exec port.
+    pub fn connect(uds: &Path, timeout: Duration) -> Result<Session, SessionError> {
+        let mut stream = UnixStream::connect(uds).map_err(SessionError::Socket)?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(SessionError::Socket)?;
+        stream
+            .write_all(format!("CONNECT {EXEC_PORT}\n").as_bytes())
+            .map_err(SessionError::Socket)?;
+        // Byte by byte: what follows the line is the agent's.
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while line.last() != Some(&b'\n') {
+            match stream.read(&mut byte) {
+                Ok(1) => line.push(byte[0]),
+                Ok(_) => return Err(SessionError::VmEnded("the VM closed its socket".into())),
+                Err(e) => return Err(SessionError::Socket(e)),
+            }
+        }
+        if !line.starts_with(b"OK ") {
+            let said = String::from_utf8_lossy(&line).trim().to_string();
+            return Err(SessionError::NoHello(said));
+        }
+        let agent = match protocol::recv(&mut stream) {
+            Ok(Message::Hello { agent }) => agent,
+            Ok(other) => return Err(SessionError::NoHello(format!("{other:?}"))),
+            Err(e) => return Err(SessionError::Protocol(e)),
+        };
+        stream
+            .set_read_timeout(None)
+            .map_err(SessionError::Socket)?;
+        let writer = stream.try_clone().map_err(SessionError::Socket)?;
+        Ok(Session {
+            reader: stream,
+            sender: AgentSender(Arc::new(Mutex::new(writer))),
+            agent,
+        })
+    }
+
     /// Runs one command to its end, streaming its output as it comes.
     pub fn run(&mut self, req: &RunRequest, io: RunIo) -> Result<ExitStatus, SessionError> {
-        self.sender
-            .send(&Message::Run(req.clone()))
-            .map_err(SessionError::Protocol)?;
+        self.drive(Message::Run(Box::new(req.clone())), io)
+    }
+
+    /// Runs another process in the VM's container to its end (`crun exec`).
+    pub fn exec(&mut self, req: &ExecRequest, io: RunIo) -> Result<ExitStatus, SessionError> {
+        self.drive(Message::Exec(Box::new(req.clone())), io)
+    }
+
+    fn drive(&mut self, start: Message, io: RunIo) -> Result<ExitStatus, SessionError> {
+        self.sender.send(&start).map_err(SessionError::Protocol)?;
         if let Some(stdin) = io.stdin {
             let sender = self.sender.clone();
             thread::spawn(move || pump_stdin(stdin, &sender));

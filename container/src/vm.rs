@@ -8,6 +8,7 @@
 
 use std::fs::{self, File};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -34,6 +35,8 @@ pub enum VmError {
     RunDir(#[source] io::Error),
     #[error("cannot start the VM")]
     Spawn(#[source] io::Error),
+    #[error("cannot open the network namespace")]
+    Netns(#[source] io::Error),
     #[error("{err}{tail}")]
     Agent { err: SessionError, tail: String },
 }
@@ -70,10 +73,17 @@ pub struct VmLaunch<'a> {
     /// The rvmm binary that runs the VM.
     pub vmm: &'a Path,
     pub guest: &'a GuestFiles,
-    pub image_disk: &'a Path,
+    /// The image as a read-only ext4 disk; rvmm-oci's VMs get their root as a share instead.
+    pub image_disk: Option<&'a Path>,
     pub cpus: u8,
     pub memory_mib: u64,
     pub nets: &'a [String],
+    /// rvmm `--publish` options: host ports forwarded to the guest on a `user` net.
+    pub publish: &'a [String],
+    /// rvmm `--share` options: host directories the guest mounts over virtio-fs.
+    pub shares: &'a [String],
+    /// A network namespace to run the VM in, where its `nets` TAPs are.
+    pub netns: Option<&'a Path>,
     /// Where the guest console goes; a file in the private run directory when None.
     pub console_log: Option<&'a Path>,
 }
@@ -110,25 +120,46 @@ impl VmProcess {
             .arg(cmdline.as_str())
             .arg("--disk")
             .arg(format!("{},ro", l.guest.rootfs.display()))
-            .arg("--disk")
-            .arg(format!("{},ro,serial=rvmm-image", l.image_disk.display()))
             .arg("--vsock")
             .arg(format!("cid={GUEST_CID},uds={}", uds.display()))
             .args(["--cpus", &l.cpus.to_string()])
             .args(["--memory", &l.memory_mib.to_string()])
             .arg("--rng");
+        if let Some(disk) = l.image_disk {
+            cmd.arg("--disk")
+                .arg(format!("{},ro,serial=rvmm-image", disk.display()));
+        }
         for net in l.nets {
             cmd.arg("--net").arg(net);
+        }
+        for publish in l.publish {
+            cmd.arg("--publish").arg(publish);
+        }
+        for share in l.shares {
+            cmd.arg("--share").arg(share);
         }
         cmd.stdin(Stdio::null())
             .stdout(console)
             .stderr(console_err)
             .process_group(0);
-        // SAFETY: the closure only calls prctl, which is async-signal-safe.
+        // Held open until the child has joined it.
+        let netns = l
+            .netns
+            .map(File::open)
+            .transpose()
+            .map_err(VmError::Netns)?;
+        let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
+        // SAFETY: the closure only calls prctl and setns, which are async-signal-safe, on a
+        // descriptor that stays open until spawn returns.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(io::Error::last_os_error());
+                }
+                if let Some(fd) = netns_fd {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -142,14 +173,20 @@ impl VmProcess {
         })
     }
 
+    /// The private directory of the VM's sockets, removed when this is dropped.
+    pub fn run_dir(&self) -> &Path {
+        self._run_dir.as_path()
+    }
+
+    /// How the VM process ended, if it has.
+    pub fn ended(&mut self) -> Option<String> {
+        child_ended(&mut self.child)
+    }
+
     /// Waits for the guest's agent to connect and greet, for at most `timeout`.
     pub fn connect(&mut self, timeout: Duration) -> Result<Session, VmError> {
         let child = &mut self.child;
-        let session = Session::accept(&self.listener, timeout, || match child.try_wait() {
-            Ok(Some(status)) => Some(status.to_string()),
-            Ok(None) => None,
-            Err(e) => Some(e.to_string()),
-        });
+        let session = Session::accept(&self.listener, timeout, || child_ended(child));
         session.map_err(|err| VmError::Agent {
             err,
             tail: console_tail(&self.log),
@@ -174,6 +211,14 @@ impl Drop for VmProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+fn child_ended(child: &mut Child) -> Option<String> {
+    match child.try_wait() {
+        Ok(Some(status)) => Some(status.to_string()),
+        Ok(None) => None,
+        Err(e) => Some(e.to_string()),
     }
 }
 

@@ -6,6 +6,7 @@
 //! work from one `event_manager::EventManager`.
 
 pub mod bus;
+pub mod failure;
 pub mod interrupt;
 pub mod legacy;
 pub mod virtio;

@@ -9,11 +9,15 @@
 //   agent rr-server PORT       TCP echo of 1-byte messages (request/response latency)
 //   agent rr-client IP PORT N  N 1-byte round trips (at most 5 s of them); prints the mean round
 //                              trip in microseconds
+//   agent fs DIR               extracts DIR/tree.tar into DIR/untar and syncs, then reads DIR/big;
+//                              prints the seconds of the first and the MiB/s of the second
 //   as PID 1 (guest /init)     mounts /proc, /dev and /tmp, prints RVMM-BENCH-GUEST ready,
 //                              times 200 system calls, runs the steps named by rvmm_bench= on
 //                              the kernel command line, prints RVMM-BENCH-GUEST done, powers off.
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <net/if.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -25,6 +29,7 @@
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <termios.h>
@@ -119,6 +124,95 @@ static int rr_client(const char *ip, int port, long n) {
     return 0;
 }
 
+static char buf[1 << 20];
+
+// Reads exactly n bytes (n <= sizeof buf) unless the file ends first.
+static long read_full(int fd, long n) {
+    long got = 0;
+    for (long r; got < n && (r = read(fd, buf + got, n - got)) > 0;) got += r;
+    return got;
+}
+
+// One ustar member (directory or regular file, as `tar --format=ustar` writes them) created
+// under `root`, with its mode and mtime; other types are skipped. Returns 1 for a file.
+static int untar_member(int in, int root, const char *h) {
+    char name[300];
+    long size = strtol(h + 124, 0, 8), padded = (size + 511) / 512 * 512;
+    mode_t mode = strtol(h + 100, 0, 8) & 07777;
+    struct timespec mtime[2] = {{strtol(h + 136, 0, 8), 0}, {strtol(h + 136, 0, 8), 0}};
+    snprintf(name, sizeof name, "%.155s%s%.100s", h + 345, h[345] ? "/" : "", h);
+    if (h[156] == '5') return mkdirat(root, name, mode) && errno != EEXIST ? -1 : 0;
+    int out = h[156] == '0' || h[156] == 0 ? openat(root, name, O_WRONLY | O_CREAT | O_TRUNC, mode) : -2;
+    if (out == -1) return -1;
+    for (long left = padded; left > 0;) {
+        long chunk = left < (long)sizeof buf ? left : (long)sizeof buf;
+        if (read_full(in, chunk) != chunk) return -1;
+        long data = size - (padded - left);
+        if (out >= 0 && data > 0 && write(out, buf, data < chunk ? data : chunk) < 0) return -1;
+        left -= chunk;
+    }
+    if (out < 0) return 0;
+    futimens(out, mtime);
+    close(out);
+    return 1;
+}
+
+// Extracts DIR/tree.tar into DIR/untar and syncs that file system: done means on the host.
+static long untar(const char *dir) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/tree.tar", dir);
+    int in = open(path, O_RDONLY);
+    snprintf(path, sizeof path, "%s/untar", dir);
+    if (in < 0 || mkdir(path, 0755)) return perror(path), -1;
+    int root = open(path, O_RDONLY | O_DIRECTORY);
+    long files = 0;
+    char h[512];
+    while (read(in, h, sizeof h) == sizeof h && h[0]) {
+        int r = untar_member(in, root, h);
+        if (r < 0) return perror(h), -1;
+        files += r;
+    }
+    syncfs(root);
+    close(root);
+    close(in);
+    return files;
+}
+
+static int fs(const char *dir, const char *label) {
+    char path[4096];
+    double t0 = now();
+    long files = untar(dir);
+    double untar_s = now() - t0;
+    if (files < 0) return printf("RVMM-BENCH %s error=untar failed\n", label), 1;
+    snprintf(path, sizeof path, "%s/big", dir);
+    int in = open(path, O_RDONLY);
+    if (in < 0) return printf("RVMM-BENCH %s error=%s\n", label, strerror(errno)), 1;
+    long long total = 0;
+    t0 = now();
+    for (long r; (r = read(in, buf, sizeof buf)) > 0;) total += r;
+    double read_s = now() - t0;
+    close(in);
+    printf("RVMM-BENCH %s untar_s=%.3f files=%ld read_mibs=%.1f\n", label, untar_s, files,
+           total / 1048576.0 / read_s);
+    return 0;
+}
+
+// The fs step in the guest: the virtio-fs share, then the first ext4 virtio-blk disk.
+static void guest_fs(void) {
+    mkdir("/tmp/fs", 0755);
+    mkdir("/tmp/blk", 0755);
+    if (mount("benchfs", "/tmp/fs", "virtiofs", 0, 0) == 0) fs("/tmp/fs", "fs-virtiofs");
+    else printf("RVMM-BENCH fs-virtiofs error=%s\n", strerror(errno));
+    char dev[] = "/dev/vdb";
+    for (; dev[7] <= 'h'; dev[7]++)
+        if (mount(dev, "/tmp/blk", "ext4", 0, 0) == 0) {
+            fs("/tmp/blk", "fs-blk");
+            umount("/tmp/blk");
+            return;
+        }
+    printf("RVMM-BENCH fs-blk error=no ext4 disk\n");
+}
+
 // Runs a program from the guest root and waits for it.
 static void run(char *const argv[]) {
     pid_t pid = fork();
@@ -175,6 +269,7 @@ static int guest_init(void) {
         printf("RVMM-BENCH iperf3-end\n");
         rr_client(host_ip, 5299, 2000);
     }
+    if (strstr(steps, "fs")) guest_fs();
     printf("RVMM-BENCH-GUEST done\n");
     // The console tty sends its queue from the UART interrupt: a reboot now would drop the
     // last lines. Wait for it to drain, but at most 5 s (the alarm interrupts tcdrain).
@@ -201,12 +296,13 @@ int main(int argc, char **argv) {
     if (!strcmp(mode, "spin") && argc == 3) return spin(atol(argv[2]));
     if (!strcmp(mode, "syscall") && argc == 3) return syscalls(atol(argv[2]));
     if (!strcmp(mode, "rr-server") && argc == 3) return rr_server(atoi(argv[2]));
+    if (!strcmp(mode, "fs") && argc == 3) return fs(argv[2], "fs");
     if (!strcmp(mode, "rr-client") && argc == 5) return rr_client(argv[2], atoi(argv[3]), atol(argv[4]));
     // The guest kernel starts /init with the command line's words that are neither its own
     // parameters nor NAME=VALUE (such as `noxsave`); in a container's pid namespace the agent
     // is PID 1 too, but always with one of the modes above.
     if (getpid() == 1) return guest_init();
     fprintf(stderr, "usage: agent echo|idle|cpu ROUNDS|spin N|syscall N|rr-server PORT|"
-                    "rr-client IP PORT N\n");
+                    "rr-client IP PORT N|fs DIR\n");
     return 2;
 }

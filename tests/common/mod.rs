@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the fixture
 
+pub mod container;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::io::AsRawFd;
@@ -232,6 +234,11 @@ impl TestVm {
     pub fn stderr(&self) -> String {
         std::thread::sleep(Duration::from_millis(50));
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// rvmm's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn signal(&self, signo: i32) {
@@ -542,4 +549,79 @@ pub fn vsock_echo(uds: &Path, port: u32, line: &str) -> TestResult<(String, Stri
         .read_line(&mut echo)
         .map_err(|e| format!("echo: {e}"))?;
     Ok((ok, echo))
+}
+
+/// True when passt is on PATH; otherwise the test skips, or fails under RVMM_REQUIRE_KVM=1.
+pub fn passt_or_skip(test: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("passt").is_file()));
+    if !found {
+        if std::env::var("RVMM_REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("{test}: passt is not installed (resources/install-deps.sh installs it)");
+        }
+        eprintln!("SKIPPED {test}: passt is not installed");
+    }
+    found
+}
+
+/// One `GET /index.html` from 127.0.0.1:`port`, every step bounded by `limit`: what came back
+/// once `want` showed up or the connection ended (never waiting for a close, which Debian 12's
+/// passt may not pass on).
+pub fn http_get(port: u16, want: &str, limit: Duration) -> std::io::Result<String> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, limit)?;
+    stream.set_read_timeout(Some(limit))?;
+    stream.set_write_timeout(Some(limit))?;
+    stream.write_all(b"GET /index.html HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(want) {
+        match stream.read(&mut buf)? {
+            0 => break,
+            n => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&got).into_owned())
+}
+
+/// The command lines of the processes whose command line names `marker`.
+pub fn processes_with(marker: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(marker))
+        .collect()
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs `cmd` to its end with `stdin` piped in (or none); logs what it ran and what came out.
+pub fn output_logged(mut cmd: Command, stdin: Option<&str>) -> std::process::Output {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{shown}: {e}"));
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(input.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    eprintln!(
+        "{shown}: {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    out
 }

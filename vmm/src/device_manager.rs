@@ -5,17 +5,19 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{MutEventSubscriber, SubscriberOps};
 use rvmm_devices::bus::{Bus, BusError};
+use rvmm_devices::failure::DeviceFailure;
 use rvmm_devices::interrupt::EventFdInterrupt;
 use rvmm_devices::legacy::acpi_sleep::{AcpiSleep, ACPI_SLEEP_PORT_LEN};
 use rvmm_devices::legacy::i8042::I8042;
 use rvmm_devices::legacy::ioapic::{IoApic, IOAPIC_MMIO_LEN};
 use rvmm_devices::legacy::pvpanic::{Pvpanic, PVPANIC_PORT_LEN};
 use rvmm_devices::legacy::serial::Serial;
+use rvmm_devices::virtio::balloon::{Balloon, BalloonError};
 use rvmm_devices::virtio::block::{Block, BlockConfig, BlockError};
 use rvmm_devices::virtio::console::{Console, ConsoleError};
 use rvmm_devices::virtio::fs::{Fs, FsError};
 use rvmm_devices::virtio::mmio::{MmioError, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
-use rvmm_devices::virtio::net::{format_mac, Net, NetError};
+use rvmm_devices::virtio::net::{format_mac, Net, NetError, Stream};
 use rvmm_devices::virtio::rng::{Rng, RngError};
 use rvmm_devices::virtio::vsock::{Vsock, VsockError};
 use rvmm_devices::virtio::VirtioDevice;
@@ -24,7 +26,7 @@ use rvmm_firmware::layout::{self, VirtioSlot};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{ConsoleKind, DiskConfig, FsConfig, NetConfig, VmConfig};
+use crate::config::{ConsoleKind, DiskConfig, FsConfig, NetBackend, NetConfig, VmConfig};
 use crate::console_out::{ConsoleOut, PanicWatch};
 use crate::event_loop::DeviceEventManager;
 use crate::vstate::vm::{Vm, VmError};
@@ -52,8 +54,12 @@ pub enum DeviceError {
     Console(#[source] ConsoleError),
     #[error(transparent)]
     Net(NetError),
+    #[error("--net user without its passt")]
+    NoPasst,
     #[error("virtio rng")]
     Rng(#[source] RngError),
+    #[error("virtio balloon")]
+    Balloon(#[source] BalloonError),
     #[error("virtio vsock")]
     Vsock(#[source] VsockError),
     #[error("--fs tag {tag}")]
@@ -177,6 +183,8 @@ pub struct VirtioContext<'a> {
     pub slots: &'a mut VirtioSlots,
     /// Watches the console for the kernel's panic line.
     pub console_watch: &'a Arc<PanicWatch>,
+    /// Where a device whose backend is gone reports it.
+    pub device_failure: &'a Arc<DeviceFailure>,
 }
 
 /// Puts `device` behind a virtio-mmio transport: register window on the MMIO bus, queue
@@ -210,17 +218,23 @@ where
 
 /// Attaches every virtio device the configuration asks for, plus the virtio-fs devices of
 /// rvmm's own virtiofsd processes (`shares`); their slots are in `ctx.slots`. Disks come first
-/// so that their guest names follow the command line's order.
+/// so that their guest names follow the command line's order. `user_net` is the stream to the
+/// passt of `--net user`.
 pub fn attach_virtio_devices(
     ctx: &mut VirtioContext,
     cfg: &VmConfig,
     shares: &[FsConfig],
+    user_net: Option<Stream>,
 ) -> Result<(), DeviceError> {
     attach_disks(ctx, &cfg.disks)?;
-    attach_nets(ctx, &cfg.nets)?;
+    attach_nets(ctx, &cfg.nets, user_net)?;
     if cfg.rng {
         let rng = Rng::new().map_err(DeviceError::Rng)?;
         attach_virtio(ctx, Arc::new(Mutex::new(rng)))?;
+    }
+    if cfg.balloon {
+        let balloon = Balloon::new().map_err(DeviceError::Balloon)?;
+        attach_virtio(ctx, Arc::new(Mutex::new(balloon)))?;
     }
     if let Some(vsock) = &cfg.vsock {
         let device = Vsock::new(rvmm_devices::virtio::vsock::VsockConfig {
@@ -261,10 +275,13 @@ fn attach_disks(ctx: &mut VirtioContext, disks: &[DiskConfig]) -> Result<(), Dev
 /// Attaches one virtio-fs device per `--fs`, each connected to its vhost-user backend.
 fn attach_fs(ctx: &mut VirtioContext, shares: &[FsConfig]) -> Result<(), DeviceError> {
     for cfg in shares {
-        let fs = Fs::new(rvmm_devices::virtio::fs::FsConfig {
-            tag: cfg.tag.clone(),
-            socket: cfg.socket.clone(),
-        })
+        let fs = Fs::new(
+            rvmm_devices::virtio::fs::FsConfig {
+                tag: cfg.tag.clone(),
+                socket: cfg.socket.clone(),
+            },
+            ctx.device_failure.clone(),
+        )
         .map_err(|source| DeviceError::Fs {
             tag: cfg.tag.clone(),
             source,
@@ -274,19 +291,31 @@ fn attach_fs(ctx: &mut VirtioContext, shares: &[FsConfig]) -> Result<(), DeviceE
     Ok(())
 }
 
-/// Attaches one virtio-net interface per TAP (eth0, eth1, …).
-fn attach_nets(ctx: &mut VirtioContext, nets: &[NetConfig]) -> Result<(), DeviceError> {
+/// Attaches one virtio-net interface per `--net` (eth0, eth1, …): on its TAP, or on the
+/// stream to passt.
+fn attach_nets(
+    ctx: &mut VirtioContext,
+    nets: &[NetConfig],
+    mut user_net: Option<Stream>,
+) -> Result<(), DeviceError> {
     for (index, cfg) in nets.iter().enumerate() {
-        let net = Net::new(rvmm_devices::virtio::net::NetConfig {
-            tap: cfg.tap.clone(),
-            mac: Some(cfg.guest_mac()),
-        })
-        .map_err(DeviceError::Net)?;
-        log::info!(
-            "eth{index} on TAP {} has MAC {}",
-            cfg.tap,
-            format_mac(&net.mac())
-        );
+        let mac = Some(cfg.guest_mac());
+        let (net, on) = match &cfg.backend {
+            NetBackend::Tap(tap) => {
+                let tap_cfg = rvmm_devices::virtio::net::NetConfig {
+                    tap: tap.clone(),
+                    mac,
+                };
+                (Net::new(tap_cfg), format!("TAP {tap}"))
+            }
+            NetBackend::User => {
+                let stream = user_net.take().ok_or(DeviceError::NoPasst)?;
+                let failure = ctx.device_failure.clone();
+                (Net::with_stream(stream, mac, failure), "passt".into())
+            }
+        };
+        let net = net.map_err(DeviceError::Net)?;
+        log::info!("eth{index} on {on} has MAC {}", format_mac(&net.mac()));
         attach_virtio(ctx, Arc::new(Mutex::new(net)))?;
     }
     Ok(())

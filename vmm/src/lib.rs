@@ -9,6 +9,7 @@ pub mod device_manager;
 pub mod event_loop;
 pub mod exit;
 pub mod kernel_image;
+pub mod passt;
 pub mod seccomp;
 pub mod signals;
 pub mod terminal;

@@ -127,7 +127,7 @@ const COMMON: &[i64] = &[
 
 /// The main thread once the VM runs: it polls its signalfd and the exit eventfds, kicks and
 /// joins the other threads, and drops the VM, which removes the vsock socket file and reaps
-/// `--share`'s virtiofsd processes (kill, below).
+/// `--share`'s virtiofsd processes and `--net user`'s passt (kill, below).
 const MAIN: &[i64] = &[
     libc::SYS_poll,
     libc::SYS_statx,
@@ -139,8 +139,9 @@ const MAIN: &[i64] = &[
 /// A vCPU thread, past the common calls: virtio-fs activation and reset talk to virtiofsd.
 const VCPU: &[i64] = &[libc::SYS_recvmsg, libc::SYS_sendmsg];
 
-/// The device event loop: disk images (flush, discard), the TAP, vsock sockets (host
-/// connections both ways), stdin, getrandom.
+/// The device event loop: disk images (flush, discard), the TAP, the stream to passt (each read
+/// takes the rest of a frame and the next length; each write a length and its frame), vsock
+/// sockets (host connections both ways), stdin, getrandom.
 const DEVICES: &[i64] = &[
     libc::SYS_accept4,
     libc::SYS_connect,
@@ -153,9 +154,11 @@ const DEVICES: &[i64] = &[
     libc::SYS_preadv,
     libc::SYS_pwrite64,
     libc::SYS_pwritev,
+    libc::SYS_readv,
     libc::SYS_recvfrom,
     libc::SYS_sendto,
     libc::SYS_shutdown,
+    libc::SYS_writev,
 ];
 
 fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
@@ -178,7 +181,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
     map.insert(libc::SYS_fcntl, vec![arg_eq(1, libc::F_GETFD as u64)?]);
     map.insert(libc::SYS_ioctl, ioctl_rules(kind)?);
     if kind == ThreadKind::Main {
-        // Only SIGKILL, for a virtiofsd that does not leave by itself.
+        // Only SIGKILL, for a virtiofsd or passt that does not leave by itself.
         map.insert(libc::SYS_kill, vec![arg_eq(1, libc::SIGKILL as u64)?]);
     }
     if kind == ThreadKind::Devices {

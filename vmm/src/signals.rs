@@ -1,6 +1,7 @@
 //! What the main thread waits for once the VM runs: a vCPU ending the VM, the guest ending
-//! itself (i8042 reset line, ACPI power-off) or panicking (pvpanic), or SIGINT/SIGTERM (taken through a signalfd so no handler runs on an
-//! arbitrary thread).
+//! itself (i8042 reset line, ACPI power-off) or panicking (pvpanic), a device whose backend is
+//! gone, or SIGINT/SIGTERM (taken through a signalfd so no handler runs on an arbitrary
+//! thread).
 
 use std::fs::File;
 use std::io::Read;
@@ -29,22 +30,27 @@ pub enum Wake {
     GuestStop,
     /// The guest kernel reported a panic.
     GuestPanic,
+    /// A device can no longer serve the guest (see `rvmm_devices::failure`).
+    DeviceFailure,
     Signal(i32),
 }
 
+/// The events that end a running VM, besides the vCPUs' own.
+pub struct EndEvents<'a> {
+    pub guest_stop: &'a EventFd,
+    pub guest_panic: &'a EventFd,
+    pub device_failure: &'a EventFd,
+}
+
 pub struct ControlWait<'a> {
-    guest_stop_evt: &'a EventFd,
-    guest_panic_evt: &'a EventFd,
+    events: EndEvents<'a>,
     signal_fd: File,
 }
 
 impl<'a> ControlWait<'a> {
     /// Blocks the stop signals for this thread and every thread it starts afterwards, so they
     /// are only ever seen through the signalfd.
-    pub fn new(
-        guest_stop_evt: &'a EventFd,
-        guest_panic_evt: &'a EventFd,
-    ) -> Result<Self, SignalError> {
+    pub fn new(events: EndEvents<'a>) -> Result<Self, SignalError> {
         let set = create_sigset(&STOP_SIGNALS)
             .map_err(|e| SignalError::Block(std::io::Error::from_raw_os_error(e.errno())))?;
         // SAFETY: `set` is a valid, initialised sigset; a null old-set pointer is allowed.
@@ -59,20 +65,17 @@ impl<'a> ControlWait<'a> {
         }
         // SAFETY: `fd` is a new descriptor owned by nothing else.
         let signal_fd = unsafe { File::from_raw_fd(fd) };
-        Ok(ControlWait {
-            guest_stop_evt,
-            guest_panic_evt,
-            signal_fd,
-        })
+        Ok(ControlWait { events, signal_fd })
     }
 
     /// Sleeps until something ends the VM.
     pub fn wait(&self, vcpu_exit_evt: &EventFd) -> Result<Wake, SignalError> {
         let mut fds = [
             pollfd(vcpu_exit_evt.as_raw_fd()),
-            pollfd(self.guest_stop_evt.as_raw_fd()),
-            pollfd(self.guest_panic_evt.as_raw_fd()),
+            pollfd(self.events.guest_stop.as_raw_fd()),
+            pollfd(self.events.guest_panic.as_raw_fd()),
             pollfd(self.signal_fd.as_raw_fd()),
+            pollfd(self.events.device_failure.as_raw_fd()),
         ];
         loop {
             // SAFETY: `fds` is a valid array of pollfd whose length is passed with it.
@@ -93,6 +96,9 @@ impl<'a> ControlWait<'a> {
             }
             if fds[1].revents != 0 {
                 return Ok(Wake::GuestStop);
+            }
+            if fds[4].revents != 0 {
+                return Ok(Wake::DeviceFailure);
             }
             if fds[3].revents != 0 {
                 return Ok(Wake::Signal(self.read_signal()));

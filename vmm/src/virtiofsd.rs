@@ -17,6 +17,8 @@ use crate::config::{FsConfig, ShareConfig};
 
 /// Where distributions install virtiofsd: the Rust one, then QEMU's C one (Debian 12).
 const VIRTIOFSD_PATHS: &[&str] = &["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"];
+/// Names another virtiofsd binary, used instead of those.
+const VIRTIOFSD_ENV: &str = "RVMM_VIRTIOFSD";
 /// How long virtiofsd may take to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long it may take to leave once rvmm has closed its socket.
@@ -27,11 +29,13 @@ const POLL: Duration = Duration::from_millis(10);
 pub enum VirtiofsdError {
     #[error("--share needs virtiofsd, found at none of {}", VIRTIOFSD_PATHS.join(", "))]
     NotInstalled,
+    #[error("{VIRTIOFSD_ENV}={0}: no such file")]
+    NoOverride(String),
     #[error("cannot prepare virtiofsd's run directory (socket and log)")]
     RunDir(#[source] io::Error),
     #[error("cannot start {path}")]
     Spawn {
-        path: &'static str,
+        path: String,
         #[source]
         source: io::Error,
     },
@@ -50,17 +54,15 @@ pub enum VirtiofsdError {
 pub struct Virtiofsd {
     child: Child,
     socket_dir: Option<TempDir>,
+    /// The shared directory, to name it in messages.
+    dir: String,
 }
 
 impl Virtiofsd {
     /// Starts virtiofsd on `share` and waits until it listens; returns it with the device
     /// configuration that connects to it.
     pub fn start(share: &ShareConfig) -> Result<(Self, FsConfig), VirtiofsdError> {
-        let path = VIRTIOFSD_PATHS
-            .iter()
-            .copied()
-            .find(|p| Path::new(p).exists())
-            .ok_or(VirtiofsdError::NotInstalled)?;
+        let path = binary()?;
         let socket_dir = TempDir::new_with_prefix(std::env::temp_dir().join("rvmm-share-"))
             .map_err(|e| VirtiofsdError::RunDir(io::Error::from_raw_os_error(e.errno())))?;
         let socket = socket_dir.as_path().join("virtiofsd.sock");
@@ -68,7 +70,7 @@ impl Virtiofsd {
         // it fails to start.
         let log_path = socket_dir.as_path().join("virtiofsd.log");
         let log = std::fs::File::create(&log_path).map_err(VirtiofsdError::RunDir)?;
-        let mut cmd = Command::new(path);
+        let mut cmd = Command::new(&path);
         cmd.arg(format!("--socket-path={}", socket.display()))
             .arg("-o")
             .arg(source_option(&share.dir))
@@ -77,7 +79,10 @@ impl Virtiofsd {
             .stdout(Stdio::null())
             .stderr(log);
         let ro_dir = share.read_only.then(|| c_path(&share.dir)).transpose();
-        let ro_dir = ro_dir.map_err(|source| VirtiofsdError::Spawn { path, source })?;
+        let ro_dir = ro_dir.map_err(|source| VirtiofsdError::Spawn {
+            path: path.clone(),
+            source,
+        })?;
         // SAFETY: the closure runs in the forked child before exec and makes only raw system
         // calls (prctl, unshare, mount) on memory prepared before the fork.
         unsafe {
@@ -89,6 +94,7 @@ impl Virtiofsd {
         let mut daemon = Virtiofsd {
             child,
             socket_dir: Some(socket_dir),
+            dir: share.dir.display().to_string(),
         };
         daemon.wait_listening(&socket, &share.dir, &log_path)?;
         let fs = FsConfig {
@@ -118,6 +124,12 @@ impl Virtiofsd {
             std::thread::sleep(POLL);
         }
         Ok(())
+    }
+
+    /// How it ended, if it has: "virtiofsd for DIR ended: signal: 9 (SIGKILL)".
+    pub fn ended(&mut self) -> Option<String> {
+        let status = self.child.try_wait().ok()??;
+        Some(format!("virtiofsd for {} ended: {status}", self.dir))
     }
 
     /// The device has connected: virtiofsd takes no second connection, so its socket and
@@ -152,6 +164,22 @@ impl Drop for Virtiofsd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `$RVMM_VIRTIOFSD`, or the first of the distributions' paths that exists.
+fn binary() -> Result<String, VirtiofsdError> {
+    if let Some(path) = std::env::var_os(VIRTIOFSD_ENV) {
+        let path = path.to_string_lossy().into_owned();
+        return match Path::new(&path).is_file() {
+            true => Ok(path),
+            false => Err(VirtiofsdError::NoOverride(path)),
+        };
+    }
+    VIRTIOFSD_PATHS
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .map(|p| p.to_string())
+        .ok_or(VirtiofsdError::NotInstalled)
 }
 
 fn source_option(dir: &Path) -> std::ffi::OsString {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use rvmm_devices::bus::Bus;
+use rvmm_devices::failure::DeviceFailure;
 use rvmm_devices::legacy::serial::SerialInput;
 use rvmm_firmware::acpi::AcpiConfig;
 use vm_memory::GuestMemoryMmap;
@@ -22,8 +23,9 @@ use crate::device_manager::{
 };
 use crate::event_loop::{DeviceLoop, EventLoopError};
 use crate::exit::Buses;
+use crate::passt::{self, Passt, PasstError};
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
-use crate::signals::{ControlWait, SignalError, Wake};
+use crate::signals::{ControlWait, EndEvents, SignalError, Wake};
 use crate::terminal::dup_stdin;
 use crate::virtiofsd::{start_all, Virtiofsd, VirtiofsdError};
 use crate::vstate::cpuid;
@@ -70,8 +72,14 @@ pub enum VmmError {
     EventManager(#[source] event_manager::Error),
     #[error(transparent)]
     Virtiofsd(#[from] VirtiofsdError),
+    #[error(transparent)]
+    Passt(#[from] PasstError),
     #[error("{0}")]
     Guest(String),
+    /// A device's backend is gone; the reason, with how its virtiofsd or passt ended where
+    /// known.
+    #[error("{0}")]
+    DeviceFailed(String),
 }
 
 /// How the VM ended, for the process exit status.
@@ -94,14 +102,18 @@ pub struct Vmm {
     buses: Arc<Buses>,
     legacy: LegacyDevices,
     console_watch: Arc<PanicWatch>,
+    device_failure: Arc<DeviceFailure>,
     event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     seccomp: Seccomp,
     // Last, so that the devices have closed their sockets when each is reaped.
-    _virtiofsd: Vec<Virtiofsd>,
+    virtiofsd: Vec<Virtiofsd>,
+    passt: Option<Passt>,
 }
 
 impl Vmm {
     pub fn build(cfg: &VmConfig) -> Result<Self, VmmError> {
+        // First: no passt or a busy port is refused at once; passt starts as the VM is built.
+        let passt = passt::start_for(cfg)?;
         let host = KvmHost::open()?;
         host.check_vcpus(cfg.vcpus)?;
         let template = cfg.cpu_template.unwrap_or(if host.emulated {
@@ -116,13 +128,7 @@ impl Vmm {
             IrqChip::Legacy
         };
         let vm = Vm::new(&host.kvm, irqchip)?;
-        // A vhost-user backend maps guest RAM itself, from the fds in the memory table.
-        let backing = if cfg.fs.is_empty() && cfg.shares.is_empty() {
-            MemoryBacking::Anonymous
-        } else {
-            MemoryBacking::Shared
-        };
-        let mem = create_guest_memory(cfg.memory_bytes(), backing)?;
+        let mem = create_guest_memory(cfg.memory_bytes(), memory_backing(cfg))?;
 
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
@@ -130,6 +136,7 @@ impl Vmm {
             attach_ioapic(&vm, &mut mmio, cfg.vcpus)?;
         }
         let console_watch = Arc::new(PanicWatch::default());
+        let device_failure = Arc::new(DeviceFailure::new().map_err(VmmError::EventFd)?);
         let legacy = attach_legacy(&vm, &mut pio, cfg.console, &console_watch)?;
         let mut event_manager = EventManager::new().map_err(VmmError::EventManager)?;
         let mut slots = VirtioSlots::default();
@@ -140,13 +147,15 @@ impl Vmm {
             event_manager: &mut event_manager,
             slots: &mut slots,
             console_watch: &console_watch,
+            device_failure: &device_failure,
         };
         let mut cmdline = cfg.cmdline.clone();
         if host.emulated && template == CpuTemplate::Baseline {
             cmdline.push(cpuid::BASELINE_KERNEL_PARAMS);
         }
         let (mut virtiofsd, shares) = start_all(&cfg.shares)?;
-        attach_virtio_devices(&mut virtio, cfg, &shares)?;
+        let (passt, user_net) = passt::ready(passt)?;
+        attach_virtio_devices(&mut virtio, cfg, &shares, user_net)?;
         virtiofsd.iter_mut().for_each(Virtiofsd::connected);
         // With ACPI the DSDT describes the devices; without it the command line must.
         if !cfg.acpi {
@@ -191,16 +200,22 @@ impl Vmm {
             buses: Arc::new(Buses { pio, mmio }),
             legacy,
             console_watch,
+            device_failure,
             event_manager,
             seccomp: cfg.seccomp,
-            _virtiofsd: virtiofsd,
+            virtiofsd,
+            passt,
         })
     }
 
     /// Runs the guest to its end. The calling thread waits for the end; vCPUs and devices
     /// run on their own threads.
     pub fn run(mut self) -> Result<VmExit, VmmError> {
-        let control = ControlWait::new(&self.legacy.guest_stop_evt, &self.legacy.guest_panic_evt)?;
+        let control = ControlWait::new(EndEvents {
+            guest_stop: &self.legacy.guest_stop_evt,
+            guest_panic: &self.legacy.guest_panic_evt,
+            device_failure: self.device_failure.event(),
+        })?;
         if let Some(serial) = &self.legacy.serial {
             let stdin = dup_stdin().map_err(VmmError::Stdin)?;
             let input = SerialInput::new(serial.clone(), stdin).map_err(VmmError::SerialInput)?;
@@ -256,6 +271,11 @@ impl Vmm {
             Wake::GuestStop => Ok(VmExit::Guest),
             Wake::GuestPanic => Ok(VmExit::Panic(self.console_watch.panic_line())),
             Wake::Signal(signo) => Ok(VmExit::Signal(signo)),
+            Wake::DeviceFailure => Err(VmmError::DeviceFailed(failure_reason(
+                &self.device_failure,
+                &mut self.virtiofsd,
+                self.passt.as_mut(),
+            ))),
             Wake::VcpuExit => {
                 let outcome = ctx.outcome.lock().unwrap_or_else(|p| p.into_inner()).take();
                 match outcome {
@@ -265,6 +285,31 @@ impl Vmm {
             }
         }
     }
+}
+
+/// A vhost-user backend maps guest RAM itself, from the fds in the memory table: then it is
+/// shared.
+fn memory_backing(cfg: &VmConfig) -> MemoryBacking {
+    if cfg.fs.is_empty() && cfg.shares.is_empty() {
+        MemoryBacking::Anonymous
+    } else {
+        MemoryBacking::Shared
+    }
+}
+
+/// What the failed device reported, and how the virtiofsd processes and passt, those that have
+/// ended, did.
+fn failure_reason(
+    failure: &DeviceFailure,
+    daemons: &mut [Virtiofsd],
+    passt: Option<&mut Passt>,
+) -> String {
+    let mut reason = failure.reason().unwrap_or_default();
+    let ends = daemons.iter_mut().filter_map(Virtiofsd::ended);
+    for end in ends.chain(passt.and_then(Passt::ended)) {
+        reason.push_str(&format!(" ({end})"));
+    }
+    reason
 }
 
 /// One vCPU per `count`, each with the template's CPUID and its own topology ids.

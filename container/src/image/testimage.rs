@@ -69,7 +69,8 @@ fn lower_layer(busybox: &[u8]) -> io::Result<Vec<u8>> {
     add_dir(&mut b, "tmp", 0o1777)?;
     add_file(&mut b, "bin/busybox", 0o755, busybox)?;
     for applet in [
-        "sh", "echo", "cat", "wc", "ps", "ls", "env", "id", "pwd", "sleep", "true",
+        "sh", "echo", "cat", "wc", "ps", "ls", "env", "id", "pwd", "sleep", "true", "httpd", "nc",
+        "tty", "stty", "timeout",
     ] {
         let mut h = header(tar::EntryType::Symlink, 0o777, 0);
         b.append_link(&mut h, format!("bin/{applet}"), "busybox")?;

@@ -11,6 +11,7 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
+use super::balloon::Balloon;
 use super::block::test_utils::{image, mem, R, W};
 use super::block::{Block, BlockConfig};
 use super::console::test_utils::{SharedBuf, BUF};
@@ -31,6 +32,13 @@ trait Subject: VirtioDevice + MutEventSubscriber + Sized + 'static {
     /// A fresh device, and what must live as long as it (its image, socket directory or TAP
     /// peer).
     fn make() -> (Self, Box<dyn Any>);
+}
+
+impl Subject for Balloon {
+    const CONFIG_LEN: usize = 8;
+    fn make() -> (Self, Box<dyn Any>) {
+        (Balloon::new().unwrap(), Box::new(()))
+    }
 }
 
 impl Subject for Block {
@@ -250,6 +258,7 @@ macro_rules! conformance {
 }
 
 conformance! {
+    balloon: super::Balloon,
     block: super::Block,
     console: super::Console,
     net: super::Net,

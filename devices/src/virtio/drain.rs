@@ -1,10 +1,10 @@
 //! Draining a queue whose chains are each answered at once (block and rng requests; net,
 //! console and vsock transmit): pop, serve, return, with EVENT_IDX notification suppression
-//! around the batch.
+//! around the batch. A net transmit chain the host side cannot take yet stays on the ring.
 
 use std::sync::atomic::Ordering;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 /// The queue itself is unusable.
@@ -45,19 +45,32 @@ pub fn drain(
     queue: &mut Queue,
     mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 ) -> Result<bool, DrainError> {
+    drain_until(mem, queue, |chain| Some(serve(chain)))
+}
+
+/// Like [`drain`], but `serve` may answer `None`: that chain stays available, to be popped
+/// again by the next drain, and this one ends there.
+pub fn drain_until(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
+) -> Result<bool, DrainError> {
     let mut served_total = 0usize;
-    loop {
+    'drain: loop {
         // With EVENT_IDX, suppress notifications while draining, then re-check for chains
         // added before the driver saw notifications re-enabled.
         queue.disable_notification(mem).map_err(DrainError::Queue)?;
         let mut served = 0;
         while let Some(chain) = pop_chain(mem, queue)? {
             let head = chain.head_index();
-            let used = serve(chain);
+            let Some(used) = serve(chain) else {
+                queue.go_to_previous_position();
+                break 'drain;
+            };
             queue.add_used(mem, head, used).map_err(DrainError::Queue)?;
             served += 1;
+            served_total += 1;
         }
-        served_total += served;
         if !queue.enable_notification(mem).map_err(DrainError::Queue)? {
             break;
         }

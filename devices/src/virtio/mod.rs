@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::interrupt::Interrupt;
 
+pub mod balloon;
 pub mod block;
 mod common;
 #[cfg(test)]

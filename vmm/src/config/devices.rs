@@ -1,7 +1,8 @@
 //! The device specs of the command line (`--disk`, `--net`, `--vsock`, `--fs`, `--share`):
-//! each parsed by the one option parser, then validated into its config.
+//! each parsed by the one option parser, then validated into its config; and `--publish`.
 
 use std::fs;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use rvmm_devices::virtio::net::parse_mac;
@@ -44,27 +45,43 @@ impl std::str::FromStr for VsockConfig {
     }
 }
 
+/// Where a virtio-net interface's frames go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetBackend {
+    /// An existing TAP device.
+    Tap(String),
+    /// User-mode networking: a passt that rvmm starts for the VM (see [`crate::passt`]).
+    User,
+}
+
 /// One virtio-net interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
-    pub tap: String,
+    pub backend: NetBackend,
     /// None: see [`NetConfig::guest_mac`].
     pub mac: Option<[u8; 6]>,
 }
 
+/// The guest's MAC address on the user-mode network when none is given: QEMU's default.
+const USER_NET_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
 impl NetConfig {
     /// The given MAC, or one derived from the TAP name: random-looking, locally administered,
-    /// and the same on every start, so the guest's address survives restarts of the VM.
+    /// and the same on every start, so the guest's address survives restarts of the VM. On the
+    /// user-mode network (one per VM), QEMU's 52:54:00:12:34:56.
     pub fn guest_mac(&self) -> [u8; 6] {
-        self.mac.unwrap_or_else(|| {
-            // FNV-1a: a fixed, well-spread hash (std's hasher is randomly seeded per process).
-            let hash = self.tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            });
-            let b = hash.to_le_bytes();
-            // 0x52: unicast (bit 0 clear), locally administered (bit 1 set).
-            [0x52, b[0], b[1], b[2], b[3], b[4]]
-        })
+        let tap = match (&self.mac, &self.backend) {
+            (Some(mac), _) => return *mac,
+            (None, NetBackend::User) => return USER_NET_MAC,
+            (None, NetBackend::Tap(tap)) => tap,
+        };
+        // FNV-1a: a fixed, well-spread hash (std's hasher is randomly seeded per process).
+        let hash = tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let b = hash.to_le_bytes();
+        // 0x52: unicast (bit 0 clear), locally administered (bit 1 set).
+        [0x52, b[0], b[1], b[2], b[3], b[4]]
     }
 }
 
@@ -78,6 +95,7 @@ impl std::str::FromStr for NetConfig {
         };
         let opts = OptionParser::new()
             .non_empty("tap")
+            .flag("user")
             .value("mac")
             .parse(spec)
             .map_err(|e| bad(e.to_string()))?;
@@ -86,11 +104,107 @@ impl std::str::FromStr for NetConfig {
             .map(parse_mac)
             .transpose()
             .map_err(|e| bad(e.to_string()))?;
-        let tap = opts
-            .get("tap")
-            .ok_or_else(|| bad("tap=NAME is required".into()))?
-            .to_string();
-        Ok(NetConfig { tap, mac })
+        let backend = match (opts.get("tap"), opts.is_set("user")) {
+            (Some(tap), false) => NetBackend::Tap(tap.to_string()),
+            (None, true) => NetBackend::User,
+            (Some(_), true) => return Err(bad("give either tap=NAME or user".into())),
+            (None, false) => return Err(bad("tap=NAME or user is required".into())),
+        };
+        Ok(NetConfig { backend, mac })
+    }
+}
+
+/// The fixed addressing of the user-mode network, as QEMU's slirp has it: the guest is
+/// 10.0.2.15/24, and the gateway 10.0.2.2, which is also the way to the host's loopback.
+pub mod user_net {
+    use std::net::Ipv4Addr;
+
+    /// The guest's address.
+    pub const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+    /// The gateway: passt, and through it the host's 127.0.0.1.
+    pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+    /// The network's prefix length.
+    pub const PREFIX_LEN: u8 = 24;
+    /// What the kernel's IP autoconfiguration (CONFIG_IP_PNP) needs to give eth0 that address
+    /// and route by itself, before init runs.
+    pub const KERNEL_IP_PARAM: &str = "ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off";
+}
+
+/// A transport protocol of a published port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// `--publish [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|udp]`: a host port forwarded by passt to a
+/// guest port on the user-mode network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishConfig {
+    /// The host address to listen on; None: every address.
+    pub host_ip: Option<IpAddr>,
+    pub host_port: u16,
+    pub guest_port: u16,
+    pub protocol: Protocol,
+}
+
+impl PublishConfig {
+    /// The host socket address passt listens on.
+    pub fn host_addr(&self) -> SocketAddr {
+        let ip = self.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        SocketAddr::new(ip, self.host_port)
+    }
+}
+
+impl std::str::FromStr for PublishConfig {
+    type Err = ConfigError;
+
+    fn from_str(spec: &str) -> Result<Self, ConfigError> {
+        let bad = |reason: &str| ConfigError::PublishSpec {
+            spec: spec.to_string(),
+            reason: reason.to_string(),
+        };
+        let (ports, protocol) = match spec.rsplit_once('/') {
+            None => (spec, Protocol::Tcp),
+            Some((ports, "tcp")) => (ports, Protocol::Tcp),
+            Some((ports, "udp")) => (ports, Protocol::Udp),
+            Some(_) => return Err(bad("the protocol must be tcp or udp")),
+        };
+        let port = |p: &str| match p.parse::<u16>() {
+            Ok(0) | Err(_) => Err(bad("ports must be from 1 to 65535")),
+            Ok(n) => Ok(n),
+        };
+        let (host, guest_port) = ports
+            .rsplit_once(':')
+            .ok_or_else(|| bad("expected [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|udp]"))?;
+        let guest_port = port(guest_port)?;
+        let (host_ip, host_port) = match host.rsplit_once(':') {
+            None => (None, port(host)?),
+            Some((ip, host_port)) => {
+                // An IPv6 address is written in brackets: [::1]:8080:80.
+                let ip = ip
+                    .strip_prefix('[')
+                    .and_then(|i| i.strip_suffix(']'))
+                    .unwrap_or(ip);
+                let ip = ip.parse().map_err(|_| bad("bad host address"))?;
+                (Some(ip), port(host_port)?)
+            }
+        };
+        Ok(PublishConfig {
+            host_ip,
+            host_port,
+            guest_port,
+            protocol,
+        })
     }
 }
 
@@ -239,4 +353,37 @@ pub(super) fn parse_fs(
         tags.push(tag);
     }
     Ok((fs, shares))
+}
+
+/// Parses every `--net` and `--publish`: one user-mode network at most, ports published only
+/// on it, and each host port (per protocol) once.
+pub(super) fn parse_nets(
+    net_specs: &[String],
+    publish_specs: &[String],
+) -> Result<(Vec<NetConfig>, Vec<PublishConfig>), ConfigError> {
+    let nets = net_specs
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<Vec<NetConfig>, _>>()?;
+    let users = nets
+        .iter()
+        .filter(|n| n.backend == NetBackend::User)
+        .count();
+    if users > 1 {
+        return Err(ConfigError::SecondUserNet);
+    }
+    let publish = publish_specs
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<Vec<PublishConfig>, _>>()?;
+    if users == 0 && !publish.is_empty() {
+        return Err(ConfigError::PublishWithoutUserNet);
+    }
+    for (i, p) in publish.iter().enumerate() {
+        let same = |q: &&PublishConfig| q.host_port == p.host_port && q.protocol == p.protocol;
+        if publish[..i].iter().any(|q| same(&q)) {
+            return Err(ConfigError::DuplicatePublish(publish_specs[i].clone()));
+        }
+    }
+    Ok((nets, publish))
 }

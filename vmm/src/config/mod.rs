@@ -4,8 +4,11 @@
 mod devices;
 mod option_parser;
 
-use devices::parse_fs;
-pub use devices::{DiskConfig, FsConfig, NetConfig, ShareConfig, VsockConfig};
+use devices::{parse_fs, parse_nets};
+pub use devices::{
+    user_net, DiskConfig, FsConfig, NetBackend, NetConfig, Protocol, PublishConfig, ShareConfig,
+    VsockConfig,
+};
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -38,6 +41,14 @@ pub enum ConfigError {
     DiskSpec { spec: String, reason: String },
     #[error("--net {spec}: {reason}")]
     NetSpec { spec: String, reason: String },
+    #[error("--net user is given twice (one user-mode network per VM)")]
+    SecondUserNet,
+    #[error("--publish {spec}: {reason}")]
+    PublishSpec { spec: String, reason: String },
+    #[error("--publish needs --net user")]
+    PublishWithoutUserNet,
+    #[error("--publish {0}: that host port is published twice")]
+    DuplicatePublish(String),
     #[error("--vsock {spec}: {reason}")]
     VsockSpec { spec: String, reason: String },
     #[error("--fs {spec}: {reason}")]
@@ -112,9 +123,12 @@ pub struct VmParams {
     pub rootfs: Option<PathBuf>,
     /// `PATH[,ro][,serial=ID]` each.
     pub disks: Vec<String>,
-    /// `tap=NAME[,mac=MAC]` each.
+    /// `tap=NAME[,mac=MAC]` or `user[,mac=MAC]` each.
     pub nets: Vec<String>,
+    /// `[HOSTIP:]HOSTPORT:GUESTPORT[/tcp|udp]` each, on the user-mode network.
+    pub publish: Vec<String>,
     pub rng: bool,
+    pub balloon: bool,
     /// `cid=N,uds=PATH`.
     pub vsock: Option<String>,
     /// `tag=TAG,socket=PATH` each.
@@ -139,7 +153,11 @@ pub struct VmConfig {
     /// Virtio disks in guest order: the root filesystem first when there is one.
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
+    /// Host ports forwarded to the guest on the user-mode network.
+    pub publish: Vec<PublishConfig>,
     pub rng: bool,
+    /// A virtio-balloon that gives the guest's free pages back to the host.
+    pub balloon: bool,
     pub vsock: Option<VsockConfig>,
     /// virtio-fs devices on external backends; any of them (or of `shares`) makes guest RAM a
     /// shared memfd.
@@ -199,11 +217,18 @@ impl TryFrom<VmParams> for VmConfig {
             disks.push(spec.parse()?);
         }
         check_disks(&disks)?;
-        let nets = cli
-            .nets
-            .iter()
-            .map(|spec| spec.parse())
-            .collect::<Result<Vec<NetConfig>, _>>()?;
+        let (nets, publish) = parse_nets(&cli.nets, &cli.publish)?;
+        // eth0 on the user-mode network gets its fixed address from the kernel itself, unless
+        // the command line configures IP already.
+        let has_ip = |cmdline: &KernelCmdline| {
+            cmdline
+                .as_str()
+                .split_whitespace()
+                .any(|p| p.starts_with("ip=") || p.starts_with("nfsaddrs="))
+        };
+        if nets.first().is_some_and(|n| n.backend == NetBackend::User) && !has_ip(&cmdline) {
+            cmdline.push(user_net::KERNEL_IP_PARAM);
+        }
         let vsock = cli.vsock.as_deref().map(str::parse).transpose()?;
         let (fs, shares) = parse_fs(&cli.fs, &cli.shares)?;
         let count = disks.len()
@@ -211,6 +236,7 @@ impl TryFrom<VmParams> for VmConfig {
             + fs.len()
             + shares.len()
             + usize::from(cli.rng)
+            + usize::from(cli.balloon)
             + usize::from(vsock.is_some())
             + usize::from(cli.console == ConsoleKind::Virtio);
         let max = rvmm_firmware::layout::VIRTIO_SLOT_COUNT;
@@ -231,7 +257,9 @@ impl TryFrom<VmParams> for VmConfig {
             console: cli.console,
             disks,
             nets,
+            publish,
             rng: cli.rng,
+            balloon: cli.balloon,
             vsock,
             fs,
             shares,
@@ -308,7 +336,9 @@ mod tests {
             rootfs: None,
             disks: Vec::new(),
             nets: Vec::new(),
+            publish: Vec::new(),
             rng: false,
+            balloon: false,
             vsock: None,
             fs: Vec::new(),
             shares: Vec::new(),
@@ -388,7 +418,7 @@ mod tests {
     #[test]
     fn net_specs() {
         let n: NetConfig = "tap=tap0,mac=52:54:00:12:34:56".parse().unwrap();
-        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.backend, NetBackend::Tap("tap0".into()));
         assert_eq!(n.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
         let n: NetConfig = "tap=t1".parse().unwrap();
         assert_eq!(n.mac, None);
@@ -397,15 +427,96 @@ mod tests {
         assert_eq!(n.guest_mac(), again.guest_mac());
         assert_ne!(n.guest_mac(), other.guest_mac());
         assert_eq!(n.guest_mac()[0], 0x52);
+        let u: NetConfig = "user".parse().unwrap();
+        assert_eq!(u.backend, NetBackend::User);
+        assert_eq!(u.guest_mac(), [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        let u: NetConfig = "user,mac=52:54:00:00:00:01".parse().unwrap();
+        assert_eq!(u.guest_mac(), [0x52, 0x54, 0, 0, 0, 1]);
         for bad in [
             "",
             "tap=",
             "mac=52:54:00:12:34:56",
             "tap=t,mac=zz",
             "tap=t,mtu=9000",
+            "user=x",
+            "user,tap=t",
         ] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn publish_specs() {
+        let p: PublishConfig = "8080:80".parse().unwrap();
+        let want = PublishConfig {
+            host_ip: None,
+            host_port: 8080,
+            guest_port: 80,
+            protocol: Protocol::Tcp,
+        };
+        assert_eq!(p, want);
+        assert_eq!(p.host_addr().to_string(), "0.0.0.0:8080");
+        let p: PublishConfig = "127.0.0.1:18082:80/udp".parse().unwrap();
+        assert_eq!(p.host_addr().to_string(), "127.0.0.1:18082");
+        assert_eq!((p.guest_port, p.protocol), (80, Protocol::Udp));
+        let p: PublishConfig = "[::1]:8080:80/tcp".parse().unwrap();
+        assert_eq!(p.host_addr().to_string(), "[::1]:8080");
+        let msg = |s: &str| s.parse::<PublishConfig>().unwrap_err().to_string();
+        assert_eq!(
+            msg("80"),
+            "--publish 80: expected [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|udp]"
+        );
+        assert_eq!(msg("0:80"), "--publish 0:80: ports must be from 1 to 65535");
+        assert_eq!(
+            msg("1:65536"),
+            "--publish 1:65536: ports must be from 1 to 65535"
+        );
+        assert_eq!(
+            msg("1:2/sctp"),
+            "--publish 1:2/sctp: the protocol must be tcp or udp"
+        );
+        assert_eq!(msg("host:1:2"), "--publish host:1:2: bad host address");
+    }
+
+    #[test]
+    fn user_net_gets_its_address_and_its_ports() {
+        let k = kernel_file();
+        let with = |nets: &[&str], publish: &[&str], cmdline: Option<&str>| {
+            VmConfig::try_from(VmParams {
+                nets: nets.iter().map(|s| s.to_string()).collect(),
+                publish: publish.iter().map(|s| s.to_string()).collect(),
+                cmdline: cmdline.map(str::to_string),
+                ..params(&k)
+            })
+        };
+        let cfg = with(&["user"], &["127.0.0.1:18082:80", "18082:80/udp"], None).unwrap();
+        assert!(cfg
+            .cmdline
+            .as_str()
+            .ends_with(" ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off"));
+        assert_eq!(cfg.publish.len(), 2);
+        // On a verbatim command line too, unless it configures IP itself.
+        let cfg = with(&["user"], &[], Some("console=ttyS0")).unwrap();
+        assert!(cfg.cmdline.as_str().contains(user_net::KERNEL_IP_PARAM));
+        let cfg = with(&["user"], &[], Some("ip=dhcp")).unwrap();
+        assert_eq!(cfg.cmdline.as_str(), "ip=dhcp");
+        // Only when it is eth0.
+        let cfg = with(&["tap=t0", "user"], &[], None).unwrap();
+        assert!(!cfg.cmdline.as_str().contains("ip="));
+        let err = |r: Result<VmConfig, ConfigError>| r.unwrap_err().to_string();
+        assert_eq!(
+            err(with(&["user", "user"], &[], None)),
+            "--net user is given twice (one user-mode network per VM)"
+        );
+        assert_eq!(
+            err(with(&["tap=t0"], &["80:80"], None)),
+            "--publish needs --net user"
+        );
+        assert_eq!(
+            err(with(&["user"], &["80:80", "127.0.0.1:80:81"], None)),
+            "--publish 127.0.0.1:80:81: that host port is published twice"
+        );
+        assert!(with(&["user"], &["80:80", "80:80/udp"], None).is_ok());
     }
 
     #[test]
@@ -483,7 +594,7 @@ mod tests {
         let net = "tap=".parse::<NetConfig>().unwrap_err().to_string();
         assert_eq!(net, "--net tap=: unknown option \"tap=\"");
         let net = "mac=52:54:00:12:34:56".parse::<NetConfig>().unwrap_err();
-        assert!(net.to_string().ends_with(": tap=NAME is required"));
+        assert!(net.to_string().ends_with(": tap=NAME or user is required"));
         let vsock = |s: &str| s.parse::<VsockConfig>().unwrap_err().to_string();
         assert_eq!(vsock("cid=x,uds=/x"), "--vsock cid=x,uds=/x: bad cid \"x\"");
         assert_eq!(

@@ -68,7 +68,8 @@ fn memfd_ranges(
 ) -> Result<Vec<(GuestAddress, usize, Option<FileOffset>)>, MemoryError> {
     const NAME: &CStr = c"rvmm-guest-ram";
     // SAFETY: NAME is a NUL-terminated string; the call only returns a new fd or -1.
-    let fd = unsafe { libc::memfd_create(NAME.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(NAME.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
     }
@@ -76,6 +77,13 @@ fn memfd_ranges(
     let file = std::sync::Arc::new(unsafe { File::from_raw_fd(fd) });
     let total: usize = ranges.iter().map(|&(_, len)| len).sum();
     file.set_len(total as u64).map_err(MemoryError::Memfd)?;
+    // The backend maps the same fd: a size that could change under either process would
+    // turn guest accesses into SIGBUS.
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on an fd this function owns, with integer arguments only.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
     let mut offset = 0u64;
     Ok(ranges
         .iter()
@@ -125,6 +133,10 @@ mod tests {
             })
             .collect();
         assert_eq!(offsets, [(0, 3 << 20), (1 << 20, 3 << 20)]);
+        // Sealed: its size can no longer change, from this process or the backend's.
+        let file = mem.iter().next().unwrap().file_offset().unwrap().file();
+        assert!(file.set_len(1 << 20).is_err());
+        assert!(file.set_len(4 << 20).is_err());
         let anon = create_guest_memory(1 << 20, MemoryBacking::Anonymous).unwrap();
         assert!(anon.iter().all(|r| r.file_offset().is_none()));
     }

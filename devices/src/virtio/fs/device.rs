@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use log::{error, warn};
+use log::warn;
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -18,6 +18,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{config_space, FsConfig, FsError, CONFIG_LEN, NUM_QUEUES, QUEUE_SIZE};
+use crate::failure::DeviceFailure;
 use crate::virtio::common::{read_config_bytes, ready_queues, VirtioCommon};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 
@@ -43,6 +44,8 @@ pub struct Fs {
     /// The backend signals these when it returns buffers.
     call_evts: [EventFd; NUM_QUEUES],
     disconnected: bool,
+    /// Where a hang-up of the backend is reported: the VM cannot go on without it.
+    failure: Arc<DeviceFailure>,
 }
 
 fn protocol(step: &'static str) -> impl FnOnce(vhost::Error) -> FsError {
@@ -50,19 +53,24 @@ fn protocol(step: &'static str) -> impl FnOnce(vhost::Error) -> FsError {
 }
 
 impl Fs {
-    /// Connects to the backend at `cfg.socket` and negotiates what it offers.
-    pub fn new(cfg: FsConfig) -> Result<Self, FsError> {
+    /// Connects to the backend at `cfg.socket` and negotiates what it offers; a later hang-up
+    /// of the backend goes to `failure`.
+    pub fn new(cfg: FsConfig, failure: Arc<DeviceFailure>) -> Result<Self, FsError> {
         let frontend = Frontend::connect(&cfg.socket, NUM_QUEUES as u64).map_err(|source| {
             FsError::Connect {
                 path: cfg.socket.clone(),
                 source,
             }
         })?;
-        Self::with_frontend(&cfg.tag, frontend)
+        Self::with_frontend(&cfg.tag, frontend, failure)
     }
 
     /// Takes ownership of the backend behind `frontend` and reads its features.
-    pub(super) fn with_frontend(tag: &str, mut frontend: Frontend) -> Result<Self, FsError> {
+    pub(super) fn with_frontend(
+        tag: &str,
+        mut frontend: Frontend,
+        failure: Arc<DeviceFailure>,
+    ) -> Result<Self, FsError> {
         let config = config_space(tag)?;
         frontend.set_owner().map_err(protocol("SET_OWNER"))?;
         let features = frontend.get_features().map_err(protocol("GET_FEATURES"))?;
@@ -87,6 +95,7 @@ impl Fs {
             common: VirtioCommon::new("virtio-fs", QUEUE_SIZE).map_err(FsError::EventFd)?,
             call_evts,
             disconnected: false,
+            failure,
         })
     }
 
@@ -137,14 +146,13 @@ impl Fs {
         Ok(())
     }
 
-    /// The backend's socket closed: its queues will never be served again.
+    /// The backend's socket closed: its queues will never be served again, so the VM stops.
     fn backend_gone(&mut self, ops: &mut EventOps) {
         self.disconnected = true;
-        error!(
-            "virtio-fs {}: the vhost-user backend has disconnected; the guest's requests on \
-             this filesystem go unanswered",
+        self.failure.report(format!(
+            "virtio-fs \"{}\": the vhost-user backend hung up",
             self.tag
-        );
+        ));
         if let Err(e) = ops.remove(Events::empty(&self.frontend)) {
             warn!(
                 "virtio-fs {}: cannot stop watching the backend: {e:?}",

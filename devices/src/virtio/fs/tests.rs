@@ -16,6 +16,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::*;
+use crate::failure::DeviceFailure;
 use crate::virtio::test_utils::{run_until_idle, CountingInterrupt};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 
@@ -121,16 +122,21 @@ fn queues(mem: &GuestMemoryMmap) -> (Vec<Queue>, u64) {
     (qs, desc)
 }
 
-fn device(features: u64, hang_up_after: usize) -> (Fs, JoinHandle<Vec<Message>>) {
+fn device(
+    features: u64,
+    hang_up_after: usize,
+) -> (Fs, Arc<DeviceFailure>, JoinHandle<Vec<Message>>) {
     let (ours, theirs) = UnixStream::pair().unwrap();
     let backend = fake_backend(theirs, features, hang_up_after);
-    let fs = Fs::with_frontend("share", Frontend::from_stream(ours, NUM_QUEUES as u64)).unwrap();
-    (fs, backend)
+    let failure = Arc::new(DeviceFailure::new().unwrap());
+    let frontend = Frontend::from_stream(ours, NUM_QUEUES as u64);
+    let fs = Fs::with_frontend("share", frontend, failure.clone()).unwrap();
+    (fs, failure, backend)
 }
 
 #[test]
 fn negotiates_starts_relays_resets_and_reports_the_hang_up() {
-    let (fs, backend) = device(OFFERED, 2);
+    let (fs, failure, backend) = device(OFFERED, 2);
     assert_eq!(fs.device_type(), 26);
     assert_eq!(fs.avail_features(), 1 << VIRTIO_F_VERSION_1 | 1 << 29);
     let mut config = [0xff; CONFIG_LEN];
@@ -216,8 +222,14 @@ fn negotiates_starts_relays_resets_and_reports_the_hang_up() {
     let host = mem.get_host_address(GuestAddress(desc)).unwrap() as u64;
     assert_eq!((u32_at(&addr.body, 0), u64_at(&addr.body, 8)), (1, host));
 
-    // The backend is gone: the device says so and refuses to start again.
+    // The backend is gone: the device reports it, which stops the VM, and refuses to start
+    // again.
+    assert_eq!(failure.reason(), None);
     run_until_idle(&mut manager);
+    assert_eq!(
+        failure.reason().as_deref(),
+        Some("virtio-fs \"share\": the vhost-user backend hung up")
+    );
     let (qs, _) = queues(&mem);
     let err = fs.lock().unwrap().activate(mem, qs, irq).unwrap_err();
     let ActivateError::Backend(e) = err else {
@@ -230,7 +242,8 @@ fn negotiates_starts_relays_resets_and_reports_the_hang_up() {
 fn refuses_a_legacy_backend_a_bad_tag_and_private_memory() {
     let (ours, theirs) = UnixStream::pair().unwrap();
     let backend = fake_backend(theirs, PROTOCOL_BIT, 1);
-    let err = Fs::with_frontend("t", Frontend::from_stream(ours, 2))
+    let failure = Arc::new(DeviceFailure::new().unwrap());
+    let err = Fs::with_frontend("t", Frontend::from_stream(ours, 2), failure)
         .err()
         .unwrap();
     assert_eq!(
@@ -242,7 +255,7 @@ fn refuses_a_legacy_backend_a_bad_tag_and_private_memory() {
     assert!(matches!(config_space(&"t".repeat(37)), Err(FsError::Tag)));
     assert_eq!(config_space(&"t".repeat(36)).unwrap()[35], b't');
 
-    let (mut fs, _backend) = device(1 << VIRTIO_F_VERSION_1, 1);
+    let (mut fs, _failure, _backend) = device(1 << VIRTIO_F_VERSION_1, 1);
     let private = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let (qs, _) = queues(&private);
     let irq = Arc::new(VirtioInterrupt::new(Arc::new(CountingInterrupt::default())));

@@ -1,6 +1,7 @@
 //! The virtio-net device: TAP set-up, configuration space, feature negotiation (with the TAP
 //! offloads that follow from it) and the event-loop glue that serves the queues when the driver
-//! notifies them and the TAP when it is readable.
+//! notifies them and the host side (TAP or stream) when it is readable, or writable again after
+//! it could not take a frame. A stream's peer (passt) that hangs up stops the VM.
 
 use std::io;
 use std::sync::Arc;
@@ -22,7 +23,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::mac::random_mac;
 use super::rx::{Receiver, RxNext};
 use super::tx::Transmitter;
-use super::{Tap, TapError, TapIo, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use super::{Stream, Tap, TapError, TapIo, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use crate::failure::DeviceFailure;
 use crate::virtio::common::{read_config_bytes, VirtioCommon};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::{warn_once, LogOnce, Problem};
@@ -69,7 +71,7 @@ pub struct NetCounters {
     pub dropped_tx: u64,
 }
 
-/// A virtio-net device on a TAP.
+/// A virtio-net device on a TAP or a stream.
 pub struct Net {
     tap: Box<dyn TapIo>,
     config_space: [u8; CONFIG_LEN],
@@ -78,8 +80,16 @@ pub struct Net {
     tx: Transmitter,
     /// Queues indexed by [`RX_QUEUE`] and [`TX_QUEUE`].
     common: VirtioCommon<2>,
-    /// The TAP is registered with epoll.
-    watching: bool,
+    /// What the host side's fd is registered for with epoll (empty: not registered).
+    registered: EventSet,
+    /// The receiver can take a frame: watch for readability.
+    rx_watch: bool,
+    /// A frame, or the rest of one, waits for the host side: watch for writability.
+    tx_waiting: bool,
+    /// Where a peer process's hang-up is reported (a stream to passt); none for a TAP.
+    failure: Option<Arc<DeviceFailure>>,
+    /// The host side is gone for good and that was reported: its fd is no longer watched.
+    gone: bool,
     warned: LogOnce,
 }
 
@@ -91,25 +101,49 @@ impl Net {
     }
 
     /// A device on an already open TAP, or anything else that moves frames like one.
-    pub fn with_tap(mut tap: Box<dyn TapIo>, mac: Option<[u8; 6]>) -> Result<Self, NetError> {
+    pub fn with_tap(tap: Box<dyn TapIo>, mac: Option<[u8; 6]>) -> Result<Self, NetError> {
+        Self::build(tap, mac, None)
+    }
+
+    /// A device on a stream to a peer process (passt): no offloads, and a peer that hangs up
+    /// or a stream that breaks is reported to `failure`, which stops the VM.
+    pub fn with_stream(
+        stream: Stream,
+        mac: Option<[u8; 6]>,
+        failure: Arc<DeviceFailure>,
+    ) -> Result<Self, NetError> {
+        Self::build(Box::new(stream), mac, Some(failure))
+    }
+
+    fn build(
+        mut tap: Box<dyn TapIo>,
+        mac: Option<[u8; 6]>,
+        failure: Option<Arc<DeviceFailure>>,
+    ) -> Result<Self, NetError> {
         let mac = match mac {
             Some(mac) => mac,
             None => random_mac().map_err(NetError::Mac)?,
         };
-        // Receive offloads are offered only if the TAP can hand such frames out; transmit
-        // offloads need nothing beyond the virtio-net header.
-        let guest_offloads = tap
-            .set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
-            .is_ok();
+        // Transmit offloads need a host side that completes them from the virtio-net header;
+        // receive offloads are offered only if it can also hand such frames out.
+        let host_offloads = tap.offloads();
+        let guest_offloads = host_offloads
+            && tap
+                .set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+                .is_ok();
         tap.set_offload(0).map_err(NetError::Offload)?;
         Ok(Self {
             tap,
             config_space: config_space(mac),
-            avail_features: features(guest_offloads),
+            avail_features: features(host_offloads, guest_offloads),
             rx: Receiver::new(),
             tx: Transmitter::new(),
             common: VirtioCommon::new("virtio-net", QUEUE_SIZE).map_err(NetError::EventFd)?,
-            watching: false,
+            registered: EventSet::empty(),
+            rx_watch: false,
+            tx_waiting: false,
+            failure,
+            gone: false,
             warned: LogOnce::default(),
         })
     }
@@ -131,16 +165,59 @@ impl Net {
         }
     }
 
-    /// Sends what the guest transmitted.
-    fn transmit(&mut self) {
+    /// Sends what the guest transmitted, up to a frame the host side cannot take yet.
+    fn transmit(&mut self, ops: &mut EventOps) {
+        let mut blocked = false;
         self.common
             .serve(Problem::TxQueue, "transmit queue: ", |mem, queues| {
-                self.tx
-                    .process_queue(mem, &mut queues[TX_QUEUE], self.tap.as_mut())
+                let served = self
+                    .tx
+                    .process_queue(mem, &mut queues[TX_QUEUE], self.tap.as_mut());
+                blocked = self.tx.blocked();
+                served
             });
+        self.flush(blocked, ops);
     }
 
-    /// Delivers frames while there are frames and buffers, then makes the TAP's epoll
+    /// Sends the rest of a frame the host side took in part, then watches for writability
+    /// while that rest or a frame the transmitter could not send (`blocked`) waits.
+    fn flush(&mut self, blocked: bool, ops: &mut EventOps) {
+        let unsent = matches!(self.tap.flush(), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        self.tx_waiting = blocked || unsent;
+        self.settle(ops);
+    }
+
+    /// The host side can take frames again.
+    fn writable(&mut self, ops: &mut EventOps) {
+        if self.common.is_active() {
+            self.transmit(ops);
+        } else {
+            self.flush(false, ops);
+        }
+    }
+
+    /// An event on the host side's fd: a peer's hang-up ends the VM; otherwise send what waits
+    /// for writability and receive what is readable.
+    fn host_event(&mut self, set: EventSet, ops: &mut EventOps) {
+        let hang_up = EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR;
+        if self.failure.is_some() && set.intersects(hang_up) {
+            let peer = self.tap.peer().unwrap_or("the host side");
+            let reason = self
+                .tap
+                .broken()
+                .unwrap_or_else(|| format!("{peer} hung up"));
+            self.fail(reason, ops);
+            return;
+        }
+        if set.contains(EventSet::OUT) {
+            self.writable(ops);
+        }
+        if set != EventSet::OUT {
+            self.receive(ops);
+        }
+    }
+
+    /// Delivers frames while there are frames and buffers, then makes the host side's epoll
     /// registration match what the receiver waits for.
     fn receive(&mut self, ops: &mut EventOps) {
         // Before activation there is nowhere to put frames; the driver's first receive
@@ -165,28 +242,62 @@ impl Net {
         if notify {
             self.common.signal_used_queue();
         }
-        self.watch(next == RxNext::Watch, ops);
+        self.rx_watch = next == RxNext::Watch;
+        self.settle(ops);
     }
 
-    /// Watches the TAP exactly when the receiver can take a frame, so the loop neither spins on
-    /// frames it cannot deliver nor misses ones it can.
-    fn watch(&mut self, watch: bool, ops: &mut EventOps) {
-        if watch == self.watching {
+    /// Reports a host side that broke for good, else brings the epoll registration up to date.
+    fn settle(&mut self, ops: &mut EventOps) {
+        if let (false, Some(_), Some(reason)) = (self.gone, &self.failure, self.tap.broken()) {
+            self.fail(reason, ops);
+        } else {
+            self.watch(ops);
+        }
+    }
+
+    /// The host side can never serve the guest again: the VM stops with `reason`.
+    fn fail(&mut self, reason: String, ops: &mut EventOps) {
+        self.gone = true;
+        if let Some(failure) = &self.failure {
+            failure.report(format!("virtio-net: {reason}"));
+        }
+        self.watch(ops);
+    }
+
+    /// Watches the host side's fd for readability exactly when the receiver can take a frame
+    /// (so the loop neither spins on frames it cannot deliver nor misses ones it can), for
+    /// writability while a frame waits for it, and always for a peer's hang-up.
+    fn watch(&mut self, ops: &mut EventOps) {
+        let mut want = EventSet::empty();
+        if !self.gone {
+            if self.rx_watch {
+                want |= EventSet::IN;
+            }
+            if self.tx_waiting {
+                want |= EventSet::OUT;
+            }
+            if self.failure.is_some() {
+                want |= EventSet::READ_HANG_UP;
+            }
+        }
+        if want == self.registered {
             return;
         }
-        let events = Events::new_raw(self.tap.as_raw_fd(), EventSet::IN);
-        let res = if watch {
-            ops.add(events)
+        let fd = self.tap.as_raw_fd();
+        let res = if self.registered.is_empty() {
+            ops.add(Events::new_raw(fd, want))
+        } else if want.is_empty() {
+            ops.remove(Events::new_raw(fd, self.registered))
         } else {
-            ops.remove(events)
+            ops.modify(Events::new_raw(fd, want))
         };
         match res {
-            Ok(()) => self.watching = watch,
+            Ok(()) => self.registered = want,
             Err(e) => {
                 warn_once!(
                     self.warned,
                     Problem::Epoll,
-                    "virtio-net: cannot update epoll interest in the TAP: {e:?}"
+                    "virtio-net: cannot update epoll interest in the host side: {e:?}"
                 );
             }
         }
@@ -203,17 +314,23 @@ impl Net {
     }
 }
 
-fn features(guest_offloads: bool) -> u64 {
+/// The features offered: transmit offloads when the host side completes them from the header
+/// (`host_offloads`), receive offloads when it can also hand such frames out.
+fn features(host_offloads: bool, guest_offloads: bool) -> u64 {
     let mut bits = vec![
         VIRTIO_F_VERSION_1,
         VIRTIO_RING_F_EVENT_IDX,
         VIRTIO_NET_F_MAC,
         VIRTIO_NET_F_STATUS,
         VIRTIO_NET_F_MRG_RXBUF,
-        VIRTIO_NET_F_CSUM,
-        VIRTIO_NET_F_HOST_TSO4,
-        VIRTIO_NET_F_HOST_TSO6,
     ];
+    if host_offloads {
+        bits.extend([
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_F_HOST_TSO6,
+        ]);
+    }
     if guest_offloads {
         bits.extend([
             VIRTIO_NET_F_GUEST_CSUM,
@@ -309,23 +426,32 @@ impl VirtioDevice for Net {
 impl MutEventSubscriber for Net {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        match self.common.queue_event(fd) {
-            Some(TX_QUEUE) => self.transmit(),
+        let queue = self.common.queue_event(fd);
+        if self.gone {
+            // The VM is stopping: nothing reaches the host side any more.
+            return;
+        }
+        match queue {
+            Some(TX_QUEUE) => self.transmit(ops),
             Some(_) if !self.common.is_active() => self.common.idle(),
             Some(_) => self.receive(ops),
-            None if fd == self.tap.as_raw_fd() => self.receive(ops),
+            None if fd == self.tap.as_raw_fd() => self.host_event(events.event_set(), ops),
             None => {}
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        // The TAP is watched only once the driver has posted receive buffers.
+        // The host side is watched for frames only once the driver has posted receive
+        // buffers; a stream's peer is watched for its hang-up from the start.
         self.common.watch_queue_events(ops);
+        self.watch(ops);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Mutex;
 
@@ -438,9 +564,9 @@ mod tests {
     }
 
     /// A device on an event loop, activated with driver-side queues.
-    struct Rig<'a> {
+    struct Rig<'a, P = Peer> {
         net: Arc<Mutex<Net>>,
-        peer: Peer,
+        peer: P,
         manager: Manager,
         irq: Arc<CountingInterrupt>,
         rx: Driver<'a>,
@@ -450,6 +576,13 @@ mod tests {
     impl<'a> Rig<'a> {
         fn new(mem: &'a GuestMemoryMmap, features: u64) -> Self {
             let (net, peer, _) = net();
+            Rig::on(mem, features, net, peer)
+        }
+    }
+
+    impl<'a, P> Rig<'a, P> {
+        /// `net`, whose host side's other end is `peer`, activated with `features`.
+        fn on(mem: &'a GuestMemoryMmap, features: u64, net: Net, peer: P) -> Self {
             let net = Arc::new(Mutex::new(net));
             let mut manager = Manager::new().unwrap();
             manager.add_subscriber(net.clone());
@@ -563,5 +696,148 @@ mod tests {
         assert!(rig.rx.used().is_empty() && rig.tx.used().is_empty());
         assert_eq!(rig.peer.recv(), None);
         assert_eq!(rig.irq.count(), 0);
+    }
+
+    /// A device on a stream whose other end (the test's) stands for passt.
+    fn stream_net() -> (Net, UnixStream, Arc<DeviceFailure>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        theirs
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let failure = Arc::new(DeviceFailure::new().unwrap());
+        let stream = Stream::new(ours, "passt").unwrap();
+        let net = Net::with_stream(stream, Some(MAC), failure.clone()).unwrap();
+        (net, theirs, failure)
+    }
+
+    /// A frame of `len` bytes as it travels on the stream: its length first.
+    fn wire(len: usize, seed: usize) -> Vec<u8> {
+        let mut w = (len as u32).to_be_bytes().to_vec();
+        w.extend_from_slice(&packet(0, len, seed)[HDR_LEN..]);
+        w
+    }
+
+    #[test]
+    fn a_stream_gets_no_offloads() {
+        let (net, _peer, _failure) = stream_net();
+        let want = [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_NET_F_MAC,
+            VIRTIO_NET_F_STATUS,
+            VIRTIO_NET_F_MRG_RXBUF,
+        ];
+        assert_eq!(net.avail_features(), want.into_iter().map(bit).sum::<u64>());
+    }
+
+    #[test]
+    fn a_peer_that_hangs_up_stops_the_vm_even_while_idle() {
+        let (net, peer, failure) = stream_net();
+        let mut manager = Manager::new().unwrap();
+        manager.add_subscriber(Arc::new(Mutex::new(net)));
+        assert_eq!(run_until_idle(&mut manager), 0);
+        assert_eq!(failure.reason(), None);
+        drop(peer);
+        assert_eq!(run_until_idle(&mut manager), 1);
+        assert_eq!(
+            failure.reason().as_deref(),
+            Some("virtio-net: passt hung up")
+        );
+        assert_eq!(failure.event().read().unwrap(), 1);
+        // Reported once; the fd is no longer watched.
+        assert_eq!(run_until_idle(&mut manager), 0);
+    }
+
+    #[test]
+    fn a_broken_stream_stops_the_vm() {
+        let mem = mem();
+        let (net, mut peer, failure) = stream_net();
+        let mut rig = Rig::on(&mem, 0, net, ());
+        rig.rx.post(&[(BUF, 2048, W)]);
+        rig.notify(RX_QUEUE);
+        rig.run();
+        peer.write_all(&u32::MAX.to_be_bytes()).unwrap();
+        rig.run();
+        let why = failure.reason().unwrap();
+        assert!(
+            why.starts_with("virtio-net: passt sent a frame of 4294967295 bytes"),
+            "{why}"
+        );
+        assert!(rig.rx.used().is_empty());
+    }
+
+    #[test]
+    fn frames_flow_through_a_stream_and_wait_for_room() {
+        let mem = mem();
+        let (net, mut peer, failure) = stream_net();
+        // The smallest send buffer: the first big frame fills it.
+        let size: libc::c_int = 1;
+        let fd = net.tap.as_raw_fd();
+        // SAFETY: SO_SNDBUF reads one int from the pointer, valid for the call.
+        let ret = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(ret, 0);
+        let mut rig = Rig::on(&mem, bit(VIRTIO_NET_F_MRG_RXBUF), net, ());
+
+        // Receive: a frame in two pieces lands behind a zeroed header.
+        rig.rx.post(&[(BUF, 2048, W)]);
+        rig.notify(RX_QUEUE);
+        rig.run();
+        let w = wire(100, 1);
+        peer.write_all(&w[..30]).unwrap();
+        rig.run();
+        assert!(rig.rx.used().is_empty());
+        peer.write_all(&w[30..]).unwrap();
+        rig.run();
+        assert_eq!(rig.rx.used(), vec![(0, HDR_LEN as u32 + 100)]);
+        assert_eq!(guest(&mem, BUF, 112), delivered(&packet(0, 100, 1)));
+
+        // Transmit three 16 KiB frames while the peer reads nothing: the socket takes the
+        // first (part of it), the others stay on the ring, and the loop does not spin.
+        let frames: Vec<Vec<u8>> = (0..3).map(|i| packet(0, 16384, i)).collect();
+        for (i, p) in frames.iter().enumerate() {
+            let at = BUF + 0x10000 + 0x5000 * i as u64;
+            mem.write_slice(p, GuestAddress(at)).unwrap();
+            rig.tx.post(&[(at, p.len() as u32, R)]);
+        }
+        rig.notify(TX_QUEUE);
+        for _ in 0..5 {
+            assert!(rig.manager.run_with_timeout(20).unwrap() <= 1);
+        }
+        assert_eq!(rig.tx.used(), vec![(0, 0)]);
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0; 3 * (4 + 16384)];
+            // The peer stays open: its hang-up would stop the VM.
+            peer.read_exact(&mut got).map(|()| (got, peer))
+        });
+        let start = std::time::Instant::now();
+        while rig.tx.used().len() < 3 && start.elapsed().as_secs() < 10 {
+            rig.manager.run_with_timeout(20).unwrap();
+        }
+        assert_eq!(rig.tx.used(), vec![(0, 0), (1, 0), (2, 0)]);
+        // The rest of the last frame goes out once the socket has room.
+        let (got, _peer) = loop {
+            rig.manager.run_with_timeout(20).unwrap();
+            if reader.is_finished() {
+                break reader.join().unwrap().unwrap();
+            }
+        };
+        for (i, p) in frames.iter().enumerate() {
+            let at = i * (4 + 16384);
+            assert_eq!(got[at..at + 4], 16384u32.to_be_bytes());
+            assert_eq!(got[at + 4..at + 4 + 16384], p[HDR_LEN..], "frame {i}");
+        }
+        assert_eq!(rig.counters().tx_frames, 3);
+        assert_eq!(rig.counters().dropped_tx, 0);
+        // Nothing waits any more: the loop goes idle.
+        assert_eq!(rig.run(), 0);
+        assert_eq!(failure.reason(), None);
     }
 }

@@ -1,8 +1,9 @@
-//! virtio-net backed by a host TAP interface.
+//! virtio-net backed by a host TAP interface or by a stream to passt.
 //!
-//! `tap` opens the TAP with a virtio-net header in front of every frame, `tx` moves the guest's
-//! frames from the transmit queue to the TAP, `rx` moves the TAP's frames into the receive
-//! queue's buffers, `mac` parses and generates addresses, and `device` is the
+//! `tap` opens the TAP with a virtio-net header in front of every frame, `stream` exchanges
+//! length-prefixed frames with passt (user-mode networking) and makes them look like a TAP's,
+//! `tx` moves the guest's frames from the transmit queue to either, `rx` moves their frames into
+//! the receive queue's buffers, `mac` parses and generates addresses, and `device` is the
 //! [`crate::virtio::VirtioDevice`] and event-loop glue.
 
 mod device;
@@ -10,11 +11,13 @@ pub mod mac;
 #[cfg(test)]
 mod netns_tests;
 pub mod rx;
+pub mod stream;
 pub mod tap;
 pub mod tx;
 
 pub use device::{Net, NetConfig, NetCounters, NetError};
 pub use mac::{format_mac, parse_mac, MacError};
+pub use stream::{Stream, StreamError};
 pub use tap::{Tap, TapError, TapIo};
 
 /// Size of each queue.

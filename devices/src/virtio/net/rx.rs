@@ -1,4 +1,5 @@
-//! The receive path: frames from the TAP into the receive queue's buffers.
+//! The receive path: frames from the TAP (or the stream to passt, which reads like one) into
+//! the receive queue's buffers.
 //!
 //! A frame is read from the TAP only once the driver has posted a buffer for it, so while the
 //! guest is not reading, frames wait in the kernel's TAP queue (which drops, and counts, what
@@ -49,14 +50,14 @@ pub enum RxError {
         /// The buffers it could have had.
         room: u64,
     },
-    /// The TAP handed out less than a header and an Ethernet header.
-    #[error("TAP delivered a runt of {0} bytes")]
+    /// The host side handed out less than a header and an Ethernet header.
+    #[error("the host side delivered a runt of {0} bytes")]
     Runt(usize),
     /// Copying into validated guest buffers failed.
     #[error("cannot write the frame to guest memory")]
     GuestMemory(#[source] GuestMemoryError),
-    /// Reading the TAP failed.
-    #[error("TAP read failed")]
+    /// Reading the TAP (or stream) failed.
+    #[error("read from the host side failed")]
     Tap(#[source] io::Error),
 }
 
@@ -279,12 +280,15 @@ impl Receiver {
         // it; other errors (EBADFD: interface deleted) will not go away.
         let fatal = matches!(&err, RxError::Tap(e)
             if !matches!(e.raw_os_error(), Some(libc::EFAULT | libc::EINVAL)));
-        warn_once!(
-            self.warned,
-            Problem::Tap,
-            "virtio-net: {}",
-            crate::error_chain(&err)
-        );
+        // A host side gone for good is the device's to report, as the reason the VM stops.
+        if tap.broken().is_none() {
+            warn_once!(
+                self.warned,
+                Problem::Tap,
+                "virtio-net: {}",
+                crate::error_chain(&err)
+            );
+        }
         if fatal {
             return Read::Failed;
         }

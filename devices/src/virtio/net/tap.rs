@@ -13,16 +13,37 @@ use super::HDR_LEN;
 /// The kernel's TUN/TAP clone device.
 pub(super) const TUN_PATH: &str = "/dev/net/tun";
 
-/// A frame source and sink with a virtio-net header in front of every frame: the TAP, or a
-/// stand-in in tests and benchmarks.
+/// A frame source and sink with a virtio-net header in front of every frame: the TAP, a stream
+/// to passt ([`super::Stream`]), or a stand-in in tests and benchmarks.
 pub trait TapIo: AsRawFd + Send {
     /// Reads one frame into `buf`; `WouldBlock` when none is queued.
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
-    /// Writes one frame (all of `buf`, or an error).
+    /// Writes one frame (all of `buf`, or an error). `WouldBlock`: nothing of it was taken, and
+    /// the caller keeps it until the fd is writable.
     fn write_frame(&mut self, buf: &[u8]) -> io::Result<usize>;
     /// Tells the kernel which offloads (`TUN_F_*`) the reader handles, i.e. which partially
     /// checksummed and segmentation-offload frames it may hand out.
     fn set_offload(&mut self, flags: u32) -> io::Result<()>;
+    /// Whether the host side acts on the offloads in the virtio-net header (partial checksums,
+    /// segmentation). When it does not, the device offers the guest no offloads, so that every
+    /// frame is whole and checksummed.
+    fn offloads(&self) -> bool {
+        true
+    }
+    /// Sends the rest of a frame that an earlier [`TapIo::write_frame`] took but could not send
+    /// at once; `WouldBlock` while some of it is left, until the fd is writable.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    /// The process at the other end, if there is one (passt): its hang-up ends the VM.
+    fn peer(&self) -> Option<&str> {
+        None
+    }
+    /// Why the host side can never carry frames again, once that is so. Never for a TAP, whose
+    /// failures cost a frame each.
+    fn broken(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Why a TAP could not be opened.

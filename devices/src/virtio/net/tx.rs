@@ -1,5 +1,7 @@
 //! The transmit path: each chain of the transmit queue is one header plus frame, gathered from
-//! its device-readable buffers and written to the TAP in one write.
+//! its device-readable buffers and written to the TAP in one write. A host side that cannot
+//! take a frame now (a stream to passt whose socket is full) leaves it on the ring: the
+//! transmitter stops there and the device waits for the host side to be writable.
 
 use std::io;
 
@@ -8,7 +10,7 @@ use virtio_queue::Queue;
 use vm_memory::{GuestMemoryError, GuestMemoryMmap};
 
 use super::{TapIo, ETH_HLEN, HDR_LEN, MAX_PACKET_LEN, QUEUE_SIZE};
-use crate::virtio::drain::{drain, DrainError};
+use crate::virtio::drain::{drain_until, DrainError};
 use crate::virtio::sg::{SgError, SgList};
 use crate::{warn_once, LogOnce, Problem};
 
@@ -27,8 +29,8 @@ pub enum TxError {
     /// Copying from validated guest buffers failed.
     #[error("cannot read the frame from guest memory")]
     GuestMemory(#[source] GuestMemoryError),
-    /// The TAP refused the frame (interface down, malformed header, …).
-    #[error("TAP write failed")]
+    /// The host side refused the frame (TAP interface down, malformed header, passt gone, …).
+    #[error("write to the host side failed")]
     Tap(#[source] io::Error),
 }
 
@@ -36,6 +38,8 @@ pub enum TxError {
 pub struct Transmitter {
     /// One header plus frame, gathered so the TAP gets it in one write.
     packet: Box<[u8]>,
+    /// The last pass stopped at a frame the host side could not take yet.
+    blocked: bool,
     frames: u64,
     dropped: u64,
     warned: LogOnce,
@@ -52,6 +56,7 @@ impl Transmitter {
     pub fn new() -> Self {
         Self {
             packet: vec![0; MAX_PACKET_LEN].into_boxed_slice(),
+            blocked: false,
             frames: 0,
             dropped: 0,
             warned: LogOnce::default(),
@@ -68,20 +73,35 @@ impl Transmitter {
         self.dropped
     }
 
-    /// Sends every available chain; returns whether the driver needs an interrupt.
+    /// Whether the last [`Transmitter::process_queue`] stopped at a frame the host side could
+    /// not take yet (`WouldBlock`): the rest waits until it is writable.
+    pub fn blocked(&self) -> bool {
+        self.blocked
+    }
+
+    /// Sends every available chain, or those before one the host side cannot take yet; returns
+    /// whether the driver needs an interrupt.
     pub fn process_queue(
         &mut self,
         mem: &GuestMemoryMmap,
         queue: &mut Queue,
         tap: &mut dyn TapIo,
     ) -> Result<bool, DrainError> {
-        drain(mem, queue, |chain| {
+        self.blocked = false;
+        drain_until(mem, queue, |chain| {
             match self.transmit(mem, chain, tap) {
                 Ok(()) => self.frames += 1,
+                Err(TxError::Tap(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.blocked = true;
+                    return None;
+                }
+                // A host side gone for good is the device's to report, as the reason the VM
+                // stops; the frame is only counted.
+                Err(TxError::Tap(_)) if tap.broken().is_some() => self.dropped += 1,
                 Err(e) => self.report(e),
             }
             // The device writes nothing into a transmit chain.
-            0
+            Some(0)
         })
     }
 
@@ -106,8 +126,8 @@ impl Transmitter {
             match tap.write_frame(packet) {
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // Full TAP queue (WouldBlock) included: like a NIC, drop rather than stall
-                // the transmit queue behind one frame.
+                // WouldBlock (a full stream socket; a TAP takes every frame) keeps the frame
+                // on the ring; any other refusal drops it, as a NIC would.
                 Err(e) => return Err(TxError::Tap(e)),
             }
         }
