@@ -23,10 +23,10 @@ trap 'rm -f -- "$log" "$list" "$runner"' EXIT
 # shellcheck source=kvm-platform.sh
 source resources/kvm-platform.sh
 
-# A test binary's limit inside the nested machine (the longest takes ~3 min), and the whole
-# machine's (the layer takes ~20 min).
-binary_timeout=600
-machine_timeout=2400
+# A test binary's limit inside the nested machine (the longest, oci, takes ~6 min), and the whole
+# machine's (the layer takes ~30 min).
+binary_timeout=900
+machine_timeout=3600
 
 # The smoke layer: what must keep working on an emulating KVM.
 smoke=(tiny_guests hostile_guest seccomp bad_input linux_smoke)
@@ -80,6 +80,14 @@ cargo test --workspace --locked --tests --no-run --message-format=json-render-di
            | "\(.manifest_path | sub("/Cargo.toml$"; ""))\t\(.target.name)\t\(.executable)"' |
     sort -t $'\t' -k2,2 >"$list"
 [[ -s $list ]] || { echo "test.sh: error: cargo built no integration tests" >&2; exit 1; }
+# Where the smoke layer ran on this host's own KVM, its binaries do not run again nested: they
+# need no guest user space, and a guest that spins without an exit (tiny_guests) once wedged
+# the nested machine's CPU for good (a soft lockup: TCG never delivered the interrupt that
+# brings a CPU back from its guest).
+if [[ $(kvm_platform) == emulated ]]; then
+    pattern=$(printf '\t%s\t|' "${smoke[@]}")
+    grep -Ev "${pattern%|}" "$list" >"$list.nested" && mv -- "$list.nested" "$list"
+fi
 
 # What runs inside: each binary in its package's directory, as cargo would run it, on the
 # machine's first CPU with every process it starts (its VMs' vCPU and device threads among

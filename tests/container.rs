@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use common::container::{container_guest, run_dirs, write_images};
-use common::{assemble_program, linux_kvm_or_skip};
+use common::{assemble_program, linux_kvm_or_skip, processes_with};
 use rvmm_agent::bundle::{config_json, runtime_spec, BundleParams};
 use rvmm_agent::protocol::{ExitStatus, RunRequest};
 use rvmm_agent::user::resolve;
@@ -256,13 +256,7 @@ fn run_mounts_host_directories_as_volumes() {
     assert_eq!(std::fs::read_to_string(rw.join("out")).unwrap(), "out\n");
     assert!(!ro.join("x").exists());
     let marker = dir.as_path().display().to_string();
-    let left: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(&marker))
-        .collect();
+    let left = processes_with(&marker);
     assert!(left.is_empty(), "still running: {left:?}");
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{http_get, linux_kvm_or_skip, output_logged, text};
+use common::{http_get, linux_kvm_or_skip, output_logged, processes_with, text};
 use vmm_sys_util::tempdir::TempDir;
 
 const RVMM_OCI: &str = env!("CARGO_BIN_EXE_rvmm-oci");
@@ -118,17 +118,23 @@ impl Podman {
         self.ok(&["inspect", "-f", format, name]).trim().to_string()
     }
 
-    /// No process of ours is left: rvmm, its virtiofsd and the keeper all name this
-    /// podman's directories in their command lines.
+    /// No process of ours is left within 10 s (conmon may still be on its way out when podman
+    /// returns): rvmm, its virtiofsd, the keeper and conmon all name this podman's directories
+    /// in their command lines.
     fn assert_nothing_left(&self) {
         let marker = self.dir.as_path().display().to_string();
-        let left: Vec<String> = std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-            .filter(|c| c.contains(&marker) && !c.starts_with("podman"))
-            .collect();
+        let ours = || -> Vec<String> {
+            processes_with(&marker)
+                .into_iter()
+                .filter(|c| !c.starts_with("podman"))
+                .collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut left = ours();
+        while !left.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            left = ours();
+        }
         assert!(left.is_empty(), "still running: {left:?}");
     }
 }

@@ -34,6 +34,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long it may take to leave once rvmm has closed its socket.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_millis(1);
+/// How long a passt whose socket hung up may take to leave its exit status.
+const ENDED_WAIT: Duration = Duration::from_secs(1);
 /// passt's own MAC address on the guest's network: QEMU slirp's gateway's.
 const GATEWAY_MAC: [u8; 6] = [0x52, 0x55, 0x0a, 0x00, 0x02, 0x02];
 /// What rvmm calls passt in messages.
@@ -157,9 +159,10 @@ impl Passt {
         Ok(())
     }
 
-    /// How it ended, if it has: "passt ended: signal: 9 (SIGKILL)".
+    /// How it ended, if it has: "passt ended: signal: 9 (SIGKILL)". Asked once its socket hung
+    /// up, which a dying passt does before its exit status exists: that may take a moment.
     pub fn ended(&mut self) -> Option<String> {
-        let status = self.child.try_wait().ok()??;
+        let status = self.wait_exit(Instant::now() + ENDED_WAIT)?;
         Some(format!("passt ended: {status}"))
     }
 
