@@ -2,7 +2,6 @@
 //! and the event-loop glue that serves a queue when the driver notifies it.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -37,8 +36,6 @@ pub struct Balloon {
     common: VirtioCommon<QUEUES>,
     /// Pages the driver says the balloon holds.
     actual: u32,
-    /// Bytes given back so far, for whoever shows the VM's state.
-    discarded: Arc<AtomicU64>,
 }
 
 impl Balloon {
@@ -49,13 +46,7 @@ impl Balloon {
             common: VirtioCommon::new("virtio-balloon", QUEUE_SIZE)
                 .map_err(BalloonError::EventFd)?,
             actual: 0,
-            discarded: Arc::default(),
         })
-    }
-
-    /// The count of bytes given back to the host, kept up to date as the device runs.
-    pub fn discarded(&self) -> Arc<AtomicU64> {
-        self.discarded.clone()
     }
 
     fn serve(&mut self, queue: usize) {
@@ -69,8 +60,6 @@ impl Balloon {
                     _ => handler.process_reporting(mem, &mut queues[REPORTING], &mut give_back),
                 }
             });
-        self.discarded
-            .store(self.handler.discarded, Ordering::Relaxed);
     }
 }
 
@@ -182,7 +171,6 @@ mod tests {
         let at = 0x10_0000;
         mem.write_slice(&[0xa5; 0x2000], GuestAddress(at)).unwrap();
         let balloon = Arc::new(Mutex::new(Balloon::new().unwrap()));
-        let discarded = balloon.lock().unwrap().discarded();
         let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
         manager.add_subscriber(balloon.clone());
         let line = Arc::new(CountingInterrupt::default());
@@ -203,7 +191,7 @@ mod tests {
         assert_eq!(manager.run_with_timeout(1000).unwrap(), 1);
         assert_eq!(drivers[REPORTING].used(), vec![(0, 0)]);
         assert_eq!(line.count(), 1);
-        assert_eq!(discarded.load(Ordering::Relaxed), 0x2000);
+        assert_eq!(balloon.lock().unwrap().handler.discarded, 0x2000);
         let mut back = [0xff; 0x2000];
         mem.read_slice(&mut back, GuestAddress(at)).unwrap();
         assert!(back.iter().all(|&b| b == 0));

@@ -52,9 +52,9 @@ pub fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<u6
     } else {
         libc::MADV_DONTNEED
     };
-    // SAFETY: `host..host + (end - start)` lies inside the region's mapping (checked above), whose
-    // pages belong to the guest; nothing in the VMM holds references into free guest pages, and
-    // both advices leave the mapping in place (reads then see zeros).
+    // Nothing in the VMM holds references into free guest pages, and both advices leave the
+    // mapping in place (reads then see zeros).
+    // SAFETY: `host..host + (end - start)` lies inside the region's mapping (checked above).
     let ret = unsafe { libc::madvise(host.cast(), (end - start) as usize, advice) };
     if ret != 0 {
         return Err(DiscardError::Madvise(io::Error::last_os_error()));
