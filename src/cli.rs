@@ -10,6 +10,8 @@ use rvmm_container::network::Network;
 use rvmm_container::RunOptions;
 use rvmm_vmm::config::{ConsoleKind, CpuTemplate, Seccomp, VmParams};
 
+use crate::shared_cli::{ExecArgs, KillArgs, PsArgs, StopArgs, VmCommand};
+
 /// rvmm — boot a Linux guest on KVM.
 #[derive(Debug, Parser)]
 #[command(
@@ -30,10 +32,21 @@ pub struct Cli {
 /// What rvmm does besides booting the VM described by the top-level options.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a command in a container inside a fresh microVM.
+    /// Run a command in a container inside a fresh microVM (or a shared one with --vm).
     Run(RunArgs),
     /// Compare a microVM's costs with a container's and a plain process's.
     Bench(BenchArgs),
+    /// Manage shared VMs, which host many containers and stay up between runs.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Run another process in a shared VM's running container.
+    Exec(ExecArgs),
+    /// List the containers of the shared VMs.
+    Ps(PsArgs),
+    /// Stop containers of the shared VMs (SIGTERM, then SIGKILL).
+    Stop(StopArgs),
+    /// Send a signal to containers of the shared VMs.
+    Kill(KillArgs),
 }
 
 /// The VM to boot when no subcommand is given.
@@ -84,6 +97,10 @@ pub struct VmArgs {
     /// the host a few seconds later.
     #[arg(long)]
     pub balloon: bool,
+    /// Writes the guest's memory statistics from the balloon (free, available, total, …) to
+    /// PATH every 2 s, as one JSON line; implies --balloon.
+    #[arg(long, value_name = "PATH")]
+    pub balloon_stats: Option<PathBuf>,
     /// A virtio-vsock device, cid=N,uds=PATH: host programs reach guest port P by connecting to
     /// the Unix socket PATH and writing "CONNECT P\n"; the guest reaches host port P at PATH_P.
     #[arg(long, value_name = "SPEC")]
@@ -158,6 +175,7 @@ impl From<VmArgs> for VmParams {
             publish: a.publish,
             rng: a.rng,
             balloon: a.balloon,
+            balloon_stats: a.balloon_stats,
             vsock: a.vsock,
             fs: a.fs,
             shares: a.share,
@@ -227,6 +245,15 @@ pub struct RunArgs {
     /// Keep the guest console output in this file.
     #[arg(long, value_name = "PATH")]
     pub console_log: Option<PathBuf>,
+    /// Run in this shared VM (rvmm vm start) instead of booting a fresh one.
+    #[arg(long, value_name = "NAME")]
+    pub vm: Option<String>,
+    /// The container's name in its VM (for rvmm exec, stop, kill).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Leave the container running in the shared VM (--vm) and print its name.
+    #[arg(short = 'd', long = "detach")]
+    pub detach: bool,
     /// The image: an OCI layout directory or tar, a docker save tar, or a rootfs tar.
     pub image: PathBuf,
     /// The command and its arguments (default: the image's Entrypoint and Cmd).
@@ -243,6 +270,15 @@ pub enum NetworkArg {
     None,
 }
 
+impl NetworkArg {
+    pub fn into_network(self) -> Network {
+        match self {
+            NetworkArg::User => Network::User,
+            NetworkArg::None => Network::None,
+        }
+    }
+}
+
 impl From<RunArgs> for RunOptions {
     fn from(a: RunArgs) -> Self {
         RunOptions {
@@ -252,10 +288,7 @@ impl From<RunArgs> for RunOptions {
             workdir: a.workdir,
             interactive: a.interactive,
             tty: a.tty,
-            network: a.network.map(|n| match n {
-                NetworkArg::User => Network::User,
-                NetworkArg::None => Network::None,
-            }),
+            network: a.network.map(NetworkArg::into_network),
             nets: a.net,
             publish: a.publish,
             volumes: a.volume,
@@ -264,6 +297,9 @@ impl From<RunArgs> for RunOptions {
             console_log: a.console_log,
             image: a.image,
             command: a.command,
+            vm: a.vm,
+            name: a.name,
+            detach: a.detach,
         }
     }
 }
@@ -291,6 +327,7 @@ pub enum StepArg {
     Net,
     Fs,
     Runtime,
+    Run,
 }
 
 impl From<BenchArgs> for BenchOptions {
@@ -303,6 +340,7 @@ impl From<BenchArgs> for BenchOptions {
             StepArg::Net => Step::Net,
             StepArg::Fs => Step::Fs,
             StepArg::Runtime => Step::Runtime,
+            StepArg::Run => Step::Run,
         };
         BenchOptions {
             runs: a.runs,

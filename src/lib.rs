@@ -4,3 +4,4 @@
 
 pub mod cli;
 pub mod oci_cli;
+pub mod shared_cli;

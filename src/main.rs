@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use rvmm::cli::{Cli, Command, VmArgs};
+use rvmm::shared_cli;
 use rvmm_vmm::config::{VmConfig, VmParams};
 use rvmm_vmm::error_chain;
 use rvmm_vmm::terminal::RawTerminal;
@@ -29,6 +30,11 @@ fn main() -> ExitCode {
             .map(ExitCode::from)
             .map_err(|e| error_chain(&e)),
         Some(Command::Bench(args)) => rvmm_bench::main(args.into()),
+        Some(Command::Vm(command)) => shared_cli::vm(command),
+        Some(Command::Exec(args)) => shared_cli::exec(args),
+        Some(Command::Ps(args)) => shared_cli::ps(args),
+        Some(Command::Stop(args)) => shared_cli::stop(args),
+        Some(Command::Kill(args)) => shared_cli::kill(args),
         None => boot(cli.vm),
     };
     result.unwrap_or_else(|msg| {

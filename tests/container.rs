@@ -323,6 +323,9 @@ fn container_vm_serves_several_requests() {
         shares: &[],
         netns: None,
         console_log: Some(&log),
+        run_dir_in: None,
+        balloon: false,
+        balloon_stats: None,
     })
     .unwrap();
     let mut session = vm.connect(Duration::from_secs(600)).unwrap();

@@ -8,7 +8,9 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::container::{container_guest, run_dirs, write_images};
+use common::container::{
+    container_guest, output_within, run_dirs, wait_within, write_images, Reaped,
+};
 use common::{http_get, linux_kvm_or_skip, passt_or_skip, processes_with};
 use vmm_sys_util::tempdir::TempDir;
 
@@ -66,54 +68,6 @@ impl NetRun {
     }
 }
 
-/// A child process that is killed and reaped however the test ends.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Waits for `child` for at most `limit`; kills it and fails past that.
-fn wait_within(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("rvmm run took longer than {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Runs `cmd` to its end, bounded by [`RUN_LIMIT`]: its status, stdout and stderr.
-fn output_within(mut cmd: Command) -> (Option<i32>, String, String) {
-    use std::io::Read;
-    let mut child = cmd
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let drain = |mut from: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut all = Vec::new();
-            let _ = from.read_to_end(&mut all);
-            String::from_utf8_lossy(&all).into_owned()
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().unwrap()));
-    let err = drain(Box::new(child.stderr.take().unwrap()));
-    let status = wait_within(&mut child, RUN_LIMIT);
-    (status.code(), out.join().unwrap(), err.join().unwrap())
-}
-
 /// `rvmm run`'s default network: the container, on the VM's network, reaches a listener on
 /// the host's 127.0.0.1 through the gateway 10.0.2.2 (passt), and has its loopback up.
 #[test]
@@ -145,7 +99,7 @@ fn run_reaches_the_host_through_the_gateway() {
         "cat /sys/class/net/lo/flags; \
          {{ echo hello from the container; sleep 5; }} | timeout 30 nc 10.0.2.2 {port}"
     );
-    let (code, stdout, stderr) = output_within(env.command(&[], &["sh", "-c", &script]));
+    let (code, stdout, stderr) = output_within(RUN_LIMIT, env.command(&[], &["sh", "-c", &script]));
     eprintln!("stdout:\n{stdout}\nstderr:\n{stderr}");
     assert_eq!(code, Some(0), "{stderr}");
     let from_container = rx.recv_timeout(CLIENT_LIMIT).unwrap().unwrap();
@@ -398,7 +352,7 @@ fn run_refuses_before_booting() {
             .arg(dir.as_path().join("no-image.tar"))
             .args(["--", "true"]);
         let started = std::time::Instant::now();
-        let (code, stdout, stderr) = output_within(cmd);
+        let (code, stdout, stderr) = output_within(RUN_LIMIT, cmd);
         assert_eq!(code, Some(1), "{options:?}: {stderr}");
         assert!(stdout.is_empty(), "{stdout}");
         let lines: Vec<&str> = stderr.lines().collect();

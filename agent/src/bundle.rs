@@ -30,6 +30,33 @@ pub enum BundleError {
     RelativeCwd(String),
     #[error("volume destination {0:?} must be an absolute path other than /")]
     VolumeDestination(String),
+    #[error("the container's config.json has no process")]
+    NoProcess,
+    #[error("the container's config.json is not valid JSON")]
+    Json(#[source] serde_json::Error),
+}
+
+/// The process.json of `crun exec` for `argv` in a container whose bundle has `config_json`:
+/// its process with other arguments, so the exec gets the container's environment, user,
+/// working directory and capabilities.
+pub fn exec_process(
+    config_json: &str,
+    argv: &[String],
+    terminal: bool,
+) -> Result<String, BundleError> {
+    if argv.is_empty() {
+        return Err(BundleError::NoCommand);
+    }
+    let config: serde_json::Value = serde_json::from_str(config_json).map_err(BundleError::Json)?;
+    let mut process = config
+        .get("process")
+        .cloned()
+        .ok_or(BundleError::NoProcess)?;
+    let fields = process.as_object_mut().ok_or(BundleError::NoProcess)?;
+    fields.insert("args".into(), argv.into());
+    fields.insert("terminal".into(), terminal.into());
+    fields.remove("consoleSize");
+    Ok(process.to_string())
 }
 
 /// Where the guest mounts the virtio-fs `tag` of a volume.
@@ -160,9 +187,34 @@ mod tests {
             host_network: false,
             volumes: Vec::new(),
             spec: None,
-            terminal: None,
-            network: None,
+            ..RunRequest::default()
         }
+    }
+
+    #[test]
+    fn exec_takes_the_containers_process_with_other_arguments() {
+        let config = r#"{"process":{"args":["sh"],"env":["A=1"],"cwd":"/w","terminal":true,
+            "consoleSize":{"height":1,"width":1},"user":{"uid":5,"gid":6}}}"#;
+        let argv = vec!["cat".to_string(), "/f".to_string()];
+        let process: serde_json::Value =
+            serde_json::from_str(&exec_process(config, &argv, false).unwrap()).unwrap();
+        assert_eq!(
+            process,
+            serde_json::json!({"args":["cat","/f"],"env":["A=1"],"cwd":"/w","terminal":false,
+                "user":{"uid":5,"gid":6}})
+        );
+        assert!(matches!(
+            exec_process(config, &[], false),
+            Err(BundleError::NoCommand)
+        ));
+        assert!(matches!(
+            exec_process("{}", &argv, false),
+            Err(BundleError::NoProcess)
+        ));
+        assert!(matches!(
+            exec_process("{", &argv, false),
+            Err(BundleError::Json(_))
+        ));
     }
 
     fn spec_for(req: &RunRequest) -> Result<serde_json::Value, BundleError> {

@@ -6,9 +6,12 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::thread::sleep;
 use std::time::Duration;
+
+use rvmm_agent::protocol::IMAGE_TAG;
 
 /// The image disk: the second virtio disk, after the guest's own root.
 pub const IMAGE_DISK: &str = "/dev/vdb";
@@ -117,6 +120,47 @@ pub fn setup(image_disk: &Path, image_dir: &str) -> io::Result<()> {
     let disk = image_disk.to_string_lossy();
     mount(&disk, Path::new(image_dir), "ext4", libc::MS_RDONLY, "")
         .map_err(|e| io::Error::new(e.kind(), format!("cannot mount the image disk {disk}: {e}")))
+}
+
+/// Where a shared VM mounts its image store and each image disk in it.
+const IMAGE_SHARE: &str = "/run/rvmm-images";
+const IMAGE_ROOTS: &str = "/run/rvmm-roots";
+
+/// The root of the image disk `file` on the VM's image share, loop-mounted read-only once
+/// per VM (later containers of the image share it).
+pub fn image_root(file: &str) -> Result<PathBuf, String> {
+    // One at a time: two first runs of an image must not both mount it.
+    static MOUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = MOUNTING.lock().unwrap_or_else(|p| p.into_inner());
+    let stem = file
+        .strip_suffix(".ext4")
+        .filter(|s| !s.is_empty() && !s.starts_with('.') && !s.contains('/'))
+        .ok_or_else(|| format!("image {file:?} is not a disk file name"))?;
+    let share = Path::new(IMAGE_SHARE);
+    if !is_mount_point(share) {
+        std::fs::create_dir_all(share).map_err(|e| format!("{IMAGE_SHARE}: {e}"))?;
+        mount(IMAGE_TAG, share, "virtiofs", libc::MS_RDONLY, "").map_err(|e| {
+            format!(
+                "cannot mount the image store (virtio-fs {IMAGE_TAG}): {e}; is this a shared VM?"
+            )
+        })?;
+    }
+    let root = Path::new(IMAGE_ROOTS).join(stem);
+    if is_mount_point(&root) {
+        return Ok(root);
+    }
+    std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let out = Command::new(BUSYBOX)
+        .args(["mount", "-t", "ext4", "-o", "loop,ro"])
+        .arg(share.join(file))
+        .arg(&root)
+        .output()
+        .map_err(|e| format!("cannot run mount: {e}"))?;
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("cannot mount image {file}: {}", why.trim()));
+    }
+    Ok(root)
 }
 
 /// Whether the cgroup2 root offers `controller`.

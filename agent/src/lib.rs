@@ -3,5 +3,6 @@
 #[cfg(feature = "bundle")]
 pub mod bundle;
 pub mod protocol;
+pub mod registry;
 #[cfg(feature = "bundle")]
 pub mod user;

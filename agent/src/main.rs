@@ -1,24 +1,29 @@
 //! rvmm-agent: PID 1 of the container-host guest. It prepares the guest (proc, sys, dev,
 //! cgroup2, the read-only image disk), connects to the host over vsock, and runs each
 //! requested command as an OCI container with crun, relaying stdio, signals and the exit
-//! status. A shutdown request or a closed connection powers the guest off.
+//! status. A shutdown request or the first connection's end powers the guest off. In a shared
+//! VM many containers run at once, each named (`registry`), from image disks on the VM's image
+//! share.
 
 mod console;
+mod crun;
 mod guest;
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 
+use crun::Started;
 use rvmm_agent::bundle::{
-    config_json, runtime_spec, volume_source, BundleParams, PIDS_LIMIT, ROOTFS_DIR,
+    config_json, exec_process, runtime_spec, volume_source, BundleParams, PIDS_LIMIT, ROOTFS_DIR,
 };
-use rvmm_agent::protocol::{self, ExecRequest, ExitStatus, Message, RunRequest, Volume, CHUNK};
+use rvmm_agent::protocol::{self, ExecRequest, ExitStatus, Message, RunRequest, Volume};
+use rvmm_agent::registry::{NewContainer, Registry};
 use rvmm_agent::user;
 
 /// One line on the console. As PID 1 the agent must not die if the console cannot be written
@@ -125,6 +130,14 @@ struct Running {
     console: Option<File>,
 }
 
+/// The connection's running command, shared with the thread that waits for it.
+type Current = Arc<Mutex<Option<Running>>>;
+
+fn registry() -> MutexGuard<'static, Registry> {
+    static REGISTRY: Mutex<Registry> = Mutex::new(Registry::new());
+    REGISTRY.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn serve(conn: File) {
     let mut reader = match conn.try_clone() {
         Ok(r) => r,
@@ -137,8 +150,7 @@ fn serve(conn: File) {
             agent: format!("rvmm-agent {}", env!("CARGO_PKG_VERSION")),
         },
     );
-    let current: Arc<Mutex<Option<Running>>> = Arc::default();
-    let mut seq = 0u32;
+    let current: Current = Arc::default();
     loop {
         let msg = match protocol::recv(&mut reader) {
             Ok(msg) => msg,
@@ -146,59 +158,85 @@ fn serve(conn: File) {
             Err(e) => return say!("{e}"),
         };
         let mut running = current.lock().unwrap_or_else(|p| p.into_inner());
-        match msg {
-            Message::Run(_) | Message::Exec(_) if running.is_some() => send(
-                &writer,
-                &Message::Failed("a command is already running".into()),
-            ),
-            Message::Run(req) => {
-                seq += 1;
-                match start(&req, seq, &writer, &current) {
-                    Ok(r) => *running = Some(r),
-                    Err(e) => send(&writer, &Message::Failed(e)),
-                }
+        let started = match msg {
+            Message::Run(_) | Message::Exec(_) if running.is_some() => {
+                Err("a command is already running".into())
             }
-            Message::Exec(req) => {
-                seq += 1;
-                match start_exec(&req, seq, &writer, &current) {
-                    Ok(r) => *running = Some(r),
-                    Err(e) => send(&writer, &Message::Failed(e)),
-                }
+            Message::Run(req) => start(&req, &writer, &current),
+            Message::Exec(req) => start_exec(&req, &writer, &current).map(Some),
+            Message::List => {
+                send(&writer, &Message::Containers(registry().list()));
+                Ok(None)
             }
-            Message::Stdin(data) => {
-                if let Some(tx) = running.as_ref().and_then(|r| r.stdin.as_ref()) {
-                    let _ = tx.send(Some(data));
-                }
+            Message::Kill { name, signal } => {
+                let reply = kill(&name, signal).map_or_else(Message::Failed, |()| Message::Done);
+                send(&writer, &reply);
+                Ok(None)
             }
-            Message::StdinClose => {
-                if let Some(r) = running.as_mut() {
-                    r.stdin.take().map(|tx| tx.send(None));
-                }
-            }
-            Message::Resize(size) => {
-                if let Some(master) = running.as_ref().and_then(|r| r.console.as_ref()) {
-                    console::set_size(master, size);
-                }
-            }
-            Message::Signal(signo) => match running.as_ref() {
-                Some(Running {
-                    signal_pid: Some(pid),
-                    ..
-                }) => {
-                    // SAFETY: kill with a pid and a signal number; the pid is our child's.
-                    unsafe { libc::kill(*pid as i32, signo) };
-                }
-                Some(r) => {
-                    let _ = Command::new(CRUN)
-                        .args(["kill", &r.id, &signo.to_string()])
-                        .status();
-                }
-                None => {}
-            },
             Message::Shutdown => return,
-            other => say!("unexpected message {other:?}"),
+            other => {
+                to_running(other, running.as_mut());
+                Ok(None)
+            }
+        };
+        match started {
+            Ok(Some(r)) => *running = Some(r),
+            Ok(None) => {}
+            Err(e) => send(&writer, &Message::Failed(e)),
         }
     }
+}
+
+/// Stdin, a resize or a signal for the connection's running command.
+fn to_running(msg: Message, running: Option<&mut Running>) {
+    let Some(r) = running else {
+        return;
+    };
+    match msg {
+        Message::Stdin(data) => {
+            if let Some(tx) = r.stdin.as_ref() {
+                let _ = tx.send(Some(data));
+            }
+        }
+        Message::StdinClose => {
+            r.stdin.take().map(|tx| tx.send(None));
+        }
+        Message::Resize(size) => {
+            if let Some(master) = r.console.as_ref() {
+                console::set_size(master, size);
+            }
+        }
+        Message::Signal(signo) => match r.signal_pid {
+            Some(pid) => {
+                // SAFETY: kill with a pid and a signal number; the pid is our child's.
+                unsafe { libc::kill(pid as i32, signo) };
+            }
+            None => {
+                let _ = crun_kill(&r.id, signo);
+            }
+        },
+        other => say!("unexpected message {other:?}"),
+    }
+}
+
+fn crun_kill(id: &str, signal: i32) -> Result<(), String> {
+    let out = Command::new(CRUN)
+        .args(["kill", id, &signal.to_string()])
+        .output()
+        .map_err(|e| format!("cannot run crun: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "crun kill {id}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    ))
+}
+
+/// `Message::Kill`: a signal for a running container of the VM, by name.
+fn kill(name: &str, signal: i32) -> Result<(), String> {
+    let id = registry().running(Some(name)).map_err(|e| e.to_string())?;
+    crun_kill(&id, signal)
 }
 
 /// Mounts each volume's virtio-fs tag where the bundle binds it from, once per VM: a later
@@ -239,19 +277,22 @@ fn make_bundle(req: &RunRequest, id: &str) -> Result<PathBuf, String> {
         std::fs::write(dir.join("config.json"), spec).map_err(|e| format!("config.json: {e}"))?;
         return Ok(dir);
     }
-    if !guest::is_mount_point(Path::new(IMAGE_DIR)) {
-        return Err("this VM has no image disk".into());
-    }
+    let lower = match &req.image {
+        Some(file) => guest::image_root(file)?,
+        None if guest::is_mount_point(Path::new(IMAGE_DIR)) => PathBuf::from(IMAGE_DIR),
+        None => return Err("this VM has no image disk".into()),
+    };
     for sub in ["upper", "work", ROOTFS_DIR] {
         std::fs::create_dir_all(dir.join(sub)).map_err(|e| format!("bundle: {e}"))?;
     }
     let opts = format!(
-        "lowerdir={IMAGE_DIR},upperdir={0}/upper,workdir={0}/work",
+        "lowerdir={},upperdir={1}/upper,workdir={1}/work",
+        lower.display(),
         dir.display()
     );
     guest::mount("overlay", &dir.join(ROOTFS_DIR), "overlay", 0, &opts)
         .map_err(|e| format!("cannot mount the container root: {e}"))?;
-    let read = |f: &str| std::fs::read_to_string(Path::new(IMAGE_DIR).join(f)).unwrap_or_default();
+    let read = |f: &str| std::fs::read_to_string(lower.join(f)).unwrap_or_default();
     let who = user::resolve(&req.user, &read("etc/passwd"), &read("etc/group"))
         .map_err(|e| e.to_string())?;
     let cgroup = format!("/rvmm/{id}");
@@ -268,85 +309,102 @@ fn make_bundle(req: &RunRequest, id: &str) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
-/// A container's output: where it is read and how it is sent.
-type Output = (Box<dyn Read + Send>, fn(Vec<u8>) -> Message);
+/// Starts a run request's container: attached, the connection's running command; detached,
+/// answered `Started` and left to run.
+fn start(req: &RunRequest, writer: &Writer, current: &Current) -> Result<Option<Running>, String> {
+    let name = registry()
+        .claim(&NewContainer {
+            name: req.name.as_deref(),
+            image: req.image.as_deref().unwrap_or(""),
+            command: &req.argv,
+            detached: req.detach,
+        })
+        .map_err(|e| e.to_string())?;
+    let started = launch(req, &name, writer, current);
+    if started.is_err() {
+        registry().forget(&name);
+    }
+    started
+}
 
-/// The container of the main session, which exec sessions join.
-static CONTAINER: Mutex<Option<String>> = Mutex::new(None);
-
-fn start(
+fn launch(
     req: &RunRequest,
-    seq: u32,
+    id: &str,
     writer: &Writer,
-    current: &Arc<Mutex<Option<Running>>>,
-) -> Result<Running, String> {
-    let id = format!("c{seq}");
-    let dir = make_bundle(req, &id)?;
+    current: &Current,
+) -> Result<Option<Running>, String> {
+    let dir = make_bundle(req, id)?;
     let mut crun = Command::new(CRUN);
     crun.arg("run").arg("--bundle").arg(&dir);
     let started = match req.terminal {
-        Some(size) => start_on_terminal(crun, &id, &dir, size)?,
-        None => start_on_pipes(crun, &id, req.stdin)?,
+        _ if req.detach => crun::start_detached(crun, id)?,
+        Some(size) => crun::start_on_terminal(crun, id, &dir, size)?,
+        None => crun::start_on_pipes(crun, id, req.stdin)?,
     };
-    *CONTAINER.lock().unwrap_or_else(|p| p.into_inner()) = Some(id.clone());
-    let cleanup_id = id.clone();
-    let cleanup = move || {
-        *CONTAINER.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    let cleanup_id = id.to_string();
+    let cleanup = move |status| {
         let _ = Command::new(CRUN)
             .args(["delete", "-f", &cleanup_id])
             .status();
         guest::unmount(&dir.join(ROOTFS_DIR));
         let _ = std::fs::remove_dir_all(&dir);
+        registry().ended(&cleanup_id, status);
     };
-    Ok(watch(started, id, None, writer, current, Box::new(cleanup)))
+    let attach = (!req.detach).then_some((writer, current));
+    let running = watch(started, id.into(), None, attach, Box::new(cleanup));
+    if req.detach {
+        send(writer, &Message::Started(id.into()));
+        return Ok(None);
+    }
+    Ok(Some(running))
 }
 
-/// `crun exec` of the request's process in the main session's container.
-fn start_exec(
-    req: &ExecRequest,
-    seq: u32,
-    writer: &Writer,
-    current: &Arc<Mutex<Option<Running>>>,
-) -> Result<Running, String> {
-    let container = CONTAINER.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let container = container.ok_or("no container is running")?;
+/// `crun exec` of the request's process in the named container, or the only one.
+fn start_exec(req: &ExecRequest, writer: &Writer, current: &Current) -> Result<Running, String> {
+    let container = registry()
+        .running(req.container.as_deref())
+        .map_err(|e| e.to_string())?;
     static EXECS: AtomicU32 = AtomicU32::new(0);
-    let dir = Path::new(BUNDLES).join(format!(
-        "exec-{}-{seq}",
-        EXECS.fetch_add(1, Ordering::Relaxed)
-    ));
+    let dir = Path::new(BUNDLES).join(format!("exec-{}", EXECS.fetch_add(1, Ordering::Relaxed)));
+    let process_json = if req.process.is_empty() {
+        let config = Path::new(BUNDLES).join(&container).join("config.json");
+        let config =
+            std::fs::read_to_string(&config).map_err(|e| format!("{}: {e}", config.display()))?;
+        exec_process(&config, &req.argv, req.terminal.is_some()).map_err(|e| e.to_string())?
+    } else {
+        req.process.clone()
+    };
     std::fs::create_dir_all(&dir).map_err(|e| format!("exec: {e}"))?;
     let process = dir.join("process.json");
-    std::fs::write(&process, &req.process).map_err(|e| format!("process.json: {e}"))?;
+    std::fs::write(&process, process_json).map_err(|e| format!("process.json: {e}"))?;
     let mut crun = Command::new(CRUN);
     crun.arg("exec").arg("--process").arg(&process);
     let started = match req.terminal {
-        Some(size) => start_on_terminal(crun, &container, &dir, size)?,
-        None => start_on_pipes(crun, &container, true)?,
+        Some(size) => crun::start_on_terminal(crun, &container, &dir, size)?,
+        None => crun::start_on_pipes(crun, &container, true)?,
     };
     // Signals go to crun exec, whose child is the process.
     let pid = started.child.id();
-    let cleanup = move || {
+    let cleanup = move |_| {
         let _ = std::fs::remove_dir_all(&dir);
     };
     Ok(watch(
         started,
         container,
         Some(pid),
-        writer,
-        current,
+        Some((writer, current)),
         Box::new(cleanup),
     ))
 }
 
-/// Relays a started crun's output until it ends, then cleans up and sends its status.
+/// Relays a started crun's output until it ends, then cleans up and, when a connection is
+/// attached, sends it the status.
 fn watch(
     started: Started,
     id: String,
     signal_pid: Option<u32>,
-    writer: &Writer,
-    current: &Arc<Mutex<Option<Running>>>,
-    cleanup: Box<dyn FnOnce() + Send>,
+    attach: Option<(&Writer, &Current)>,
+    cleanup: Box<dyn FnOnce(ExitStatus) + Send>,
 ) -> Running {
     let Started {
         child,
@@ -354,148 +412,23 @@ fn watch(
         outputs,
         console,
     } = started;
-    let (writer, current) = (writer.clone(), current.clone());
+    let attach = attach.map(|(w, c)| (w.clone(), c.clone()));
+    let relays = match &attach {
+        Some((writer, _)) => crun::relay_all(outputs, writer),
+        None => Vec::new(),
+    };
     thread::spawn(move || {
-        let status = finish(child, outputs, &writer);
-        cleanup();
-        *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        send(&writer, &Message::Exit(status));
+        let status = crun::finish(child, relays);
+        cleanup(status);
+        if let Some((writer, current)) = attach {
+            *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            send(&writer, &Message::Exit(status));
+        }
     });
     Running {
         id,
         signal_pid,
-        stdin: stdin.map(feed_stdin),
+        stdin: stdin.map(crun::feed_stdin),
         console,
-    }
-}
-
-/// A started crun and the container's ends.
-struct Started {
-    child: Child,
-    stdin: Option<Box<dyn Write + Send>>,
-    outputs: Vec<Output>,
-    console: Option<File>,
-}
-
-fn start_on_pipes(mut crun: Command, id: &str, stdin: bool) -> Result<Started, String> {
-    let mut child = crun
-        .arg(id)
-        .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start crun: {e}"))?;
-    let stdin = child
-        .stdin
-        .take()
-        .map(|s| Box::new(s) as Box<dyn Write + Send>);
-    let outputs = [
-        child
-            .stdout
-            .take()
-            .map(|o| (Box::new(o) as _, Message::Stdout as fn(_) -> _)),
-        child
-            .stderr
-            .take()
-            .map(|e| (Box::new(e) as _, Message::Stderr as fn(_) -> _)),
-    ];
-    Ok(Started {
-        child,
-        stdin,
-        outputs: outputs.into_iter().flatten().collect(),
-        console: None,
-    })
-}
-
-/// crun with `--console-socket`: the container's stdio is the terminal, whose master the
-/// agent relays; crun's own errors still come on its stderr.
-fn start_on_terminal(
-    mut crun: Command,
-    id: &str,
-    dir: &Path,
-    size: protocol::WindowSize,
-) -> Result<Started, String> {
-    let (listener, socket) = console::listen(dir).map_err(|e| format!("console socket: {e}"))?;
-    let mut child = crun
-        .arg("--console-socket")
-        .arg(&socket)
-        .arg(id)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start crun: {e}"))?;
-    let master = match console::receive_master(&listener, &mut child) {
-        Ok(master) => master,
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e);
-        }
-    };
-    console::set_size(&master, size);
-    let clone = || master.try_clone().map_err(|e| format!("terminal: {e}"));
-    let (input, output) = (clone()?, clone()?);
-    let mut outputs: Vec<Output> = vec![(Box::new(output), Message::Stdout)];
-    if let Some(e) = child.stderr.take() {
-        outputs.push((Box::new(e), Message::Stderr));
-    }
-    Ok(Started {
-        child,
-        stdin: Some(Box::new(input)),
-        outputs,
-        console: Some(master),
-    })
-}
-
-/// A thread writing host stdin data to the container; `None` closes it (a terminal stays
-/// open: this is only one of the master's descriptors).
-fn feed_stdin(mut stdin: Box<dyn Write + Send>) -> Sender<Option<Vec<u8>>> {
-    let (tx, rx) = channel::<Option<Vec<u8>>>();
-    thread::spawn(move || {
-        while let Ok(Some(data)) = rx.recv() {
-            if stdin.write_all(&data).is_err() {
-                break;
-            }
-        }
-    });
-    tx
-}
-
-fn relay(mut from: impl Read + Send + 'static, writer: Writer, wrap: fn(Vec<u8>) -> Message) {
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => send(&writer, &wrap(buf[..n].to_vec())),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return,
-        }
-    }
-}
-
-/// Waits for crun and the container's output.
-fn finish(mut child: Child, outputs: Vec<Output>, writer: &Writer) -> ExitStatus {
-    let outputs: Vec<_> = outputs
-        .into_iter()
-        .map(|(from, wrap)| {
-            let writer = writer.clone();
-            thread::spawn(move || relay(from, writer, wrap))
-        })
-        .collect();
-    let status = child.wait();
-    for t in outputs {
-        let _ = t.join();
-    }
-    match status {
-        Ok(s) => {
-            use std::os::unix::process::ExitStatusExt;
-            match (s.code(), s.signal()) {
-                (Some(code), _) => ExitStatus::Code(code),
-                (None, Some(sig)) => ExitStatus::Signal(sig),
-                (None, None) => ExitStatus::Code(255),
-            }
-        }
-        Err(_) => ExitStatus::Code(255),
     }
 }

@@ -9,7 +9,9 @@
 //! another: the host sends [`Message::Run`], may send stdin data, stdin close and signals, and
 //! the agent answers with stdout/stderr data and finally [`Message::Exit`] (or
 //! [`Message::Failed`] when the command could not be started). [`Message::Shutdown`] powers
-//! the guest off.
+//! the guest off. In a shared VM (`rvmm vm start`) each `rvmm` command opens a session of its
+//! own on [`EXEC_PORT`]: a run, a detached run (answered [`Message::Started`]), an exec into a
+//! named container, a [`Message::List`] or a [`Message::Kill`].
 
 use std::io::{self, Read, Write};
 
@@ -17,7 +19,7 @@ use bincode::Options;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; a peer with another version is refused.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// The vsock port the host listens on and the agent connects to.
 pub const AGENT_PORT: u32 = 1024;
 /// The vsock port the agent listens on for more sessions from the host (`rvmm-oci exec`).
@@ -76,7 +78,19 @@ pub struct RunRequest {
     /// Configure the guest's eth0 so and run the container in the guest's network namespace
     /// (rvmm-oci, whose VM joins the caller's network).
     pub network: Option<GuestNetwork>,
+    /// The container's name, unique among the VM's running containers; None: the agent
+    /// names it.
+    pub name: Option<String>,
+    /// The image's ext4 disk as a file name on the VM's image share ([`IMAGE_TAG`]), which the
+    /// agent loop-mounts read-only; None: the VM's own image disk.
+    pub image: Option<String>,
+    /// Start the container and answer [`Message::Started`] at once; its output is discarded
+    /// and its end kept for [`Message::List`].
+    pub detach: bool,
 }
+
+/// The virtio-fs tag of a shared VM's image store: the host's cache of image disks.
+pub const IMAGE_TAG: &str = "rvmm-images";
 
 /// What the guest's eth0 becomes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +113,22 @@ pub struct ExecRequest {
     pub process: String,
     /// On a terminal of this size (the process's `terminal` must agree).
     pub terminal: Option<WindowSize>,
+    /// The container to join, by name; None: the connection's VM's only container (rvmm-oci).
+    pub container: Option<String>,
+    /// With `process` empty: run these arguments with the container's own environment, user
+    /// and working directory.
+    pub argv: Vec<String>,
+}
+
+/// A container of the VM, as [`Message::Containers`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerInfo {
+    pub name: String,
+    /// The image disk's file name, or "" for the VM's own image.
+    pub image: String,
+    pub command: Vec<String>,
+    /// None while it runs.
+    pub exit: Option<ExitStatus>,
 }
 
 /// A terminal's size in characters.
@@ -143,6 +173,18 @@ pub enum Message {
     Exec(Box<ExecRequest>),
     /// host → agent: the container's terminal has a new size.
     Resize(WindowSize),
+    /// agent → host: the detached container with this name started.
+    Started(String),
+    /// host → agent: which containers the VM has; answered [`Message::Containers`].
+    List,
+    Containers(Vec<ContainerInfo>),
+    /// host → agent: deliver `signal` to the named container; answered [`Message::Done`] or
+    /// [`Message::Failed`].
+    Kill {
+        name: String,
+        signal: i32,
+    },
+    Done,
 }
 
 fn codec() -> impl Options {
@@ -276,7 +318,29 @@ mod tests {
                     mtu: 1500,
                     sysctls: vec![("net.ipv4.ping_group_range".into(), "0 0".into())],
                 }),
+                name: Some("web".into()),
+                image: Some("sha256-00.ext4".into()),
+                detach: true,
             })),
+            Message::Exec(Box::new(ExecRequest {
+                process: String::new(),
+                terminal: None,
+                container: Some("web".into()),
+                argv: vec!["cat".into()],
+            })),
+            Message::Started("web".into()),
+            Message::List,
+            Message::Containers(vec![ContainerInfo {
+                name: "web".into(),
+                image: "sha256-00.ext4".into(),
+                command: vec!["httpd".into()],
+                exit: Some(ExitStatus::Code(0)),
+            }]),
+            Message::Kill {
+                name: "web".into(),
+                signal: 15,
+            },
+            Message::Done,
             Message::Resize(WindowSize {
                 rows: 50,
                 cols: 132,

@@ -18,11 +18,12 @@ pub enum Step {
     Net,
     Fs,
     Runtime,
+    Run,
 }
 
 impl Step {
     /// Every step, in the order they run.
-    pub const ALL: [Step; 7] = [
+    pub const ALL: [Step; 8] = [
         Step::Start,
         Step::Memory,
         Step::Cpu,
@@ -30,6 +31,7 @@ impl Step {
         Step::Net,
         Step::Fs,
         Step::Runtime,
+        Step::Run,
     ];
 }
 

@@ -10,6 +10,7 @@ mod guest;
 mod machine;
 mod procmem;
 mod report;
+mod run;
 mod runner;
 mod runtime;
 mod start;
@@ -105,6 +106,11 @@ fn bench(args: &BenchOptions) -> Result<(), BenchError> {
     figures.extend(guest_steps(&ctx, &steps, &mut notes)?);
     if steps.contains(&Step::Runtime) {
         let (figs, note) = runtime::runtime(&ctx)?;
+        figures.extend(figs);
+        notes.extend(note);
+    }
+    if steps.contains(&Step::Run) {
+        let (figs, note) = run::run_step(&ctx)?;
         figures.extend(figs);
         notes.extend(note);
     }

@@ -19,7 +19,7 @@ use super::report::{Better, Figure, Variant};
 use super::runner::{check_cancel, run, Measured, RunError, Watch};
 use super::tools::which;
 
-const IMAGE: &str = "localhost/rvmm-bench";
+pub const IMAGE: &str = "localhost/rvmm-bench";
 const BUSYBOX: &str = "/bin/busybox";
 /// One podman command; a container start under rvmm-oci takes ~10 s on the nested KVM.
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -275,7 +275,7 @@ fn new_processes(
 
 /// The bench's own podman: every path under `dir`; on drop, every container (of every
 /// runtime in `runtimes`) and the storage are removed.
-struct Podman {
+pub struct Podman {
     podman: PathBuf,
     dir: PathBuf,
     runtimes: Vec<PathBuf>,
@@ -283,7 +283,7 @@ struct Podman {
 
 impl Podman {
     /// Podman with the busybox image imported, or why not; `runtimes` is not empty.
-    fn create(work: &Path, runtimes: Vec<PathBuf>) -> Result<Podman, String> {
+    pub fn create(work: &Path, runtimes: Vec<PathBuf>) -> Result<Podman, String> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err("podman with private storage needs root".into());
@@ -328,14 +328,19 @@ impl Podman {
             .map_err(|e| write(&passwd, e))?;
         let group = root.join("etc/group");
         std::fs::write(&group, "root:x:0:\n").map_err(|e| write(&group, e))?;
-        let tar = self.dir.join("rootfs.tar");
+        let tar = self.image();
         let mut cmd = Command::new("tar");
         cmd.arg("-C").arg(&root).arg("-cf").arg(&tar).arg(".");
         run(&mut cmd, Watch::new("tar", TIMEOUT, ""))?;
         Ok(tar)
     }
 
-    fn command(&self, runtime: &Path, args: &[&str]) -> Command {
+    /// The busybox root the image was imported from, as a tar (`rvmm run` takes it too).
+    pub fn image(&self) -> PathBuf {
+        self.dir.join("rootfs.tar")
+    }
+
+    pub fn command(&self, runtime: &Path, args: &[&str]) -> Command {
         let d = &self.dir;
         let mut cmd = Command::new(&self.podman);
         // vfs: the overlay driver cannot stack on the nested machine's overlay root.

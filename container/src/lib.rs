@@ -2,13 +2,16 @@
 //! ext4 disk (cached by digest); the VM boots the container guest, whose init (rvmm-agent)
 //! runs the command with crun and relays it over vsock. The container shares the VM's network:
 //! user-mode networking through passt by default (`network.rs`), with `-p` ports published
-//! through it; `-t` puts the command on a terminal (`tty.rs`).
+//! through it; `-t` puts the command on a terminal (`tty.rs`). With `--vm` it runs in a
+//! shared VM that is already up (`shared/`) instead.
 
 pub mod cache;
 pub mod image;
 pub mod network;
 pub mod request;
 pub mod session;
+pub mod shared;
+pub mod signals;
 pub mod tty;
 pub mod vm;
 pub mod volume;
@@ -17,15 +20,13 @@ use std::io::{self, IsTerminal};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGWINCH};
-use signal_hook::iterator::Signals;
-
 use image::disk::{DiskCache, DiskError};
 use image::{Image, ImageError};
 use network::{Network, NetworkError};
 use request::{run_request, Overrides, RequestError};
-use rvmm_agent::protocol::Message;
-use session::{exit_code, RunIo, SessionError};
+use rvmm_agent::protocol::{ExecRequest, ExitStatus, Message, RunRequest};
+use session::{exit_code, RunIo, Session, SessionError};
+use shared::SharedError;
 use tty::{RawTerminal, TtyError};
 use vm::{GuestFiles, VmError, VmLaunch, VmProcess};
 use volume::{VolumeError, VolumeSpec};
@@ -51,6 +52,14 @@ pub enum RunError {
     Network(#[from] NetworkError),
     #[error(transparent)]
     Tty(#[from] TtyError),
+    #[error(transparent)]
+    Shared(#[from] SharedError),
+    #[error("{0} cannot be used with --vm: the shared VM's devices are set when it starts (rvmm vm start)")]
+    NotWithVm(&'static str),
+    #[error("-d/--detach needs --vm: a fresh VM lives only as long as rvmm run")]
+    DetachWithoutVm,
+    #[error("-d/--detach cannot be combined with -i or -t")]
+    DetachAttached,
     #[error("cannot forward signals")]
     Signals(#[source] io::Error),
 }
@@ -87,16 +96,39 @@ pub struct RunOptions {
     pub image: PathBuf,
     /// The command and its arguments; empty: the image's Entrypoint and Cmd.
     pub command: Vec<String>,
+    /// Run in this shared VM (`rvmm vm start`) instead of a fresh one.
+    pub vm: Option<String>,
+    /// The container's name in its VM.
+    pub name: Option<String>,
+    /// Leave the container running in the shared VM and print its name.
+    pub detach: bool,
 }
 
-/// Runs the command to its end; its exit status.
+/// `rvmm exec`: another process in a shared VM's running container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecOptions {
+    /// The VM; None: the running VM that has the container.
+    pub vm: Option<String>,
+    pub container: String,
+    pub command: Vec<String>,
+    pub interactive: bool,
+    pub tty: bool,
+}
+
+/// Runs the command to its end (or, detached, to its start); its exit status.
 pub fn run(args: &RunOptions) -> Result<u8, RunError> {
-    // What can be refused is refused before anything starts.
-    let nets = network::vm_nets(args.network, &args.nets)?;
-    network::preflight(&nets, &args.publish)?;
     if args.tty && !io::stdin().is_terminal() {
         return Err(TtyError::NotATty.into());
     }
+    if args.vm.is_some() {
+        return run_in_shared_vm(args);
+    }
+    if args.detach {
+        return Err(RunError::DetachWithoutVm);
+    }
+    // What can be refused is refused before anything starts.
+    let nets = network::vm_nets(args.network, &args.nets)?;
+    network::preflight(&nets, &args.publish)?;
     let volumes = args
         .volumes
         .iter()
@@ -112,29 +144,13 @@ pub fn run(args: &RunOptions) -> Result<u8, RunError> {
         .enumerate()
         .map(|(i, v)| v.volume(i))
         .collect();
-    let cache = DiskCache::user_default();
-    let image = Image::open(&args.image, &cache.scratch())?;
-    let send_stdin = args.interactive || args.tty;
-    let mut request = run_request(
-        &image.settings,
-        &Overrides {
-            command: &args.command,
-            env: &args.env,
-            workdir: args.workdir.as_deref(),
-            stdin: send_stdin,
-            host_network: !nets.is_empty(),
-            volumes: &volumes,
-        },
-    )?;
+    let prepared = prepare(args, &DiskCache::user_default(), &volumes, !nets.is_empty())?;
     let guest = GuestFiles::find(args.guest.as_deref())?;
-    let disk = cache.disk_for(&image)?;
-    drop(image);
-
     let vmm = std::env::current_exe().map_err(|e| RunError::Vm(VmError::Spawn(e)))?;
     let mut vm = VmProcess::start(&VmLaunch {
         vmm: &vmm,
         guest: &guest,
-        image_disk: Some(&disk),
+        image_disk: Some(&prepared.disk),
         cpus: args.cpus,
         memory_mib: args.memory_mib,
         nets: &nets,
@@ -142,46 +158,158 @@ pub fn run(args: &RunOptions) -> Result<u8, RunError> {
         shares: &shares,
         netns: None,
         console_log: args.console_log.as_deref(),
+        run_dir_in: None,
+        balloon: false,
+        balloon_stats: None,
     })?;
     let mut session = vm.connect(args.agent_timeout)?;
-    forward_signals(session.sender(), args.tty)?;
-    // Raw from here to the end of the command, whichever way that comes.
-    let raw = args.tty.then(RawTerminal::enter).transpose()?;
-    request.terminal = raw.as_ref().map(|_| tty::stdin_size());
-    let status = session.run(
-        &request,
-        RunIo {
-            stdin: send_stdin.then(|| Box::new(io::stdin()) as Box<dyn io::Read + Send>),
-            stdout: &mut io::stdout(),
-            stderr: &mut io::stderr(),
-        },
+    let status = attach(
+        &mut session,
+        Start::Run(Box::new(prepared.request)),
+        args.tty,
+        args.interactive,
     )?;
-    drop(raw);
     if session.shutdown().is_ok() {
         vm.finish(POWER_OFF_GRACE);
     }
     Ok(exit_code(status))
 }
 
-/// Ctrl-C and friends go to the container, as they would to a local process; the VM itself
-/// is in its own process group and does not see them. With `tty`, a resized terminal's new
-/// size goes to the container's terminal.
-fn forward_signals(sender: session::AgentSender, tty: bool) -> Result<(), RunError> {
-    let mut forwarded = vec![SIGINT, SIGTERM, SIGHUP, SIGQUIT];
-    if tty {
-        forwarded.push(SIGWINCH);
+/// The image as a disk in the cache, and the request that runs it.
+struct Prepared {
+    disk: PathBuf,
+    request: RunRequest,
+}
+
+fn prepare(
+    args: &RunOptions,
+    cache: &DiskCache,
+    volumes: &[rvmm_agent::protocol::Volume],
+    host_network: bool,
+) -> Result<Prepared, RunError> {
+    let image = Image::open(&args.image, &cache.scratch())?;
+    let mut request = run_request(
+        &image.settings,
+        &Overrides {
+            command: &args.command,
+            env: &args.env,
+            workdir: args.workdir.as_deref(),
+            stdin: args.interactive || args.tty,
+            host_network,
+            volumes,
+        },
+    )?;
+    request.name = args.name.clone();
+    request.detach = args.detach;
+    let disk = cache.disk_for(&image)?;
+    Ok(Prepared { disk, request })
+}
+
+/// `rvmm run --vm`: the image disk goes to the VM's image share (the cache itself), and the
+/// agent runs it there.
+fn run_in_shared_vm(args: &RunOptions) -> Result<u8, RunError> {
+    let vm = args.vm.as_deref().unwrap_or(shared::DEFAULT_VM);
+    let refused = [
+        (!args.publish.is_empty(), "-p/--publish"),
+        (!args.volumes.is_empty(), "-v/--volume"),
+        (!args.nets.is_empty(), "--net"),
+        (args.network.is_some(), "--network"),
+    ];
+    if let Some((_, what)) = refused.iter().find(|(given, _)| *given) {
+        return Err(RunError::NotWithVm(what));
     }
-    let mut signals = Signals::new(forwarded).map_err(RunError::Signals)?;
-    std::thread::spawn(move || {
-        for signo in signals.forever() {
-            let msg = match signo {
-                SIGWINCH => Message::Resize(tty::stdin_size()),
-                _ => Message::Signal(signo),
-            };
-            if sender.send(&msg).is_err() {
-                return;
+    if args.detach && (args.tty || args.interactive) {
+        return Err(RunError::DetachAttached);
+    }
+    let record = shared::client::running(vm)?;
+    // The VM's own image store, whatever this process's cache is.
+    let cache = DiskCache {
+        dir: record.images.clone(),
+        ..DiskCache::user_default()
+    };
+    let mut prepared = prepare(args, &cache, &[], true)?;
+    prepared.request.image = prepared
+        .disk
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned());
+    let mut session = shared::client::connect(&record)?;
+    if args.detach {
+        return match session.ask(&Message::Run(Box::new(prepared.request)))? {
+            Message::Started(name) => {
+                println!("{name}");
+                Ok(0)
             }
+            other => Err(SharedError::Unexpected(format!("{other:?}")).into()),
+        };
+    }
+    let status = attach(
+        &mut session,
+        Start::Run(Box::new(prepared.request)),
+        args.tty,
+        args.interactive,
+    )?;
+    Ok(exit_code(status))
+}
+
+/// `rvmm exec`: the process runs with the container's environment, user and directory.
+pub fn exec(args: &ExecOptions) -> Result<u8, RunError> {
+    if args.tty && !io::stdin().is_terminal() {
+        return Err(TtyError::NotATty.into());
+    }
+    let record = shared::client::find_container(args.vm.as_deref(), &args.container)?;
+    let mut session = shared::client::connect(&record)?;
+    let request = ExecRequest {
+        container: Some(args.container.clone()),
+        argv: args.command.clone(),
+        ..ExecRequest::default()
+    };
+    let status = attach(
+        &mut session,
+        Start::Exec(request),
+        args.tty,
+        args.interactive,
+    )?;
+    Ok(exit_code(status))
+}
+
+/// What an attached session starts.
+enum Start {
+    Run(Box<RunRequest>),
+    Exec(ExecRequest),
+}
+
+/// Runs a command with this process's stdio: signals forwarded, the terminal raw with `tty`,
+/// stdin sent with `interactive` or `tty` (and closed at once otherwise).
+fn attach(
+    session: &mut Session,
+    start: Start,
+    tty: bool,
+    interactive: bool,
+) -> Result<ExitStatus, RunError> {
+    signals::forward_signals(session.sender(), tty).map_err(RunError::Signals)?;
+    // Raw from here to the end of the command, whichever way that comes.
+    let raw = tty.then(RawTerminal::enter).transpose()?;
+    let size = raw.as_ref().map(|_| tty::stdin_size());
+    let stdin: Box<dyn io::Read + Send> = if interactive || tty {
+        Box::new(io::stdin())
+    } else {
+        Box::new(io::empty())
+    };
+    let io = RunIo {
+        stdin: Some(stdin),
+        stdout: &mut io::stdout(),
+        stderr: &mut io::stderr(),
+    };
+    let status = match start {
+        Start::Run(mut request) => {
+            request.terminal = size;
+            session.run(&request, io)?
         }
-    });
-    Ok(())
+        Start::Exec(mut request) => {
+            request.terminal = size;
+            session.exec(&request, io)?
+        }
+    };
+    drop(raw);
+    Ok(status)
 }

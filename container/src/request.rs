@@ -80,9 +80,7 @@ pub fn run_request(image: &Settings, o: &Overrides) -> Result<RunRequest, Reques
         stdin: o.stdin,
         host_network: o.host_network,
         volumes: o.volumes.to_vec(),
-        spec: None,
-        terminal: None,
-        network: None,
+        ..RunRequest::default()
     })
 }
 

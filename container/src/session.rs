@@ -24,6 +24,8 @@ pub enum SessionError {
     NoHello(String),
     #[error("cannot start the command: {0}")]
     Failed(String),
+    #[error("{0}")]
+    Refused(String),
     #[error("lost the guest agent")]
     Protocol(#[source] ProtocolError),
     #[error("agent socket")]
@@ -190,6 +192,15 @@ impl Session {
             if let Err(e) = written {
                 log::debug!("cannot write the command's output: {e}");
             }
+        }
+    }
+
+    /// A request with one answer (a list, a kill, a detached run); `Failed` is an error.
+    pub fn ask(&mut self, request: &Message) -> Result<Message, SessionError> {
+        self.sender.send(request).map_err(SessionError::Protocol)?;
+        match protocol::recv(&mut self.reader).map_err(SessionError::Protocol)? {
+            Message::Failed(why) => Err(SessionError::Refused(why)),
+            answer => Ok(answer),
         }
     }
 

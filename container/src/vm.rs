@@ -24,6 +24,7 @@ use super::session::{Session, SessionError};
 /// The guest's CID; any valid one works, the VM is alone on its vsock device.
 const GUEST_CID: u64 = 3;
 const EXIT_POLL: Duration = Duration::from_millis(20);
+const VSOCK: &str = "vsock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -86,6 +87,12 @@ pub struct VmLaunch<'a> {
     pub netns: Option<&'a Path>,
     /// Where the guest console goes; a file in the private run directory when None.
     pub console_log: Option<&'a Path>,
+    /// Where the private run directory is made; None: /tmp.
+    pub run_dir_in: Option<&'a Path>,
+    /// A virtio-balloon with free page reporting: freed guest memory returns to the host.
+    pub balloon: bool,
+    /// Where the balloon writes the guest's memory statistics.
+    pub balloon_stats: Option<&'a Path>,
 }
 
 /// A running container-host VM. Dropping it kills the VM and removes its sockets.
@@ -99,9 +106,12 @@ pub struct VmProcess {
 
 impl VmProcess {
     pub fn start(l: &VmLaunch) -> Result<VmProcess, VmError> {
-        let run_dir = TempDir::new_with_prefix("/tmp/rvmm-run-")
-            .map_err(|e| VmError::RunDir(io::Error::from_raw_os_error(e.errno())))?;
-        let uds = run_dir.as_path().join("vsock");
+        let run_dir = match l.run_dir_in {
+            Some(parent) => TempDir::new_in(parent),
+            None => TempDir::new_with_prefix("/tmp/rvmm-run-"),
+        }
+        .map_err(|e| VmError::RunDir(io::Error::from_raw_os_error(e.errno())))?;
+        let uds = run_dir.as_path().join(VSOCK);
         let listener = UnixListener::bind(format!("{}_{AGENT_PORT}", uds.display()))
             .map_err(VmError::RunDir)?;
         let log = l
@@ -137,6 +147,12 @@ impl VmProcess {
         }
         for share in l.shares {
             cmd.arg("--share").arg(share);
+        }
+        if l.balloon {
+            cmd.arg("--balloon");
+        }
+        if let Some(stats) = l.balloon_stats {
+            cmd.arg("--balloon-stats").arg(stats);
         }
         cmd.stdin(Stdio::null())
             .stdout(console)
@@ -176,6 +192,16 @@ impl VmProcess {
     /// The private directory of the VM's sockets, removed when this is dropped.
     pub fn run_dir(&self) -> &Path {
         self._run_dir.as_path()
+    }
+
+    /// The VM's vsock socket, where host programs open sessions with its agent.
+    pub fn vsock(&self) -> PathBuf {
+        self.run_dir().join(VSOCK)
+    }
+
+    /// The VM's rvmm process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// How the VM process ended, if it has.

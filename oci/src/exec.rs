@@ -99,6 +99,7 @@ pub fn attach(root: &Path, opts: &ExecOptions, ready: Option<&Path>) -> Result<u
     let request = ExecRequest {
         process,
         terminal: pty.as_ref().map(size_of),
+        ..ExecRequest::default()
     };
     if let Some(ready) = ready {
         let _ = std::fs::write(ready, b"");

@@ -101,6 +101,9 @@ fn boot(opts: &KeeperOptions) -> Result<Booted, OciError> {
         shares: &shares,
         netns: netns.as_deref().filter(|_| network.is_some()),
         console_log: None,
+        run_dir_in: None,
+        balloon: false,
+        balloon_stats: None,
     })?;
     plan.network = network.map(|mut n| {
         n.sysctls = std::mem::take(&mut plan.net_sysctls);

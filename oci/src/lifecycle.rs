@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Instant;
 
+use rvmm_container::signals::parse_signal;
+
 use crate::control::{self, Request};
 use crate::state::{keeper_alive, Record, StateDir, Status};
 use crate::{spec, Global, OciError, CREATE_TIMEOUT, KILL_WAIT, POLL};
@@ -83,30 +85,6 @@ fn start_keeper(
     }
 }
 
-/// A signal by name (`SIGTERM`, `TERM`) or number.
-pub fn parse_signal(name: &str) -> Option<i32> {
-    if let Ok(n) = name.parse::<i32>() {
-        return (1..=64).contains(&n).then_some(n);
-    }
-    let name = name.strip_prefix("SIG").unwrap_or(name);
-    let n = match name {
-        "HUP" => libc::SIGHUP,
-        "INT" => libc::SIGINT,
-        "QUIT" => libc::SIGQUIT,
-        "KILL" => libc::SIGKILL,
-        "USR1" => libc::SIGUSR1,
-        "USR2" => libc::SIGUSR2,
-        "PIPE" => libc::SIGPIPE,
-        "ALRM" => libc::SIGALRM,
-        "TERM" => libc::SIGTERM,
-        "CONT" => libc::SIGCONT,
-        "STOP" => libc::SIGSTOP,
-        "WINCH" => libc::SIGWINCH,
-        _ => return None,
-    };
-    Some(n)
-}
-
 /// SIGKILL ends the keeper itself, and with it the VM, whatever the guest is doing; other
 /// signals go to the container through the keeper.
 pub fn kill(root: &Path, id: &str, signal: &str) -> Result<u8, OciError> {
@@ -160,20 +138,4 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<u8, OciError> {
     }
     state.remove()?;
     Ok(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn signals_by_name_and_number() {
-        assert_eq!(parse_signal("SIGTERM"), Some(15));
-        assert_eq!(parse_signal("TERM"), Some(15));
-        assert_eq!(parse_signal("KILL"), Some(9));
-        assert_eq!(parse_signal("9"), Some(9));
-        for bad in ["", "0", "65", "SIGNOPE", "-1"] {
-            assert_eq!(parse_signal(bad), None, "{bad}");
-        }
-    }
 }

@@ -1,6 +1,8 @@
 //! What the `rvmm run` tests share: the container guest, the test image, run directories.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
 
 use rvmm_container::image::testimage::TestImage;
 use rvmm_container::vm::GuestFiles;
@@ -46,4 +48,52 @@ pub fn run_dirs() -> Vec<PathBuf> {
         .map(|e| e.path())
         .filter(|p| p.to_string_lossy().starts_with("/tmp/rvmm-run-"))
         .collect()
+}
+
+/// A child process that is killed and reaped however the test ends.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits for `child` for at most `limit`; kills it and fails past that.
+pub fn wait_within(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("process {} took longer than {limit:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `cmd` to its end, bounded by `limit`: its status, stdout and stderr.
+pub fn output_within(limit: Duration, mut cmd: Command) -> (Option<i32>, String, String) {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let drain = |mut from: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let _ = from.read_to_end(&mut all);
+            String::from_utf8_lossy(&all).into_owned()
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let status = wait_within(&mut child, limit);
+    (status.code(), out.join().unwrap(), err.join().unwrap())
 }

@@ -60,6 +60,8 @@ pub enum DeviceError {
     Rng(#[source] RngError),
     #[error("virtio balloon")]
     Balloon(#[source] BalloonError),
+    #[error("--balloon-stats {0}")]
+    BalloonStats(std::path::PathBuf, #[source] std::io::Error),
     #[error("virtio vsock")]
     Vsock(#[source] VsockError),
     #[error("--fs tag {tag}")]
@@ -232,8 +234,16 @@ pub fn attach_virtio_devices(
         let rng = Rng::new().map_err(DeviceError::Rng)?;
         attach_virtio(ctx, Arc::new(Mutex::new(rng)))?;
     }
-    if cfg.balloon {
-        let balloon = Balloon::new().map_err(DeviceError::Balloon)?;
+    if let Some(balloon) = &cfg.balloon {
+        let stats = balloon
+            .stats
+            .as_deref()
+            .map(|path| {
+                std::fs::File::create(path)
+                    .map_err(|e| DeviceError::BalloonStats(path.to_path_buf(), e))
+            })
+            .transpose()?;
+        let balloon = Balloon::new(stats).map_err(DeviceError::Balloon)?;
         attach_virtio(ctx, Arc::new(Mutex::new(balloon)))?;
     }
     if let Some(vsock) = &cfg.vsock {

@@ -37,7 +37,7 @@ trait Subject: VirtioDevice + MutEventSubscriber + Sized + 'static {
 impl Subject for Balloon {
     const CONFIG_LEN: usize = 8;
     fn make() -> (Self, Box<dyn Any>) {
-        (Balloon::new().unwrap(), Box::new(()))
+        (Balloon::new(None).unwrap(), Box::new(()))
     }
 }
 

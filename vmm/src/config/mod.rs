@@ -129,6 +129,8 @@ pub struct VmParams {
     pub publish: Vec<String>,
     pub rng: bool,
     pub balloon: bool,
+    /// Where the balloon writes the guest's memory statistics (implies `balloon`).
+    pub balloon_stats: Option<PathBuf>,
     /// `cid=N,uds=PATH`.
     pub vsock: Option<String>,
     /// `tag=TAG,socket=PATH` each.
@@ -137,6 +139,13 @@ pub struct VmParams {
     pub shares: Vec<String>,
     pub seccomp: Seccomp,
     pub acpi: bool,
+}
+
+/// The virtio-balloon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// The file the guest's memory statistics are written to, one JSON line every 2 s.
+    pub stats: Option<PathBuf>,
 }
 
 /// A validated VM description: what [`crate::vmm::Vmm::build`] needs and nothing else.
@@ -157,7 +166,7 @@ pub struct VmConfig {
     pub publish: Vec<PublishConfig>,
     pub rng: bool,
     /// A virtio-balloon that gives the guest's free pages back to the host.
-    pub balloon: bool,
+    pub balloon: Option<BalloonConfig>,
     pub vsock: Option<VsockConfig>,
     /// virtio-fs devices on external backends; any of them (or of `shares`) makes guest RAM a
     /// shared memfd.
@@ -236,7 +245,7 @@ impl TryFrom<VmParams> for VmConfig {
             + fs.len()
             + shares.len()
             + usize::from(cli.rng)
-            + usize::from(cli.balloon)
+            + usize::from(cli.balloon || cli.balloon_stats.is_some())
             + usize::from(vsock.is_some())
             + usize::from(cli.console == ConsoleKind::Virtio);
         let max = rvmm_firmware::layout::VIRTIO_SLOT_COUNT;
@@ -259,7 +268,9 @@ impl TryFrom<VmParams> for VmConfig {
             nets,
             publish,
             rng: cli.rng,
-            balloon: cli.balloon,
+            balloon: (cli.balloon || cli.balloon_stats.is_some()).then_some(BalloonConfig {
+                stats: cli.balloon_stats,
+            }),
             vsock,
             fs,
             shares,
@@ -339,6 +350,7 @@ mod tests {
             publish: Vec::new(),
             rng: false,
             balloon: false,
+            balloon_stats: None,
             vsock: None,
             fs: Vec::new(),
             shares: Vec::new(),

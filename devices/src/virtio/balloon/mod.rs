@@ -6,12 +6,18 @@
 //! RAM, `MADV_REMOVE` on shared (memfd) RAM, whose pages would otherwise stay in the file. A
 //! page the guest touches again comes back zero-filled, which is all a free page may hold.
 //!
+//! The statistics queue (`stats`) brings the guest's own memory figures every
+//! [`STATS_INTERVAL`] to a file, for the host's tools.
+//!
 //! `handler` turns chains into page ranges, `discard` gives them back, `device` is the
 //! [`crate::virtio::VirtioDevice`] and event-loop glue.
 
 mod device;
 pub mod discard;
 pub mod handler;
+pub mod stats;
+
+use std::time::Duration;
 
 pub use device::{Balloon, BalloonError};
 
@@ -24,13 +30,16 @@ pub const QUEUE_SIZE: u16 = 256;
 /// 4 KiB pages.
 pub const PAGE_SIZE: u64 = 4096;
 
-/// The queues, in order: the reporting queue follows the deflate queue, since neither the
-/// statistics nor the free-page-hint queue is offered (Linux numbers only the queues that
-/// exist).
+/// The queues, in order: the reporting queue follows the statistics queue, since the
+/// free-page-hint queue is not offered (Linux numbers only the queues that exist).
 pub const INFLATE: usize = 0;
 /// Pages the guest takes back: nothing to do, a discarded page faults back in.
 pub const DEFLATE: usize = 1;
+/// The guest's memory statistics.
+pub const STATS: usize = 2;
 /// Free page reports.
-pub const REPORTING: usize = 2;
+pub const REPORTING: usize = 3;
 /// Queue count.
-pub const QUEUES: usize = 3;
+pub const QUEUES: usize = 4;
+/// How often the device asks for fresh statistics, when they go to a file.
+pub const STATS_INTERVAL: Duration = Duration::from_secs(2);

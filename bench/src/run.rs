@@ -1,0 +1,263 @@
+//! The run step: how soon a container's first output comes under `rvmm run` in a fresh VM,
+//! under `rvmm run --vm` in a shared VM that is already up, and under `podman run` with crun;
+//! and the shared VM's resident memory before, while and after a container holds 200 MiB
+//! (free page reporting gives it back). The image is the runtime step's busybox root, as a
+//! rootfs tar for rvmm and imported into the bench's own podman.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::ctx::{progress, Ctx};
+use super::report::{Better, Figure, Variant};
+use super::runner::{check_cancel, run, RunError, Watch};
+use super::runtime::Podman;
+
+/// One command, a fresh VM's boot included (seconds on the nested KVM).
+const TIMEOUT: Duration = Duration::from_secs(300);
+const VM: &str = "rvmm-bench";
+const MARKER: &str = "rvmm-bench-ready";
+/// How long the shared VM may take to give back what the container freed.
+const GIVE_BACK: Duration = Duration::from_secs(10);
+const HOLD_MIB: u64 = 200;
+
+pub fn run_step(ctx: &Ctx) -> Result<(Vec<Figure>, Option<String>), RunError> {
+    let title = |how| format!("{how}: start to first output of `sh -c 'echo'`");
+    let mut fresh = Figure::new(
+        "run.fresh",
+        &title("rvmm run, fresh VM"),
+        "s",
+        Better::Lower,
+    );
+    let mut shared = Figure::new("run.shared", &title("rvmm run --vm"), "s", Better::Lower);
+    let rss_titles = [
+        ("run.vm_rss_idle", "shared VM RSS, idle"),
+        (
+            "run.vm_rss_holding",
+            "shared VM RSS, a container holding 200 MiB",
+        ),
+        (
+            "run.vm_rss_freed",
+            "shared VM RSS, 10 s after the container freed it",
+        ),
+    ];
+    let mut rss: Vec<Figure> = rss_titles
+        .iter()
+        .map(|(id, t)| Figure::new(id, t, "MiB", Better::Lower))
+        .collect();
+    let none = "no plain process or QEMU run containers here";
+    for fig in [&mut fresh, &mut shared].into_iter().chain(rss.iter_mut()) {
+        fig.skipped(Variant::Process, none);
+        fig.skipped(Variant::Qemu, none);
+    }
+    for fig in rss.iter_mut() {
+        fig.skipped(Variant::Container, "a crun container has no VM of its own");
+    }
+    let podman = podman(ctx);
+    let image = podman
+        .as_ref()
+        .map(|(p, _)| p.image())
+        .map_err(Clone::clone);
+    progress("run: podman run with crun");
+    let crun = podman.as_ref().map_err(Clone::clone).and_then(|(p, crun)| {
+        let args = ["run", "--rm", "--network", "none", super::runtime::IMAGE];
+        first_output(ctx.runs, || p.command(crun, &args))
+    });
+    put(&mut fresh, Variant::Container, crun.clone())?;
+    put(&mut shared, Variant::Container, crun)?;
+    let rvmm = rvmm_ok(ctx).and(image);
+    progress("run: rvmm run in a fresh VM");
+    let samples = rvmm.clone().and_then(|image| {
+        first_output(ctx.runs, || {
+            let mut cmd = Command::new(&ctx.tools.rvmm);
+            cmd.args(["run", "--network", "none"]).arg(&image).arg("--");
+            cmd
+        })
+    });
+    put(&mut fresh, Variant::Rvmm, samples)?;
+    progress("run: rvmm run --vm in a shared VM");
+    let vm = rvmm.and_then(|image| SharedVm::start(ctx, image));
+    let samples = vm
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|vm| first_output(ctx.runs, || vm.command(&["run", "--vm", VM])));
+    put(&mut shared, Variant::Rvmm, samples)?;
+    progress("run: the shared VM's memory around a container holding 200 MiB");
+    let held = vm.as_ref().map_err(Clone::clone).and_then(SharedVm::hold);
+    for (i, fig) in rss.iter_mut().enumerate() {
+        let samples = held.as_ref().map(|r| vec![r[i]]).map_err(Clone::clone);
+        put(fig, Variant::Rvmm, samples)?;
+    }
+    let mut figures = vec![fresh, shared];
+    figures.extend(rss);
+    Ok((figures, Some(NOTE.into())))
+}
+
+const NOTE: &str = "run: a busybox root (a rootfs tar for rvmm, imported into the bench's \
+    own podman with vfs storage), `--network none` everywhere; start to the first line of \
+    `sh -c 'echo'` on stdout, after one unrecorded run. The shared VM: `rvmm vm start \
+    --network none --memory 1024`, up before its runs. Its RSS is the VM process's VmRSS; the \
+    container writes 200 MiB to its root (tmpfs in the guest), then deletes it.";
+
+fn put(
+    fig: &mut Figure,
+    variant: Variant,
+    samples: Result<Vec<f64>, String>,
+) -> Result<(), RunError> {
+    check_cancel()?;
+    match samples {
+        Ok(s) => fig.samples(variant, s),
+        Err(reason) => fig.skipped(variant, &reason),
+    }
+    Ok(())
+}
+
+fn rvmm_ok(ctx: &Ctx) -> Result<(), String> {
+    ctx.kvm.clone()?;
+    if ctx.emulated {
+        return Err("guest user space cannot run on this emulating KVM (kvm_pvm)".into());
+    }
+    Ok(())
+}
+
+/// The bench's podman with crun, whose image tar rvmm runs too.
+fn podman(ctx: &Ctx) -> Result<(Podman, PathBuf), String> {
+    let crun = ctx.tools.crun.clone().ok_or("crun is not installed")?;
+    let podman = Podman::create(&ctx.work.join("run-step"), vec![crun.clone()])?;
+    Ok((podman, crun))
+}
+
+/// Seconds to the marker line of `runs` runs of the command `make` returns with
+/// `-- sh -c 'echo MARKER'` added, after one unrecorded run.
+fn first_output(runs: u32, make: impl Fn() -> Command) -> Result<Vec<f64>, String> {
+    let mut samples = Vec::new();
+    for i in 0..=runs {
+        let mut cmd = make();
+        cmd.args(["sh", "-c", &format!("echo {MARKER}")]);
+        let m = run(&mut cmd, Watch::new("run", TIMEOUT, MARKER)).map_err(|e| e.to_string())?;
+        let secs = m.first_line.ok_or("the command printed nothing")?;
+        if i > 0 {
+            samples.push(secs);
+        }
+    }
+    Ok(samples)
+}
+
+/// The bench's shared VM, with its state under the work directory; stopped when dropped.
+struct SharedVm {
+    rvmm: PathBuf,
+    state: PathBuf,
+    image: PathBuf,
+}
+
+impl SharedVm {
+    fn start(ctx: &Ctx, image: PathBuf) -> Result<SharedVm, String> {
+        let vm = SharedVm {
+            rvmm: ctx.tools.rvmm.clone(),
+            state: ctx.work.join("run-state"),
+            image,
+        };
+        let args = [
+            "vm",
+            "start",
+            "--name",
+            VM,
+            "--network",
+            "none",
+            "--memory",
+            "1024",
+        ];
+        let mut cmd = vm.rvmm_command(&args);
+        run(&mut cmd, Watch::new("rvmm vm start", TIMEOUT, "")).map_err(|e| e.to_string())?;
+        Ok(vm)
+    }
+
+    fn rvmm_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.rvmm);
+        cmd.env("XDG_RUNTIME_DIR", &self.state).args(args);
+        cmd
+    }
+
+    /// `rvmm ARGS… IMAGE --` for the shared VM.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = self.rvmm_command(args);
+        cmd.arg(&self.image).arg("--");
+        cmd
+    }
+
+    fn rss_mib(&self) -> Result<f64, String> {
+        let mut cmd = self.rvmm_command(&["vm", "status", VM]);
+        let out =
+            run(&mut cmd, Watch::new("rvmm vm status", TIMEOUT, "")).map_err(|e| e.to_string())?;
+        rss_of(&out.stdout).ok_or_else(|| format!("no rss in {:?}", out.stdout))
+    }
+
+    /// RSS idle, while a container holds [`HOLD_MIB`], and the lowest within [`GIVE_BACK`]
+    /// of its free.
+    fn hold(&self) -> Result<[f64; 3], String> {
+        let idle = self.rss_mib()?;
+        let script = format!(
+            "busybox head -c {} /dev/zero >/big; echo filled; read x; busybox rm /big; echo freed",
+            HOLD_MIB << 20
+        );
+        let mut cmd = self.command(&["run", "--vm", VM, "-i"]);
+        let mut child = cmd
+            .args(["sh", "-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("rvmm run: {e}"))?;
+        let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+        let mut expect = |want: &str| match lines.next() {
+            Some(Ok(line)) if line == want => Ok(()),
+            other => Err(format!("the container said {other:?}, not {want:?}")),
+        };
+        let held = expect("filled").and_then(|()| self.rss_mib());
+        let freed = held.and_then(|held| {
+            let mut stdin = child.stdin.take().ok_or("no stdin")?;
+            stdin.write_all(b"go\n").map_err(|e| e.to_string())?;
+            expect("freed")?;
+            let freed_at = Instant::now();
+            let mut lowest = self.rss_mib()?;
+            while freed_at.elapsed() < GIVE_BACK {
+                std::thread::sleep(Duration::from_millis(500));
+                lowest = lowest.min(self.rss_mib()?);
+            }
+            Ok([idle, held, lowest])
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        freed
+    }
+}
+
+impl Drop for SharedVm {
+    fn drop(&mut self) {
+        let mut cmd = self.rvmm_command(&["vm", "stop", VM]);
+        let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+}
+
+/// The `rss: N MiB` line of `rvmm vm status`.
+fn rss_of(status: &str) -> Option<f64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("rss: "))
+        .and_then(|v| v.trim_end_matches(" MiB").parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_rss_line() {
+        assert_eq!(
+            rss_of("name: x\nstatus: running\nrss: 312 MiB\n"),
+            Some(312.0)
+        );
+        assert_eq!(rss_of("name: x\nstatus: stopped\n"), None);
+    }
+}
