@@ -209,9 +209,22 @@ impl SharedVm {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("rvmm run: {e}"))?;
-        let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
-        let mut expect = |want: &str| match lines.next() {
-            Some(Ok(line)) if line == want => Ok(()),
+        // Lines come through a channel, so that a container that never says them is a skip
+        // reason after TIMEOUT, not a bench that waits forever.
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let expect = |want: &str| match rx.recv_timeout(TIMEOUT) {
+            Ok(Ok(line)) if line == want => {
+                progress(&format!("run: the container says {want}"));
+                Ok(())
+            }
             other => Err(format!("the container said {other:?}, not {want:?}")),
         };
         let held = expect("filled").and_then(|()| self.rss_mib());

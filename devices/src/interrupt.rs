@@ -8,6 +8,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub trait Interrupt: Send + Sync {
     /// Asserts the interrupt (edge semantics: one call, one injection).
     fn trigger(&self) -> io::Result<()>;
+
+    /// The eventfd KVM injects the interrupt from, when the line is one: another process may
+    /// then raise it without a hop through rvmm.
+    fn irqfd(&self) -> Option<&EventFd> {
+        None
+    }
 }
 
 /// An interrupt line backed by an EventFd that the VMM registers as a KVM irqfd.
@@ -33,6 +39,10 @@ impl EventFdInterrupt {
 impl Interrupt for EventFdInterrupt {
     fn trigger(&self) -> io::Result<()> {
         self.evt.write(1)
+    }
+
+    fn irqfd(&self) -> Option<&EventFd> {
+        Some(&self.evt)
     }
 }
 

@@ -2,7 +2,7 @@
 //! transport, and the devices themselves.
 
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
@@ -80,6 +80,8 @@ pub trait VirtioDevice: Send {
 pub struct VirtioInterrupt {
     status: AtomicU32,
     config_generation: AtomicU32,
+    /// A backend raises the line itself: every interrupt may be a used-buffer one.
+    direct: AtomicBool,
     line: Arc<dyn Interrupt>,
 }
 
@@ -89,6 +91,7 @@ impl VirtioInterrupt {
         Self {
             status: AtomicU32::new(0),
             config_generation: AtomicU32::new(0),
+            direct: AtomicBool::new(false),
             line,
         }
     }
@@ -111,9 +114,24 @@ impl VirtioInterrupt {
         self.signal(VIRTIO_MMIO_INT_CONFIG)
     }
 
+    /// The line's irqfd for a backend in another process (virtiofsd) to raise for its used
+    /// buffers, as Firecracker's vhost-user devices do: no hop through rvmm's device thread.
+    /// Since rvmm then never sees those interrupts, `InterruptStatus` reports a used buffer
+    /// from now on (until reset); a driver that finds none on a queue just returns.
+    pub fn irqfd_for_backend(&self) -> Option<&EventFd> {
+        let irqfd = self.line.irqfd()?;
+        self.direct.store(true, Ordering::SeqCst);
+        Some(irqfd)
+    }
+
     /// Pending interrupt causes (`InterruptStatus`).
     pub fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
+        let direct = if self.direct.load(Ordering::SeqCst) {
+            VIRTIO_MMIO_INT_VRING
+        } else {
+            0
+        };
+        self.status.load(Ordering::SeqCst) | direct
     }
 
     /// Clears the causes the driver acknowledged (`InterruptACK`).
@@ -128,6 +146,7 @@ impl VirtioInterrupt {
 
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
+        self.direct.store(false, Ordering::SeqCst);
     }
 }
 
@@ -178,6 +197,8 @@ pub(crate) mod test_utils {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
+
     use super::test_utils::CountingInterrupt;
     use super::*;
 
@@ -194,6 +215,22 @@ mod tests {
         assert_eq!(irq.config_generation(), 1);
         irq.ack(VIRTIO_MMIO_INT_VRING);
         assert_eq!(irq.status(), VIRTIO_MMIO_INT_CONFIG);
+        irq.clear();
+        assert_eq!(irq.status(), 0);
+    }
+
+    #[test]
+    fn a_backend_gets_the_irqfd_and_the_status_always_says_vring() {
+        let counting = VirtioInterrupt::new(Arc::new(CountingInterrupt::default()));
+        assert!(counting.irqfd_for_backend().is_none());
+        assert_eq!(counting.status(), 0);
+        let line = Arc::new(crate::interrupt::EventFdInterrupt::new().unwrap());
+        let irq = VirtioInterrupt::new(line.clone());
+        let irqfd = irq.irqfd_for_backend().unwrap();
+        assert_eq!(irqfd.as_raw_fd(), line.eventfd().as_raw_fd());
+        assert_eq!(irq.status(), VIRTIO_MMIO_INT_VRING);
+        irq.ack(VIRTIO_MMIO_INT_VRING);
+        assert_eq!(irq.status(), VIRTIO_MMIO_INT_VRING);
         irq.clear();
         assert_eq!(irq.status(), 0);
     }

@@ -100,7 +100,12 @@ impl Fs {
     }
 
     /// Gives the backend the memory table and every vring, then enables them.
-    fn start_backend(&mut self, mem: &GuestMemoryMmap, queues: &[Queue]) -> Result<(), FsError> {
+    fn start_backend(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &[Queue],
+        interrupt: &VirtioInterrupt,
+    ) -> Result<(), FsError> {
         if self.disconnected {
             return Err(FsError::Disconnected);
         }
@@ -108,6 +113,9 @@ impl Fs {
         if self.protocol {
             features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         }
+        // virtiofsd raises the guest's interrupt itself where the line is an irqfd; else
+        // rvmm relays its call eventfds.
+        let irqfd = interrupt.irqfd_for_backend();
         let f = &mut self.frontend;
         f.set_features(features).map_err(protocol("SET_FEATURES"))?;
         f.set_mem_table(&memory_table(mem)?)
@@ -119,7 +127,7 @@ impl Fs {
                 .map_err(protocol("SET_VRING_ADDR"))?;
             f.set_vring_base(index, queue.next_avail())
                 .map_err(protocol("SET_VRING_BASE"))?;
-            f.set_vring_call(index, &self.call_evts[index])
+            f.set_vring_call(index, irqfd.unwrap_or(&self.call_evts[index]))
                 .map_err(protocol("SET_VRING_CALL"))?;
             f.set_vring_kick(index, &self.common.queue_events()[index])
                 .map_err(protocol("SET_VRING_KICK"))?;
@@ -254,7 +262,7 @@ impl VirtioDevice for Fs {
         }
         // The backend sees only queues that passed the same checks as every device's.
         let queues: [Queue; NUM_QUEUES] = ready_queues(queues)?;
-        self.start_backend(&mem, &queues)
+        self.start_backend(&mem, &queues, &interrupt)
             .map_err(|e| ActivateError::Backend(Box::new(e)))?;
         self.common.activate(mem, queues.into(), interrupt)
     }
