@@ -439,6 +439,30 @@ mod tests {
         let run = RunOptions::from(run);
         assert_eq!((run.network, run.tty), (Some(Network::None), true));
         assert_eq!(run.publish, ["8080:80", "53:53/udp"]);
+        let Some(Command::Run(run)) =
+            parse(&["run", "--vm", "dev", "-d", "--name", "web", "img"]).command
+        else {
+            panic!("not run");
+        };
+        let run = RunOptions::from(run);
+        assert_eq!(
+            (run.vm.as_deref(), run.name.as_deref(), run.detach),
+            (Some("dev"), Some("web"), true)
+        );
+        let Some(Command::Vm(VmCommand::Start(start))) = parse(&["vm", "start"]).command else {
+            panic!("not vm start");
+        };
+        let start = rvmm_container::shared::VmOptions::from(start);
+        assert_eq!(
+            (start.name.as_str(), start.cpus, start.memory_mib),
+            ("default", 2, 2048)
+        );
+        assert!(!start.foreground && start.publish.is_empty());
+        let Some(Command::Exec(exec)) = parse(&["exec", "-t", "web", "--", "sh"]).command else {
+            panic!("not exec");
+        };
+        assert_eq!((exec.container.as_str(), exec.tty), ("web", true));
+        assert_eq!(exec.command, ["sh"]);
         let Some(Command::Bench(bench)) = parse(&["bench", "--only", "cpu,net"]).command else {
             panic!("not bench");
         };
