@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use super::ctx::{progress, Ctx};
 use super::report::{Better, Figure, Variant};
-use super::runner::{check_cancel, run, RunError, Watch};
-use super::runtime::Podman;
+use super::runner::{run, RunError, Watch};
+use super::runtime::{put, Podman};
 
 /// One command, a fresh VM's boot included (seconds on the nested KVM).
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -99,19 +99,6 @@ const NOTE: &str = "run: a busybox root (a rootfs tar for rvmm, imported into th
     `sh -c 'echo'` on stdout, after one unrecorded run. The shared VM: `rvmm vm start \
     --network none --memory 1024`, up before its runs. Its RSS is the VM process's VmRSS; the \
     container writes 200 MiB to its root (tmpfs in the guest), then deletes it.";
-
-fn put(
-    fig: &mut Figure,
-    variant: Variant,
-    samples: Result<Vec<f64>, String>,
-) -> Result<(), RunError> {
-    check_cancel()?;
-    match samples {
-        Ok(s) => fig.samples(variant, s),
-        Err(reason) => fig.skipped(variant, &reason),
-    }
-    Ok(())
-}
 
 fn rvmm_ok(ctx: &Ctx) -> Result<(), String> {
     ctx.kvm.clone()?;

@@ -96,7 +96,7 @@ fn reason(e: PodmanError) -> String {
 }
 
 /// Stores the samples or the skip reason; a Ctrl-C is passed on.
-fn put(
+pub fn put(
     fig: &mut Figure,
     variant: Variant,
     samples: Result<Vec<f64>, String>,
