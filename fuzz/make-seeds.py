@@ -5,6 +5,7 @@ Run it again after changing a format; the files are committed."""
 
 import os
 import io
+import json
 import struct
 import tarfile
 import sys
@@ -290,6 +291,123 @@ def layer_seeds():
         write(t, name, buf.getvalue())
 
 
+# vhost-user (fuzz/src/bin/vhost_user_frontend.rs): the replies a backend sends, in the order
+# virtio-fs asks: GET_FEATURES, GET_PROTOCOL_FEATURES, GET_QUEUE_NUM when MQ is offered (the
+# SET_* requests need none: rvmm does not take REPLY_ACK), then GET_VRING_BASE per queue on
+# reset.
+VU_GET_FEATURES, VU_GET_VRING_BASE, VU_GET_PROTOCOL_FEATURES, VU_GET_QUEUE_NUM = 1, 11, 15, 17
+VU_VERSION_1, VU_REPLY = 0x1, 0x4
+F_VERSION_1, F_PROTOCOL, F_EVENT_IDX, F_INDIRECT = 1 << 32, 1 << 30, 1 << 29, 1 << 28
+P_MQ, P_LOG_SHMFD, P_REPLY_ACK, P_BACKEND_REQ = 1 << 0, 1 << 1, 1 << 3, 1 << 5
+
+
+def vu_reply(code, body, flags=VU_VERSION_1 | VU_REPLY):
+    return struct.pack("<III", code, flags, len(body)) + body
+
+
+def vu_u64(code, value):
+    return vu_reply(code, struct.pack("<Q", value))
+
+
+def vu_bases(*nums):
+    return b"".join(vu_reply(VU_GET_VRING_BASE, struct.pack("<II", i, n)) for i, n in enumerate(nums))
+
+
+def vhost_user_seeds():
+    t = "vhost_user_frontend"
+    features = F_VERSION_1 | F_PROTOCOL | F_EVENT_IDX | F_INDIRECT
+    # What virtiofsd offers: MQ among others, and both queues.
+    virtiofsd = (vu_u64(VU_GET_FEATURES, features)
+                 + vu_u64(VU_GET_PROTOCOL_FEATURES, P_MQ | P_LOG_SHMFD | P_REPLY_ACK | P_BACKEND_REQ)
+                 + vu_u64(VU_GET_QUEUE_NUM, 2))
+    write(t, "virtiofsd", virtiofsd + vu_bases(0, 0))
+    write(t, "virtiofsd-trailing", virtiofsd + vu_bases(7, 1 << 15) + vu_bases(0, 0) + bytes(range(32)))
+    write(t, "no-protocol-features", vu_u64(VU_GET_FEATURES, F_VERSION_1 | F_EVENT_IDX) + vu_bases(3, 3))
+    write(t, "protocol-without-mq", vu_u64(VU_GET_FEATURES, F_VERSION_1 | F_PROTOCOL)
+          + vu_u64(VU_GET_PROTOCOL_FEATURES, P_REPLY_ACK) + vu_bases(0, 0))
+    write(t, "one-queue", vu_u64(VU_GET_FEATURES, features) + vu_u64(VU_GET_PROTOCOL_FEATURES, P_MQ)
+          + vu_u64(VU_GET_QUEUE_NUM, 1))
+    write(t, "too-many-queues", vu_u64(VU_GET_FEATURES, features) + vu_u64(VU_GET_PROTOCOL_FEATURES, P_MQ)
+          + vu_u64(VU_GET_QUEUE_NUM, 1 << 40))
+    write(t, "legacy", vu_u64(VU_GET_FEATURES, F_PROTOCOL))
+    write(t, "wrong-reply-code", vu_u64(VU_GET_PROTOCOL_FEATURES, features))
+    write(t, "not-a-reply", vu_reply(VU_GET_FEATURES, struct.pack("<Q", features), VU_VERSION_1))
+    write(t, "long-body", vu_reply(VU_GET_FEATURES, struct.pack("<QQ", features, 0)) + vu_bases(0, 0))
+    write(t, "truncated", vu_u64(VU_GET_FEATURES, features)[:10])
+
+
+# passt (fuzz/src/bin/passt_stream.rs): a control byte (bits 0-3: log2 of the piece size; 4:
+# small receive buffer; 5: small send buffer; 6: peer reads while it sends; 7: peer closes),
+# then what passt sends: frames behind 4-byte big-endian lengths.
+MAX_FRAME_LEN = 65536 + 14
+
+
+def passt_frame(payload_len, seed=0):
+    eth = b"\x52\x54\x00\x12\x34\x56" + b"\x9a\x55\x9a\x55\x9a\x55" + b"\x08\x00"
+    return eth + bytes((i * 13 + seed) & 0xFF for i in range(payload_len))
+
+
+def wire(frame):
+    return struct.pack(">I", len(frame)) + frame
+
+
+def passt_seeds():
+    t = "passt_stream"
+    a, b, c = passt_frame(46, 1), passt_frame(1500, 2), passt_frame(300, 3)
+    write(t, "two-frames-and-truncated", bytes([12]) + wire(a) + wire(b) + wire(c)[:100])
+    write(t, "byte-by-byte", bytes([0x40]) + wire(a) + wire(c))
+    write(t, "odd-pieces", bytes([0x43]) + wire(c) + wire(a) + wire(b))
+    write(t, "small-buffers", bytes([0x0C | 0x10 | 0x20]) + wire(b) + wire(passt_frame(2000, 4)) + wire(a))
+    write(t, "oversize", bytes([0x08]) + wire(a) + struct.pack(">I", MAX_FRAME_LEN + 1) + a)
+    write(t, "empty-frames-then-close", bytes([0x82]) + wire(b"") + wire(b"") + wire(a))
+    write(t, "prefix-cut", bytes([0x01 | 0x80]) + wire(a) + b"\x00\x00")
+
+
+# OCI (fuzz/src/bin/oci_config.rs): a bundle's config.json. The bundle has rootfs/; bind
+# sources are host paths every Linux has.
+def oci_seeds():
+    t = "oci_config"
+    minimal = {"ociVersion": "1.0.2", "process": {"args": ["sh"]}, "root": {"path": "rootfs"}}
+    write(t, "minimal", json.dumps(minimal).encode())
+    podman = {
+        "ociVersion": "1.0.2-dev",
+        "process": {"args": ["sh", "-c", "id"], "terminal": True, "cwd": "/", "env": ["PATH=/bin"],
+                    "apparmorProfile": "containers-default", "selinuxLabel": "x"},
+        "root": {"path": "rootfs", "readonly": True},
+        "hostname": "c1",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/etc/hosts", "type": "bind", "source": "/etc/passwd",
+             "options": ["bind", "rprivate", "ro"]},
+            {"destination": "/data", "type": "bind", "source": "/tmp", "options": ["rbind"]},
+            {"destination": "/data2", "source": "/tmp", "options": ["bind", "ro"]},
+            {"destination": "/dev/null2", "type": "bind", "source": "/dev/null", "options": ["bind"]},
+        ],
+        "hooks": {"prestart": [{"path": "/bin/true"}]},
+        "annotations": {"rvmm.cpus": "2", "rvmm.memory_mib": "300"},
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "network", "path": "/run/netns/x"},
+                           {"type": "mount", "path": "/proc/1/ns/mnt"}],
+            "cgroupsPath": "machine.slice:libpod:abc",
+            "resources": {"memory": {"limit": 268435456}, "cpu": {"quota": 150000, "period": 100000},
+                          "hugepageLimits": [], "pids": {"limit": 100}},
+            "sysctl": {"net.ipv4.ping_group_range": "0 0", "kernel.msgmax": "8192", "net.core.x": 1},
+            "mountLabel": "system_u:object_r:container_file_t:s0",
+            "intelRdt": {"closID": "x"},
+        },
+    }
+    write(t, "podman", json.dumps(podman, indent=1).encode())
+    odd = dict(minimal, annotations={"rvmm.cpus": "99999999999999999999", "rvmm.memory_mib": "0"},
+               linux={"resources": {"cpu": {"quota": -1, "period": 0}, "memory": {"limit": -5}},
+                      "namespaces": "network", "sysctl": []},
+               mounts=[{"type": "bind", "source": "", "destination": 5}, "bind", {"options": ["bind"]}])
+    write(t, "odd-types", json.dumps(odd).encode())
+    write(t, "root-escapes", json.dumps(dict(minimal, root={"path": "../../../../tmp"})).encode())
+    write(t, "bad-annotation", json.dumps(dict(minimal, annotations={"rvmm.memory_mib": "lots"})).encode())
+    write(t, "version-2", json.dumps(dict(minimal, ociVersion="2.0.0")).encode())
+    write(t, "not-json", b'{"ociVersion": "1.0", "process": {"args": ["sh"]')
+
+
 def main():
     protocol_seeds()
     layer_seeds()
@@ -300,6 +418,9 @@ def main():
     mmio_seeds()
     boot_seeds()
     config_seeds()
+    vhost_user_seeds()
+    passt_seeds()
+    oci_seeds()
     return 0
 
 

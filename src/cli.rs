@@ -78,7 +78,8 @@ pub struct VmArgs {
     /// command line.
     #[arg(long, value_name = "PATH")]
     pub rootfs: Option<PathBuf>,
-    /// An extra virtio disk (vdb, vdc, … in order): PATH[,ro][,serial=ID]. Repeatable.
+    /// An extra virtio disk (vdb, vdc, … in order): PATH[,ro][,serial=ID][,direct=on]
+    /// (direct: O_DIRECT, no host page cache). Repeatable.
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<String>,
     /// A virtio-net interface: tap=NAME[,mac=MAC] on an existing TAP device, or

@@ -1,10 +1,16 @@
-//! virtio-blk device model against plain pread/pwrite on the same file.
+//! virtio-blk device model against plain pread/pwrite on the same file, and, with O_DIRECT,
+//! against fio on io_uring at the same queue depth.
 //!
 //! The device side builds split-ring requests in a `GuestMemoryMmap` (no guest, no KVM), makes
 //! a batch of them available and runs the real `BlockHandler::process_queue`, as the event loop
-//! does after one queue notification. The host side does the same I/O (sizes, offsets, order)
-//! with `read_exact_at`/`write_all_at` into ordinary buffers. Rounds of the two alternate, and
-//! each side's median round is reported, so background noise hits both alike.
+//! does after one queue notification, then (on io_uring) `process_completions` as each
+//! completion event arrives. The host side does the same I/O (sizes, offsets, order) with
+//! `read_exact_at`/`write_all_at` into ordinary buffers. Rounds of the sides alternate, and
+//! each side's median round is reported, so background noise hits them alike.
+//!
+//! The O_DIRECT part keeps N requests in flight, re-posting each as it comes back, as a guest
+//! at queue depth N does, and compares with `fio --ioengine=io_uring --direct=1 --iodepth=N`
+//! on the same file.
 //!
 //! Run: `cargo bench -p rvmm-devices --bench blk`. The scratch file lives in `RVMM_BENCH_DIR`
 //! (default: the temp dir); the Markdown table also goes to `RVMM_BENCH_OUT` (default:
@@ -15,19 +21,22 @@ mod report;
 #[path = "common/ring.rs"]
 mod ring;
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ring::Ring;
-use rvmm_devices::virtio::block::handler::BlockHandler;
+use rvmm_devices::virtio::block::handler::{BlockHandler, DirectIo};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::tempfile::TempFile;
 
 const FILE_SIZE: u64 = 256 << 20;
@@ -86,6 +95,17 @@ const WORKLOADS: [Workload; 4] = [
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// How the device model serves requests.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    /// preadv/pwritev, one request after the other.
+    Sync,
+    /// io_uring, the default.
+    Uring,
+    /// io_uring on an O_DIRECT descriptor.
+    Direct,
+}
+
 /// The byte offsets of a workload's requests, the same sequence for both sides.
 struct Offsets {
     state: u64,
@@ -133,10 +153,12 @@ struct Driver {
     block: usize,
     batch: usize,
     request_type: u32,
+    /// Watches the completion eventfd edge-triggered, as rvmm's event loop does.
+    epoll: Option<OwnedFd>,
 }
 
 impl Driver {
-    fn new(file: &File, w: &Workload) -> BenchResult<Self> {
+    fn new(file: &File, w: &Workload, engine: Engine) -> BenchResult<Self> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)])?;
         let ring = Ring::new(&mem, RING, QUEUE_SIZE);
         let data_flags = if w.write { 0 } else { VRING_DESC_F_WRITE };
@@ -159,9 +181,10 @@ impl Driver {
             }
             mem.write_slice(&pattern(i, w.block), GuestAddress(data_addr))?;
         }
-        let capacity = FILE_SIZE / 512;
-        let handler = BlockHandler::new(file.try_clone()?, capacity, false, [0; 20]);
+        let handler = handler(file, engine)?;
+        let epoll = handler.completion_event().map(watch).transpose()?;
         Ok(Self {
+            epoll,
             queue: ring.queue()?,
             mem,
             ring,
@@ -179,14 +202,65 @@ impl Driver {
     /// Makes one batch available and serves it the way a queue notification would.
     fn run_batch(&mut self, offsets: &mut Offsets) -> BenchResult<()> {
         for i in 0..self.batch {
-            let offset = offsets.next_offset();
-            let hdr = HEADERS + 16 * i as u64;
-            self.mem.write_obj(self.request_type, GuestAddress(hdr))?;
-            self.mem.write_obj(offset / 512, GuestAddress(hdr + 8))?;
-            self.ring.push(3 * i as u16)?;
+            self.post(i, offsets)?;
         }
         self.ring.publish()?;
         self.handler.process_queue(&self.mem, &mut self.queue)?;
+        while self.handler.in_flight() > 0 {
+            self.complete()?;
+        }
+        Ok(())
+    }
+
+    /// Waits for io_uring completions and returns them to the ring.
+    fn complete(&mut self) -> BenchResult<()> {
+        let epoll = self.epoll.as_ref().ok_or("no io_uring")?;
+        let mut event = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: room for one event, for the duration of the call.
+        let ready = unsafe { libc::epoll_wait(epoll.as_raw_fd(), &mut event, 1, 10_000) };
+        if ready != 1 {
+            return Err("no io_uring completion within 10 s".into());
+        }
+        self.handler
+            .process_completions(&self.mem, &mut self.queue)?;
+        Ok(())
+    }
+
+    /// Keeps `batch` requests in flight for `time`, re-posting each as it returns; returns
+    /// requests per second.
+    fn run_at_depth(&mut self, offsets: &mut Offsets, time: Duration) -> BenchResult<f64> {
+        self.ring.reap()?;
+        for i in 0..self.batch {
+            self.post(i, offsets)?;
+        }
+        self.ring.publish()?;
+        self.handler.process_queue(&self.mem, &mut self.queue)?;
+        let start = Instant::now();
+        let mut done = 0;
+        while start.elapsed() < time {
+            self.complete()?;
+            for (head, _) in self.ring.reap()? {
+                done += 1;
+                self.post(usize::from(head / 3), offsets)?;
+            }
+            self.ring.publish()?;
+            self.handler.process_queue(&self.mem, &mut self.queue)?;
+        }
+        let rate = f64::from(done) / start.elapsed().as_secs_f64();
+        while self.handler.in_flight() > 0 {
+            self.complete()?;
+        }
+        self.ring.reap()?;
+        Ok(rate)
+    }
+
+    /// Makes request slot `i` available again, at the next offset.
+    fn post(&mut self, i: usize, offsets: &mut Offsets) -> BenchResult<()> {
+        let hdr = HEADERS + 16 * i as u64;
+        self.mem.write_obj(self.request_type, GuestAddress(hdr))?;
+        self.mem
+            .write_obj(offsets.next_offset() / 512, GuestAddress(hdr + 8))?;
+        self.ring.push(3 * i as u16)?;
         Ok(())
     }
 
@@ -261,9 +335,57 @@ fn round(mut batch: impl FnMut(&mut Offsets) -> BenchResult<()>, w: &Workload) -
     Ok(requests as f64 / start.elapsed().as_secs_f64())
 }
 
+/// An epoll instance watching `done` edge-triggered.
+fn watch(done: &EventFd) -> io::Result<OwnedFd> {
+    // SAFETY: a plain system call without pointers.
+    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nobody else owns.
+    let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut event = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+        u64: 0,
+    };
+    // SAFETY: both descriptors are open; the kernel copies `event` during the call.
+    let ret = unsafe { libc::epoll_ctl(fd, libc::EPOLL_CTL_ADD, done.as_raw_fd(), &mut event) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(epoll)
+}
+
+/// The device's handler for `file`, served by `engine`.
+fn handler(file: &File, engine: Engine) -> BenchResult<BlockHandler> {
+    let capacity = FILE_SIZE / 512;
+    if engine != Engine::Direct {
+        let mut handler = BlockHandler::new(file.try_clone()?, capacity, false, [0; 20]);
+        if engine == Engine::Uring {
+            handler.enable_io_uring()?;
+        }
+        return Ok(handler);
+    }
+    let fd = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let direct = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&fd)?;
+    let mut handler = BlockHandler::new(direct, capacity, false, [0; 20]);
+    let (mem_align, offset_align) = handler.dio_alignment()?;
+    handler.set_direct(DirectIo {
+        buffered: file.try_clone()?,
+        mem_align,
+        offset_align,
+    });
+    handler.enable_io_uring()?;
+    Ok(handler)
+}
+
 /// Checks that the device moved the right bytes before timing it.
-fn verify(file: &File, w: &Workload) -> BenchResult<()> {
-    let mut driver = Driver::new(file, w)?;
+fn verify(file: &File, w: &Workload, engine: Engine) -> BenchResult<()> {
+    let mut driver = Driver::new(file, w, engine)?;
     driver.run_batch(&mut Offsets::new(w))?;
     driver.check()?;
     let mut offsets = Offsets::new(w);
@@ -278,18 +400,24 @@ fn verify(file: &File, w: &Workload) -> BenchResult<()> {
     Ok(())
 }
 
-/// Requests per second of (device, host), medians over alternating rounds.
-fn measure(file: &File, w: &Workload) -> BenchResult<(f64, f64)> {
-    verify(file, w)?;
-    let mut driver = Driver::new(file, w)?;
-    let mut host = Host::new(file, w)?;
-    let (mut dev, mut plain) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        dev.push(round(|o| driver.run_batch(o), w)?);
-        driver.check()?;
-        plain.push(round(|o| Ok(host.run_batch(o)?), w)?);
+/// Requests per second of (sync device, io_uring device, host), medians over alternating
+/// rounds.
+fn measure(file: &File, w: &Workload) -> BenchResult<[f64; 3]> {
+    let mut drivers = Vec::new();
+    for engine in [Engine::Sync, Engine::Uring] {
+        verify(file, w, engine)?;
+        drivers.push(Driver::new(file, w, engine)?);
     }
-    Ok((report::median(dev), report::median(plain)))
+    let mut host = Host::new(file, w)?;
+    let mut rates: [Vec<f64>; 3] = Default::default();
+    for _ in 0..ROUNDS {
+        for (driver, rates) in drivers.iter_mut().zip(&mut rates) {
+            rates.push(round(|o| driver.run_batch(o), w)?);
+            driver.check()?;
+        }
+        rates[2].push(round(|o| Ok(host.run_batch(o)?), w)?);
+    }
+    Ok(rates.map(report::median))
 }
 
 /// A scratch file with distinct contents, written back and read once so every request hits
@@ -307,31 +435,127 @@ fn scratch_file() -> BenchResult<TempFile> {
     Ok(tmp)
 }
 
-fn table(rows: &[(&Workload, f64, f64)], path: &str, host: &str) -> String {
+fn table(rows: &[(&Workload, [f64; 3])], path: &str, host: &str) -> String {
     let mut out = format!(
         "virtio-blk device model vs pread/pwrite: {} MiB file at {path}, page-cache warm \
          (pre-written, fsynced, read once; writes stay in the page cache). Batches of N \
          requests per queue notification, the device side including the driver's ring \
-         updates; median of {ROUNDS} alternating rounds of {} ms. Host: {host}.\n\n",
+         updates, served synchronously (preadv/pwritev) or on io_uring (the default), which \
+         also waits for the completion event; median of {ROUNDS} alternating rounds of {} ms. \
+         Host: {host}.\n\n",
         FILE_SIZE >> 20,
         ROUND_TIME.as_millis()
     );
     out.push_str(
-        "| workload | N | device ops/s | host ops/s | device MiB/s | host MiB/s | ratio | \
-         overhead µs/req |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| workload | N | sync ops/s | io_uring ops/s | pread/pwrite ops/s | io_uring MiB/s | \
+         sync ratio | io_uring ratio |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    for (w, dev, host) in rows {
+    for (w, [sync, uring, host]) in rows {
         let mib = |ops: f64| ops * w.block as f64 / f64::from(1 << 20);
         out.push_str(&format!(
-            "| {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.3} | {:.2} |\n",
+            "| {} | {} | {sync:.0} | {uring:.0} | {host:.0} | {:.1} | {:.3} | {:.3} |\n",
             w.name,
             w.batch,
-            dev,
-            host,
-            mib(*dev),
-            mib(*host),
-            dev / host,
-            (1.0 / dev - 1.0 / host) * 1e6
+            mib(*uring),
+            sync / host,
+            uring / host,
+        ));
+    }
+    out
+}
+
+/// The O_DIRECT rows: 4 KiB random I/O at a queue depth, the device on io_uring vs fio.
+const DIRECT: [Workload; 3] = [
+    Workload {
+        name: "4 KiB random read, O_DIRECT",
+        block: 4096,
+        batch: 1,
+        write: false,
+        random: true,
+    },
+    Workload {
+        name: "4 KiB random read, O_DIRECT",
+        block: 4096,
+        batch: 32,
+        write: false,
+        random: true,
+    },
+    Workload {
+        name: "4 KiB random write, O_DIRECT",
+        block: 4096,
+        batch: 32,
+        write: true,
+        random: true,
+    },
+];
+const DIRECT_ROUNDS: usize = 5;
+const DIRECT_TIME: Duration = Duration::from_secs(1);
+
+/// fio's IOPS for `w` on `path`: io_uring, O_DIRECT, the same depth, one second.
+fn fio(path: &Path, w: &Workload) -> BenchResult<f64> {
+    let out = Command::new("fio")
+        .args([
+            "--name=rvmm",
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--minimal",
+        ])
+        .args(["--time_based", "--runtime=1", "--randrepeat=0"])
+        .arg(format!("--filename={}", path.display()))
+        .arg(format!("--size={FILE_SIZE}"))
+        .arg(format!("--bs={}", w.block))
+        .arg(format!("--iodepth={}", w.batch))
+        .arg(format!(
+            "--rw={}",
+            if w.write { "randwrite" } else { "randread" }
+        ))
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "fio failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into());
+    }
+    // Terse format 3: field 7 is the read IOPS, 48 the write IOPS.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = if w.write { 48 } else { 7 };
+    let iops = text
+        .trim()
+        .split(';')
+        .nth(field)
+        .ok_or("short fio output")?;
+    Ok(iops.parse()?)
+}
+
+/// IOPS of (device, fio) for an O_DIRECT row, medians over alternating runs.
+fn measure_direct(tmp: &TempFile, w: &Workload) -> BenchResult<(f64, f64)> {
+    verify(tmp.as_file(), w, Engine::Direct)?;
+    let mut driver = Driver::new(tmp.as_file(), w, Engine::Direct)?;
+    let mut offsets = Offsets::new(w);
+    let (mut dev, mut peer) = (Vec::new(), Vec::new());
+    for _ in 0..DIRECT_ROUNDS {
+        dev.push(driver.run_at_depth(&mut offsets, DIRECT_TIME)?);
+        peer.push(fio(tmp.as_path(), w)?);
+    }
+    Ok((report::median(dev), report::median(peer)))
+}
+
+fn direct_table(rows: &[(&Workload, f64, f64)], path: &str) -> String {
+    let mut out = format!(
+        "\nO_DIRECT on the host's disk, same file ({path}): the device model on io_uring \
+         keeping N requests in flight (each re-posted as it returns, the driver's ring work \
+         included) vs `fio --ioengine=io_uring --direct=1 --iodepth=N`; median of \
+         {DIRECT_ROUNDS} alternating runs of {} s.\n\n\
+         | workload | QD | device IOPS | fio IOPS | ratio |\n|---|---:|---:|---:|---:|\n",
+        DIRECT_TIME.as_secs()
+    );
+    for (w, dev, fio) in rows {
+        out.push_str(&format!(
+            "| {} | {} | {dev:.0} | {fio:.0} | {:.3} |\n",
+            w.name,
+            w.batch,
+            dev / fio
         ));
     }
     out
@@ -345,10 +569,16 @@ fn main() -> BenchResult<()> {
     let tmp = scratch_file()?;
     let mut rows = Vec::new();
     for w in &WORKLOADS {
-        let (dev, host) = measure(tmp.as_file(), w)?;
-        rows.push((w, dev, host));
+        rows.push((w, measure(tmp.as_file(), w)?));
     }
-    let text = table(&rows, &tmp.as_path().display().to_string(), &host);
+    let path = tmp.as_path().display().to_string();
+    let mut text = table(&rows, &path, &host);
+    let mut direct = Vec::new();
+    for w in &DIRECT {
+        let (dev, peer) = measure_direct(&tmp, w)?;
+        direct.push((w, dev, peer));
+    }
+    text.push_str(&direct_table(&direct, &path));
     report::publish("blk", &text)?;
     Ok(())
 }

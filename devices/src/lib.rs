@@ -42,6 +42,7 @@ pub(crate) enum Problem {
     Connection,
     Stray,
     Limit,
+    Timer,
     Accept,
     // The virtio-mmio transport and legacy devices.
     Access,

@@ -99,3 +99,15 @@ pub fn scratch_file(what: &str) -> TempFile {
     TempFile::new_with_prefix(scratch_dir().join(format!("rvmm-fuzz-{what}")))
         .expect("creating a scratch file")
 }
+
+/// Ignores SIGPIPE, as Rust's runtime does before `main` in rvmm's own binaries (libFuzzer's
+/// `main` skips that): a write to a socket whose peer is gone then fails with `EPIPE` instead
+/// of killing the fuzzer.
+pub fn ignore_sigpipe() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: SIG_IGN installs no handler code; only the disposition of SIGPIPE changes.
+        let old = unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+        assert_ne!(old, libc::SIG_ERR, "ignoring SIGPIPE");
+    });
+}

@@ -275,6 +275,7 @@ fn attach_disks(ctx: &mut VirtioContext, disks: &[DiskConfig]) -> Result<(), Dev
             path: disk.path.clone(),
             read_only: disk.read_only,
             serial: disk.serial.clone(),
+            direct: disk.direct,
         })
         .map_err(DeviceError::Disk)?;
         attach_virtio(ctx, Arc::new(Mutex::new(block)))?;

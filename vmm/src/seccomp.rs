@@ -113,6 +113,10 @@ const COMMON: &[i64] = &[
     libc::SYS_futex,
     libc::SYS_getpid,
     libc::SYS_gettid,
+    // virtio-blk's io_uring: submitted and reaped on the device thread, waited on at a reset
+    // (vCPU thread) and when the VM is dropped (main thread). The ring itself takes only reads,
+    // writes and fsyncs of the disk images (devices/src/virtio/block/uring.rs).
+    libc::SYS_io_uring_enter,
     libc::SYS_madvise,
     libc::SYS_mremap,
     libc::SYS_munmap,
@@ -158,6 +162,8 @@ const DEVICES: &[i64] = &[
     libc::SYS_recvfrom,
     libc::SYS_sendto,
     libc::SYS_shutdown,
+    // virtio-vsock's timer for host connections the guest does not answer.
+    libc::SYS_timerfd_settime,
     libc::SYS_writev,
 ];
 

@@ -49,6 +49,7 @@ impl Subject for Block {
             path: image.as_path().to_path_buf(),
             read_only: false,
             serial: None,
+            direct: false,
         };
         (Block::new(cfg).unwrap(), Box::new(image))
     }

@@ -55,31 +55,59 @@ pub fn drain_until(
     queue: &mut Queue,
     mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
 ) -> Result<bool, DrainError> {
-    let mut served_total = 0usize;
+    drain_chains(mem, queue, |chain| {
+        serve(chain).map_or(Served::NotYet, Served::Used)
+    })
+}
+
+/// What became of a chain handed to a drain's `serve`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// Answered, with this many bytes written into its device-writable buffers.
+    Used(u32),
+    /// Kept by the device, which returns it later (asynchronous I/O).
+    Held,
+    /// Not taken: it stays available and the drain ends.
+    NotYet,
+}
+
+/// The general drain: every available chain goes to `serve`; returns whether the driver needs
+/// an interrupt for the chains answered at once.
+pub fn drain_chains(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> Served,
+) -> Result<bool, DrainError> {
+    let mut used_total = 0usize;
     'drain: loop {
         // With EVENT_IDX, suppress notifications while draining, then re-check for chains
         // added before the driver saw notifications re-enabled.
         queue.disable_notification(mem).map_err(DrainError::Queue)?;
-        let mut served = 0;
+        let mut taken = 0;
         while let Some(chain) = pop_chain(mem, queue)? {
             let head = chain.head_index();
-            let Some(used) = serve(chain) else {
-                queue.go_to_previous_position();
-                break 'drain;
-            };
-            queue.add_used(mem, head, used).map_err(DrainError::Queue)?;
-            served += 1;
-            served_total += 1;
+            match serve(chain) {
+                Served::Used(used) => {
+                    queue.add_used(mem, head, used).map_err(DrainError::Queue)?;
+                    used_total += 1;
+                }
+                Served::Held => {}
+                Served::NotYet => {
+                    queue.go_to_previous_position();
+                    break 'drain;
+                }
+            }
+            taken += 1;
         }
         if !queue.enable_notification(mem).map_err(DrainError::Queue)? {
             break;
         }
         // More announced but none could be popped: looping would spin forever.
-        if served == 0 {
+        if taken == 0 {
             return Err(DrainError::BrokenRing);
         }
     }
-    if served_total == 0 {
+    if used_total == 0 {
         return Ok(false);
     }
     queue.needs_notification(mem).map_err(DrainError::Queue)

@@ -20,6 +20,7 @@ mod conformance;
 pub mod console;
 pub mod drain;
 pub mod fs;
+mod iovec;
 pub mod mmio;
 pub mod net;
 pub mod rng;

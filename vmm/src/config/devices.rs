@@ -215,6 +215,8 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// What the guest reads as the disk's ID (GET_ID, /sys/block/vdX/serial).
     pub serial: Option<String>,
+    /// O_DIRECT: the host's page cache is bypassed.
+    pub direct: bool,
 }
 
 /// The longest serial virtio-blk can report (VIRTIO_BLK_ID_BYTES).
@@ -232,16 +234,23 @@ impl std::str::FromStr for DiskConfig {
             .positional("path")
             .flag("ro")
             .value("serial")
+            .value("direct")
             .parse(spec)
             .map_err(|e| bad(&e.to_string()))?;
         let serial = opts.get("serial");
         if serial.is_some_and(|id| id.is_empty() || id.len() > MAX_DISK_SERIAL) {
             return Err(bad("serial must be 1 to 20 bytes"));
         }
+        let direct = match opts.get("direct") {
+            None | Some("off") => false,
+            Some("on") => true,
+            Some(_) => return Err(bad("direct must be on or off")),
+        };
         Ok(DiskConfig {
             path: PathBuf::from(opts.get("path").unwrap_or_default()),
             read_only: opts.is_set("ro"),
             serial: serial.map(str::to_string),
+            direct,
         })
     }
 }

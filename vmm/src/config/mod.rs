@@ -219,6 +219,7 @@ impl TryFrom<VmParams> for VmConfig {
                 path: rootfs,
                 read_only: false,
                 serial: None,
+                direct: false,
             });
             cmdline.root_vda(RootAccess::ReadWrite);
         }
@@ -411,17 +412,20 @@ mod tests {
             DiskConfig {
                 path: "/img".into(),
                 read_only: true,
-                serial: Some("abc".into())
+                serial: Some("abc".into()),
+                direct: false,
             }
         );
         let d: DiskConfig = "/img".parse().unwrap();
-        assert!(!d.read_only && d.serial.is_none());
+        assert!(!d.read_only && d.serial.is_none() && !d.direct);
+        assert!("/img,direct=on".parse::<DiskConfig>().unwrap().direct);
         for bad in [
             "",
             ",ro",
             "/img,rw",
             "/img,serial=",
             "/img,serial=123456789012345678901",
+            "/img,direct=yes",
         ] {
             assert!(bad.parse::<DiskConfig>().is_err(), "{bad:?}");
         }

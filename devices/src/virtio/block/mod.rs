@@ -7,6 +7,7 @@
 mod device;
 pub mod handler;
 pub mod request;
+mod uring;
 
 pub use device::{Block, BlockConfig, BlockError};
 

@@ -203,9 +203,8 @@ impl Chain {
 impl Request {
     /// Validates a chain's header and payload against a disk of `capacity` sectors.
     pub fn parse(chain: Chain, mem: &GuestMemoryMmap, capacity: u64) -> Result<Self, RequestError> {
-        let (header, readable) =
-            split_front(chain.readable, HEADER_LEN).ok_or(RequestError::ShortHeader)?;
-        let header = read_all(mem, &header)?;
+        let mut readable = chain.readable;
+        let header = take_header(mem, &mut readable)?;
         let request_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let mut sector_bytes = [0u8; 8];
         sector_bytes.copy_from_slice(&header[8..16]);
@@ -316,27 +315,35 @@ fn parse_ranges(
         .collect()
 }
 
-/// Splits the first `n` bytes off a list of buffers; `None` if there are fewer.
-fn split_front(segs: Vec<Segment>, mut n: u32) -> Option<(Vec<Segment>, Vec<Segment>)> {
-    let mut front = Vec::new();
-    let mut rest = segs.into_iter();
-    while n > 0 {
-        let seg = rest.next()?;
-        let take = seg.len.min(n);
-        front.push(Segment {
-            addr: seg.addr,
-            len: take,
-        });
-        n -= take;
-        if take < seg.len {
-            let tail = Segment {
-                addr: seg.addr.unchecked_add(take.into()),
-                len: seg.len - take,
-            };
-            return Some((front, std::iter::once(tail).chain(rest).collect()));
+/// Reads the request header off the front of the device-readable buffers, leaving the rest
+/// in `segs`.
+fn take_header(
+    mem: &GuestMemoryMmap,
+    segs: &mut Vec<Segment>,
+) -> Result<[u8; HEADER_LEN as usize], RequestError> {
+    let mut header = [0u8; HEADER_LEN as usize];
+    let mut pos = 0;
+    let mut used = 0;
+    for seg in segs.iter_mut() {
+        if pos == header.len() {
+            break;
+        }
+        let take = (header.len() - pos).min(seg.len as usize);
+        mem.read_slice(&mut header[pos..pos + take], seg.addr)
+            .map_err(|_| RequestError::GuestMemory)?;
+        pos += take;
+        // At most HEADER_LEN.
+        seg.addr = seg.addr.unchecked_add(take as u64);
+        seg.len -= take as u32;
+        if seg.len == 0 {
+            used += 1;
         }
     }
-    Some((front, rest.collect()))
+    if pos < header.len() {
+        return Err(RequestError::ShortHeader);
+    }
+    segs.drain(..used);
+    Ok(header)
 }
 
 /// Copies small guest buffers (header, ranges) into host memory.

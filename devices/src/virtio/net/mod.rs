@@ -128,6 +128,8 @@ pub(crate) mod test_utils {
         pub(crate) offload: Arc<AtomicU32>,
         /// Fails every write with this error.
         pub(crate) fail_writes: Option<i32>,
+        /// Takes frames as guest buffers (as a TAP does), not only whole.
+        pub(crate) vectored: bool,
     }
 
     impl FakeTap {
@@ -140,6 +142,7 @@ pub(crate) mod test_utils {
                 sock: ours,
                 offload: Arc::new(AtomicU32::new(u32::MAX)),
                 fail_writes: None,
+                vectored: true,
             };
             (tap, Peer(theirs))
         }
@@ -161,6 +164,17 @@ pub(crate) mod test_utils {
                 return Err(io::Error::from_raw_os_error(errno));
             }
             self.sock.send(buf)
+        }
+
+        unsafe fn write_frame_iovecs(&mut self, iov: &[libc::iovec]) -> Option<io::Result<usize>> {
+            if !self.vectored {
+                return None;
+            }
+            if let Some(errno) = self.fail_writes {
+                return Some(Err(io::Error::from_raw_os_error(errno)));
+            }
+            // SAFETY: the caller vouches for the buffers.
+            Some(unsafe { super::tap::writev(self.sock.as_raw_fd(), iov) })
         }
 
         fn set_offload(&mut self, flags: u32) -> io::Result<()> {

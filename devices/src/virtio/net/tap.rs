@@ -21,6 +21,16 @@ pub trait TapIo: AsRawFd + Send {
     /// Writes one frame (all of `buf`, or an error). `WouldBlock`: nothing of it was taken, and
     /// the caller keeps it until the fd is writable.
     fn write_frame(&mut self, buf: &[u8]) -> io::Result<usize>;
+    /// Writes one frame gathered from `iov` (guest buffers, by host address) as
+    /// [`TapIo::write_frame`] does, without copying it into one buffer first; `None` where the
+    /// host side needs the frame in one buffer.
+    ///
+    /// # Safety
+    /// Every entry of `iov` must name readable memory that stays mapped during the call.
+    unsafe fn write_frame_iovecs(&mut self, iov: &[libc::iovec]) -> Option<io::Result<usize>> {
+        let _ = iov;
+        None
+    }
     /// Tells the kernel which offloads (`TUN_F_*`) the reader handles, i.e. which partially
     /// checksummed and segmentation-offload frames it may hand out.
     fn set_offload(&mut self, flags: u32) -> io::Result<()>;
@@ -159,6 +169,18 @@ pub(super) fn ifreq(name: &CString) -> libc::ifreq {
     req
 }
 
+/// One writev of `iov` to `fd`: for a TAP (or a datagram socket), one frame.
+///
+/// # Safety
+/// Every entry of `iov` must name readable memory that stays mapped during the call.
+pub(super) unsafe fn writev(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
+    // A frame has at most a queue's worth of buffers, far below IOV_MAX.
+    let count = iov.len() as libc::c_int;
+    // SAFETY: the kernel only reads the buffers, which the caller vouches for.
+    let ret = unsafe { libc::writev(fd, iov.as_ptr(), count) };
+    usize::try_from(ret).map_err(|_| io::Error::last_os_error())
+}
+
 /// TUNSETIFF: attaches `file` to the interface `name` with `flags`.
 pub(super) fn set_iff(file: &File, name: &CString, flags: libc::c_int) -> io::Result<()> {
     let mut req = ifreq(name);
@@ -187,6 +209,11 @@ impl TapIo for Tap {
     fn write_frame(&mut self, buf: &[u8]) -> io::Result<usize> {
         // One write sends exactly one frame, all of it or nothing.
         self.file.write(buf)
+    }
+
+    unsafe fn write_frame_iovecs(&mut self, iov: &[libc::iovec]) -> Option<io::Result<usize>> {
+        // SAFETY: the caller vouches for the buffers.
+        Some(unsafe { writev(self.file.as_raw_fd(), iov) })
     }
 
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {

@@ -161,6 +161,16 @@ impl<S: Stream> Connection<S> {
         conn
     }
 
+    /// Gives up on a host-initiated connection the guest has not answered: it is reset (the
+    /// guest gets an RST, the host process an end-of-file). False once answered.
+    pub fn expire(&mut self) -> bool {
+        if self.state != State::Requesting {
+            return false;
+        }
+        self.state = State::Reset;
+        true
+    }
+
     /// The host end.
     pub fn stream(&self) -> &S {
         &self.stream

@@ -16,9 +16,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events};
 use log::{debug, warn};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::{Connection, State};
 use super::packet::{Header, Op, HOST_CID};
@@ -32,6 +34,9 @@ pub const MAX_CONNECTIONS: usize = 256;
 const MAX_STRAY_RSTS: usize = 64;
 /// Longest `CONNECT <port>` line.
 const MAX_HANDSHAKE_LINE: usize = 32;
+/// How long a host-initiated connection waits for the guest to accept or refuse it before it
+/// is reset and the host process gets an end-of-file (Firecracker waits about as long).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Host ports for host-initiated connections start here, clear of the ports guests usually
 /// connect to (as in Firecracker).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
@@ -63,6 +68,10 @@ pub struct Muxer {
     rx_ready: VecDeque<Key>,
     /// RSTs for packets that matched no connection.
     stray_rsts: VecDeque<Header>,
+    /// Host-initiated connections by the time the guest must have answered, oldest first.
+    connect_deadlines: VecDeque<(Instant, Key)>,
+    /// Fires at the first of `connect_deadlines`; none if it could not be made.
+    connect_timer: Option<TimerFd>,
     next_port: u32,
     warned: LogOnce,
 }
@@ -80,6 +89,10 @@ impl Muxer {
             handshakes: HashMap::new(),
             rx_ready: VecDeque::new(),
             stray_rsts: VecDeque::new(),
+            connect_deadlines: VecDeque::new(),
+            connect_timer: TimerFd::new()
+                .inspect_err(|e| warn!("virtio-vsock: no timer for host connections: {e}"))
+                .ok(),
             next_port: FIRST_LOCAL_PORT,
             warned: LogOnce::default(),
         }
@@ -95,12 +108,19 @@ impl Muxer {
         if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
             warn!("virtio-vsock: cannot watch the listening socket: {e:?}");
         }
+        if let Some(timer) = &self.connect_timer {
+            if let Err(e) = ops.add(Events::new(timer, EventSet::IN)) {
+                warn!("virtio-vsock: cannot watch the connection timer: {e:?}");
+            }
+        }
     }
 
     /// Handles readiness of a socket the muxer watches; false if `fd` is not one of them.
     pub fn handle_event(&mut self, fd: RawFd, set: EventSet, ops: &mut EventOps) -> bool {
         if fd == self.listener.as_raw_fd() {
             self.accept(ops);
+        } else if self.connect_timer.as_ref().map(AsRawFd::as_raw_fd) == Some(fd) {
+            self.expire_connects(ops);
         } else if self.handshakes.contains_key(&fd) {
             self.read_handshake(fd, ops);
         } else if let Some(&key) = self.by_fd.get(&fd) {
@@ -210,6 +230,49 @@ impl Muxer {
         self.by_fd.clear();
         self.rx_ready.clear();
         self.stray_rsts.clear();
+        self.connect_deadlines.clear();
+    }
+
+    /// Resets the host-initiated connections the guest left unanswered for
+    /// [`CONNECT_TIMEOUT`].
+    fn expire_connects(&mut self, ops: &mut EventOps) {
+        if let Some(timer) = &mut self.connect_timer {
+            let _ = timer.wait();
+        }
+        let now = Instant::now();
+        while let Some(&(deadline, key)) = self.connect_deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            self.connect_deadlines.pop_front();
+            if let Some(entry) = self.conns.get_mut(&key) {
+                if entry.conn.expire() {
+                    debug!("virtio-vsock: guest port {} did not answer in time", key.1);
+                    self.sync(key, ops);
+                }
+            }
+        }
+        self.arm_connect_timer(now);
+    }
+
+    /// Sets the timer to the first deadline, if there is one.
+    fn arm_connect_timer(&mut self, now: Instant) {
+        let (Some(timer), Some(&(deadline, _))) =
+            (&mut self.connect_timer, self.connect_deadlines.front())
+        else {
+            return;
+        };
+        // A zero duration would disarm the timer.
+        let wait = deadline
+            .saturating_duration_since(now)
+            .max(Duration::from_millis(1));
+        if let Err(e) = timer.reset(wait, None) {
+            warn_once!(
+                self.warned,
+                Problem::Timer,
+                "virtio-vsock: cannot set the connection timer: {e}"
+            );
+        }
     }
 
     fn stray_rst(&mut self, hdr: &Header) {
@@ -323,6 +386,12 @@ impl Muxer {
         };
         let conn = Connection::host_initiated(stream, self.cid, local, port);
         self.insert((local, port), conn, ops);
+        let now = Instant::now();
+        self.connect_deadlines
+            .push_back((now + CONNECT_TIMEOUT, (local, port)));
+        if self.connect_deadlines.len() == 1 {
+            self.arm_connect_timer(now);
+        }
     }
 
     /// A host port for a host-initiated connection to guest port `peer`.

@@ -12,7 +12,7 @@ use crate::virtio::block::test_utils::{mem, R, W};
 use crate::virtio::console::test_utils::guest;
 use crate::virtio::net::test_utils::Driver;
 use crate::virtio::test_utils::{notify_queue, run_until_idle, CountingInterrupt};
-use crate::virtio::vsock::muxer::port_path;
+use crate::virtio::vsock::muxer::{port_path, CONNECT_TIMEOUT};
 use crate::virtio::vsock::packet::{Header, Op, HDR_LEN, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND};
 
 type Manager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
@@ -288,6 +288,30 @@ fn host_connects_to_a_guest_listener() {
     rig.send(close, &[]);
     assert_eq!(rig.recv_ops(), vec![Op::Rst]);
     assert_eq!(rig.connections(), 0);
+}
+
+#[test]
+fn a_host_connection_the_guest_never_answers_is_reset() {
+    let mem = mem();
+    let mut rig = Rig::new(&mem);
+    rig.post_rx(4);
+    let mut host = host_stream(UnixStream::connect(&rig.path).unwrap());
+    host.write_all(b"CONNECT 52\n").unwrap();
+    rig.run();
+    assert_eq!(rig.recv_ops(), vec![Op::Request]);
+    std::thread::sleep(CONNECT_TIMEOUT + Duration::from_millis(200));
+    rig.run();
+    assert_eq!(rig.recv_ops(), vec![Op::Rst]);
+    assert_eq!(rig.connections(), 0);
+    // The host process sees its connection end, without an OK line.
+    host.set_nonblocking(false).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rest = Vec::new();
+    host.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    // A late answer is a stray packet: the guest gets an RST for it.
+    rig.send(g(Op::Response, 52, FIRST_LOCAL_PORT, 4096), &[]);
+    assert_eq!(rig.recv_ops(), vec![Op::Rst]);
 }
 
 #[test]
