@@ -67,6 +67,21 @@ impl SgList {
         max_len: u64,
     ) -> Result<Self, SgError> {
         let mut sg = Self::default();
+        sg.refill(descriptors, mem, writable, max_descriptors, max_len)?;
+        Ok(sg)
+    }
+
+    /// [`SgList::new`] into this list, reusing its allocation (one chain after another).
+    pub fn refill(
+        &mut self,
+        descriptors: impl Iterator<Item = Descriptor>,
+        mem: &GuestMemoryMmap,
+        writable: bool,
+        max_descriptors: usize,
+        max_len: u64,
+    ) -> Result<(), SgError> {
+        self.list.clear();
+        self.len = 0;
         let mut last_has_next = false;
         for (count, desc) in descriptors.enumerate() {
             if count == max_descriptors {
@@ -87,12 +102,12 @@ impl SgList {
                 });
             }
             // At most `max_descriptors` lengths below 4 GiB: cannot overflow.
-            sg.len += u64::from(buf.len);
-            if sg.len > max_len {
-                return Err(SgError::TooLong(sg.len, max_len));
+            self.len += u64::from(buf.len);
+            if self.len > max_len {
+                return Err(SgError::TooLong(self.len, max_len));
             }
             if buf.len > 0 {
-                sg.list.push(buf);
+                self.list.push(buf);
             }
         }
         // virtio-queue's iterator stops silently on a bad chain; the last descriptor it yields
@@ -100,7 +115,7 @@ impl SgList {
         if last_has_next {
             return Err(SgError::BrokenChain);
         }
-        Ok(sg)
+        Ok(())
     }
 
     /// Fills `out` from the start of the buffers; `out` must not be longer than `self.len`.

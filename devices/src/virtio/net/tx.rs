@@ -40,7 +40,8 @@ pub enum TxError {
 pub struct Transmitter {
     /// One header plus frame, gathered for a host side that takes only whole frames.
     packet: Box<[u8]>,
-    /// The chain's buffers by host address; kept to reuse its allocation.
+    /// The chain's buffers, by guest and by host address; kept to reuse their allocations.
+    sg: SgList,
     iovecs: IovecList,
     /// Frames copied into `packet` on their way out.
     copied: u64,
@@ -62,6 +63,7 @@ impl Transmitter {
     pub fn new() -> Self {
         Self {
             packet: vec![0; MAX_PACKET_LEN].into_boxed_slice(),
+            sg: SgList::default(),
             iovecs: IovecList(Vec::with_capacity(usize::from(QUEUE_SIZE))),
             copied: 0,
             blocked: false,
@@ -124,7 +126,8 @@ impl Transmitter {
         descriptors: impl Iterator<Item = Descriptor>,
         tap: &mut dyn TapIo,
     ) -> Result<(), TxError> {
-        let sg = SgList::new(descriptors, mem, false, QUEUE_SIZE.into(), u64::MAX)
+        let sg = &mut self.sg;
+        sg.refill(descriptors, mem, false, QUEUE_SIZE.into(), u64::MAX)
             .map_err(TxError::Chain)?;
         if sg.len < (HDR_LEN + ETH_HLEN) as u64 {
             return Err(TxError::TooShort(sg.len));
