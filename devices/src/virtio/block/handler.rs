@@ -188,18 +188,19 @@ impl BlockHandler {
         mem: &GuestMemoryMmap,
         queue: &mut Queue,
     ) -> Result<bool, HandlerError> {
-        let notify = drain_chains(mem, queue, |chain| {
+        let drained = drain_chains(mem, queue, |chain| {
             let head = chain.head_index();
             self.serve(mem, Some(head), chain)
-        })?;
+        });
         let Some(uring) = &mut self.uring else {
-            return Ok(notify);
+            return Ok(drained?);
         };
+        // Even when the ring turned out broken: what was taken from it must still complete.
         uring.submit().map_err(HandlerError::Io)?;
         // Reads from the page cache complete during the submission: answer them now rather
         // than after another trip through the event loop.
         let done = self.process_completions(mem, queue)?;
-        Ok(notify || done)
+        Ok(drained? || done)
     }
 
     /// Returns the requests that completed on io_uring; returns whether the driver needs an
