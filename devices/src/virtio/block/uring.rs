@@ -146,9 +146,8 @@ impl Uring {
         let entry = entry
             .flags(squeue::Flags::FIXED_FILE)
             .user_data(request.head.into());
-        // SAFETY: the iovec array and the guest buffers it names outlive the operation: the
-        // array is kept in the request's slot until its completion is reaped, and guest memory
-        // stays mapped until the device has waited for every request (`wait_idle`).
+        // SAFETY: the iovecs outlive the operation in the request's slot until it is reaped,
+        // and guest memory stays mapped until the device has waited for it (`wait_idle`).
         unsafe { self.ring.submission().push(&entry) }
     }
 
