@@ -7,13 +7,14 @@
 # environment; its output streams to stdout and its exit status is this script's.
 #
 # Exit status: the command's, or 124 when --timeout ran out, 125 when the machine could not
-# be built, booted or made ready (one line on stderr says which).
+# be built, booted or made ready, or died or stalled under the command (one line on stderr
+# says which).
 set -euo pipefail
 
 usage() {
     cat <<'EOF'
 Usage: nested-kvm.sh [--cpus N] [--memory MIB] [--timeout SECS] [--ready-timeout SECS]
-                     [--rw DIR]... [--] COMMAND [ARG...]
+                     [--stall SECS] [--rw DIR]... [--] COMMAND [ARG...]
 
 Runs COMMAND on a real (nested) KVM inside a QEMU TCG machine that shares this host's root.
 
@@ -21,6 +22,9 @@ Runs COMMAND on a real (nested) KVM inside a QEMU TCG machine that shares this h
   --memory MIB          its memory (default 6144)
   --timeout SECS        stop the machine after SECS in all (default 3600)
   --ready-timeout SECS  fail if the machine is not ready to run COMMAND by then (default 180)
+  --stall SECS          stop a machine whose first CPU shows no sign of life for SECS
+                        (default 180): under TCG's emulated SVM a CPU now and then never
+                        comes back from its guest
   --rw DIR              share DIR writable at the same path (repeatable)
 EOF
 }
@@ -35,6 +39,7 @@ cpus=$(nproc)
 memory=6144
 timeout=3600
 ready_timeout=180
+stall=180
 rw=()
 while (($#)); do
     case $1 in
@@ -42,6 +47,7 @@ while (($#)); do
         --memory) memory=${2:?}; shift 2 ;;
         --timeout) timeout=${2:?}; shift 2 ;;
         --ready-timeout) ready_timeout=${2:?}; shift 2 ;;
+        --stall) stall=${2:?}; shift 2 ;;
         --rw)
             dir=$(realpath -e -- "${2:?}" 2>/dev/null) && [[ -d $dir ]] || fatal "no directory $2"
             # stage2 splits the list on white space.
@@ -56,7 +62,7 @@ while (($#)); do
     esac
 done
 (($#)) || { usage >&2; exit 2; }
-for n in "$cpus" "$memory" "$timeout" "$ready_timeout"; do
+for n in "$cpus" "$memory" "$timeout" "$ready_timeout" "$stall"; do
     [[ $n =~ ^[1-9][0-9]*$ ]] || fatal "not a positive number: $n"
 done
 
@@ -146,22 +152,36 @@ setpriv --pdeathsig KILL -- "$qemu" "${args[@]}" </dev/null \
     2> >(grep -v 'TCG doesn.t support requested feature' >&2) &
 qemu_pid=$!
 
-# The watchdog: the machine must be ready within --ready-timeout and done within --timeout.
+# The watchdog: the machine must be ready within --ready-timeout, then keep its heartbeat
+# (stage2 appends a byte to ctl/alive every few seconds from the first CPU) going, and be done
+# within --timeout.
 (
     trap - EXIT
     started=$SECONDS
+    beat=0
+    beat_at=$SECONDS
+    stop() {
+        echo "nested-kvm: error: $1" >&2
+        : >"$run/$2"
+        kill -KILL "$qemu_pid" 2>/dev/null
+        exit 0
+    }
     while ((SECONDS - started < timeout)); do
-        if [[ ! -e $run/ctl/ready ]] && ((SECONDS - started >= ready_timeout)); then
-            echo "nested-kvm: error: the machine was not ready in ${ready_timeout} s" >&2
-            : >"$run/not-ready"
-            kill -KILL "$qemu_pid" 2>/dev/null
-            exit 0
+        if [[ ! -e $run/ctl/ready ]]; then
+            ((SECONDS - started < ready_timeout)) ||
+                stop "the machine was not ready in ${ready_timeout} s" not-ready
+        else
+            now=$(stat -c %s "$run/ctl/alive" 2>/dev/null || echo 0)
+            if ((now != beat)); then
+                beat=$now
+                beat_at=$SECONDS
+            fi
+            ((SECONDS - beat_at < stall)) ||
+                stop "the machine's first CPU showed no sign of life for ${stall} s (wedged)" stalled
         fi
-        sleep 0.2
+        sleep 0.5
     done
-    echo "nested-kvm: error: stopped after ${timeout} s" >&2
-    : >"$run/timed-out"
-    kill -KILL "$qemu_pid" 2>/dev/null
+    stop "stopped after ${timeout} s" timed-out
 ) &
 watch_pid=$!
 
@@ -173,7 +193,7 @@ if [[ -e $run/ctl/status ]]; then
     exit "$(cat "$run/ctl/status")"
 fi
 [[ -e $run/timed-out ]] && exit 124
-[[ -e $run/not-ready ]] && exit 125
+[[ -e $run/not-ready || -e $run/stalled ]] && exit 125
 if [[ -e $run/ctl/ready ]]; then
     fatal "the machine stopped before the command ended (QEMU status $qemu_status)"
 fi

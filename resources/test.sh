@@ -17,31 +17,27 @@ set -euo pipefail
 cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.."
 log=$(mktemp)
 list=$(mktemp)
-runner=$(mktemp)
-trap 'rm -f -- "$log" "$list" "$runner"' EXIT
+trap 'rm -f -- "$log" "$list"' EXIT
 
 # shellcheck source=kvm-platform.sh
 source resources/kvm-platform.sh
 
-# A test binary's limit inside the nested machine (the longest, oci, takes ~6 min), and the whole
-# machine's (the layer takes ~30 min).
+# A test binary's limit inside the nested machine (the longest, oci, takes ~6 min), and its
+# machine's (boot and set-up take well under a minute).
 binary_timeout=900
-machine_timeout=3600
+machine_timeout=1020
 
 # The smoke layer: what must keep working on an emulating KVM.
 smoke=(tiny_guests hostile_guest seccomp bad_input linux_smoke)
 
 # Prints "tests: N passed, M failed" over every `test result:` line of the log.
 summary() {
-    # A binary run once more (see the runner) counts only its last run.
-    awk '/^     Running / { lp = 0; lf = 0 }
-         /^test result: / {
+    awk '/^test result: / {
             for (i = 1; i < NF; i++) {
-                if ($(i + 1) ~ /^passed;?$/) { p += $i; lp = $i }
-                if ($(i + 1) ~ /^failed;?$/) { f += $i; lf = $i }
+                if ($(i + 1) ~ /^passed;?$/) p += $i
+                if ($(i + 1) ~ /^failed;?$/) f += $i
             }
          }
-         /^==> FLAKY: / { p -= lp; f -= lf }
          END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
     # A binary that died before its result line is in no count, only in the status.
     ((status == 0)) || echo "test.sh: error: a test layer failed (see above)" >&2
@@ -89,52 +85,55 @@ if [[ $(kvm_platform) == emulated ]]; then
     grep -Ev "${pattern%|}" "$list" >"$list.nested" && mv -- "$list.nested" "$list"
 fi
 
-# What runs inside: each binary in its package's directory, as cargo would run it, on the
-# machine's first CPU with every process it starts (its VMs' vCPU and device threads among
-# them): an interrupt sent from the other CPU to one running a guest is what TCG's emulated SVM
-# gets wrong (resources/README.md, "The nested-KVM test machine"). Then a summary
-# line at the end, and status 1 when any binary failed. A binary that fails is run once more
-# and says so (`==> FLAKY: NAME`): one virtiofs test failed once in about eight runs here, its
-# rvmm ending early in the guest's boot with nothing on stderr, not yet understood.
-{
-    echo 'failed=(); passed=0'
-    while IFS=$'\t' read -r dir name exe; do
-        printf 'echo; echo "     Running %s (%s)"\n' "$name" "$exe"
-        printf 'start=$SECONDS\n'
-        printf 'run() { (cd %q && CARGO_MANIFEST_DIR=%q timeout -k 10 %s taskset -c 0 %q' \
-            "$dir" "$dir" "$binary_timeout" "$exe"
-        printf ' %q' "$@"
-        printf '); }\n'
-        printf 'if run || { echo "==> FLAKY: %s failed; running it once more"; ' "$name"
-        printf 'echo "     Running %s again"; run; }; then\n' "$name"
-        printf '    passed=$((passed + 1))\nelse\n    failed+=(%q)\nfi\n' "$name"
-        printf 'echo "     %s took $((SECONDS - start)) s"\n' "$name"
-    done <"$list"
-    echo 'echo; echo "==> test binaries on the nested KVM: ${passed} passed${failed:+, failed: ${failed[*]}}"'
-    echo '((${#failed[@]} == 0))'
-} >"$runner"
-
-# A nested machine that stops making progress is stopped by --timeout (124), or by its own
-# kernel's soft-lockup panic (nested-kvm.sh), and one that dies under its command ends with 125
-# (seen: the nested machine's kernel hit a stack guard page in exc_page_fault on a vCPU thread,
-# a %gs-relative read faulting again and again, under TCG's emulated SVM; and both of its CPUs
-# in soft lockup). Either way the layer runs again in a fresh machine, at most twice; the log
-# keeps only the last try's counts.
-nested_layer() {
-    resources/nested-kvm.sh --timeout "$machine_timeout" -- bash "$runner" 2>&1 | tee -a "$log"
+# Each binary runs in a machine of its own, in its package's directory as cargo would run it,
+# on the machine's first CPU with every process it starts (its VMs' vCPU and device threads
+# among them): an interrupt sent from the other CPU to one running a guest is what TCG's
+# emulated SVM gets wrong (resources/README.md, "The nested-KVM test machine"). A machine of
+# its own per binary keeps what one wedge costs to that binary.
+#
+# A machine that stops making progress is stopped by its heartbeat watchdog or --timeout, or
+# by its own kernel's soft-lockup panic (nested-kvm.sh): status 124 or 125 (seen: a CPU that
+# never came back from its guest for the rest of the hour; a stack guard page hit in
+# exc_page_fault on a vCPU thread; both CPUs in soft lockup). The binary then runs again in a
+# fresh machine, at most twice. A binary that fails runs once more and says so
+# (`==> FLAKY: NAME`); the log keeps only each binary's last run for the counts.
+run_nested() {
+    local dir=$1 exe=$2
+    shift 2
+    resources/nested-kvm.sh --timeout "$machine_timeout" -- \
+        env -C "$dir" CARGO_MANIFEST_DIR="$dir" \
+        timeout -k 10 "$binary_timeout" taskset -c 0 "$exe" "$@" 2>&1 | tee -a "$log"
     return "${PIPESTATUS[0]}"
 }
-echo "==> running $(wc -l <"$list") integration-test binaries on the nested KVM"
-mark=$(stat -c %s "$log")
-nested=0
-nested_layer || nested=$?
-for _ in 1 2; do
-    ((nested == 124 || nested == 125)) || break
-    echo "==> the nested machine hung or died (status $nested): once more, in a new one"
-    truncate -s "$mark" "$log"
-    nested=0
-    nested_layer || nested=$?
-done
-((nested == 0)) || status=1
+echo "==> running $(wc -l <"$list") integration-test binaries on the nested KVM, each in its own machine"
+failed=()
+passed=0
+while IFS=$'\t' read -r dir name exe; do
+    echo
+    echo "     Running $name ($exe)" | tee -a "$log"
+    start=$SECONDS
+    mark=$(stat -c %s "$log")
+    wedges=0
+    flaky=0
+    while :; do
+        rc=0
+        run_nested "$dir" "$exe" "$@" </dev/null || rc=$?
+        if ((rc == 124 || rc == 125)) && ((wedges < 2)); then
+            wedges=$((wedges + 1))
+            echo "==> the nested machine hung or died under $name (status $rc): once more, in a new one"
+        elif ((rc != 0)) && ((flaky == 0)); then
+            flaky=1
+            echo "==> FLAKY: $name failed (status $rc); running it once more"
+        else
+            break
+        fi
+        truncate -s "$mark" "$log"
+    done
+    if ((rc == 0)); then passed=$((passed + 1)); else failed+=("$name"); fi
+    echo "     $name took $((SECONDS - start)) s"
+done <"$list"
+echo
+echo "==> test binaries on the nested KVM: ${passed} passed${failed:+, failed: ${failed[*]}}"
+((${#failed[@]} == 0)) || status=1
 summary
 exit "$status"

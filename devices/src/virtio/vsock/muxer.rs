@@ -35,8 +35,9 @@ const MAX_STRAY_RSTS: usize = 64;
 /// Longest `CONNECT <port>` line.
 const MAX_HANDSHAKE_LINE: usize = 32;
 /// How long a host-initiated connection waits for the guest to accept or refuse it before it
-/// is reset and the host process gets an end-of-file (Firecracker waits about as long).
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// is reset and the host process gets an end-of-file. Firecracker waits 2 s; a guest under
+/// emulation or on a loaded host answers a busy agent's port slower than that.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Host ports for host-initiated connections start here, clear of the ports guests usually
 /// connect to (as in Firecracker).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
