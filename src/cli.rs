@@ -122,6 +122,10 @@ pub struct VmArgs {
     /// through `virtio_mmio.device=` entries on the command line, and cannot power itself off.
     #[arg(long)]
     pub no_acpi: bool,
+    /// A control socket for the running VM: one JSON request per line ({"request":"status"},
+    /// "pause", "resume" or "shutdown"), one JSON reply per line (README, "API socket").
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Which CPU features the guest sees.
@@ -185,6 +189,7 @@ impl From<VmArgs> for VmParams {
                 SeccompArg::Off => Seccomp::Off,
             },
             acpi: !a.no_acpi,
+            api_socket: a.api_socket,
         }
     }
 }

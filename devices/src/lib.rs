@@ -9,6 +9,7 @@ pub mod bus;
 pub mod failure;
 pub mod interrupt;
 pub mod legacy;
+pub mod unix_socket;
 pub mod virtio;
 
 /// A kind of guest-triggerable (or host) problem that a device reports only once.

@@ -199,6 +199,20 @@ impl TestVm {
         Ok(())
     }
 
+    /// Reads console lines for `period`; returns how many came.
+    pub fn lines_during(&mut self, period: Duration) -> usize {
+        let deadline = Instant::now() + period;
+        let mut count = 0;
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(line);
+            count += 1;
+        }
+        count
+    }
+
     pub fn expect_line(&mut self, needle: &str) -> TestResult<String> {
         self.expect_line_within(needle, Duration::from_secs(30))
     }

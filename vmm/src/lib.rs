@@ -2,6 +2,7 @@
 //! The only code that touches /dev/kvm; device models live in `rvmm-devices`, boot tables in
 //! `rvmm-firmware`, the command line in the `rvmm` binary.
 
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod console_out;

@@ -129,11 +129,16 @@ const COMMON: &[i64] = &[
     libc::SYS_write,
 ];
 
-/// The main thread once the VM runs: it polls its signalfd and the exit eventfds, kicks and
-/// joins the other threads, and drops the VM, which removes the vsock socket file and reaps
-/// `--share`'s virtiofsd processes and `--net user`'s passt (kill, below).
+/// The main thread once the VM runs: it polls its signalfd and the exit eventfds, serves the
+/// API socket's clients (each with read and write timeouts), kicks and joins the other
+/// threads, and drops the VM, which removes the socket files and reaps `--share`'s virtiofsd
+/// processes and `--net user`'s passt (kill, below).
 const MAIN: &[i64] = &[
+    libc::SYS_accept4,
     libc::SYS_poll,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_setsockopt,
     libc::SYS_statx,
     libc::SYS_tgkill,
     libc::SYS_unlink,

@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::create_sigset;
@@ -33,6 +33,10 @@ pub enum Wake {
     /// A device can no longer serve the guest (see `rvmm_devices::failure`).
     DeviceFailure,
     Signal(i32),
+    /// A client connected to the API socket.
+    ApiRequest,
+    /// A client of the API socket asked for the VM's end (never from `wait` itself).
+    ShutdownRequest,
 }
 
 /// The events that end a running VM, besides the vCPUs' own.
@@ -45,6 +49,8 @@ pub struct EndEvents<'a> {
 pub struct ControlWait<'a> {
     events: EndEvents<'a>,
     signal_fd: File,
+    /// The API socket's listener, or -1 (which poll skips).
+    api_fd: RawFd,
 }
 
 impl<'a> ControlWait<'a> {
@@ -65,10 +71,20 @@ impl<'a> ControlWait<'a> {
         }
         // SAFETY: `fd` is a new descriptor owned by nothing else.
         let signal_fd = unsafe { File::from_raw_fd(fd) };
-        Ok(ControlWait { events, signal_fd })
+        Ok(ControlWait {
+            events,
+            signal_fd,
+            api_fd: -1,
+        })
     }
 
-    /// Sleeps until something ends the VM.
+    /// Wakes up for connections to `listener` too.
+    pub fn with_api(mut self, listener: RawFd) -> Self {
+        self.api_fd = listener;
+        self
+    }
+
+    /// Sleeps until something ends the VM or a client calls.
     pub fn wait(&self, vcpu_exit_evt: &EventFd) -> Result<Wake, SignalError> {
         let mut fds = [
             pollfd(vcpu_exit_evt.as_raw_fd()),
@@ -76,6 +92,7 @@ impl<'a> ControlWait<'a> {
             pollfd(self.events.guest_panic.as_raw_fd()),
             pollfd(self.signal_fd.as_raw_fd()),
             pollfd(self.events.device_failure.as_raw_fd()),
+            pollfd(self.api_fd),
         ];
         loop {
             // SAFETY: `fds` is a valid array of pollfd whose length is passed with it.
@@ -102,6 +119,9 @@ impl<'a> ControlWait<'a> {
             }
             if fds[3].revents != 0 {
                 return Ok(Wake::Signal(self.read_signal()));
+            }
+            if fds[5].revents != 0 {
+                return Ok(Wake::ApiRequest);
             }
         }
     }

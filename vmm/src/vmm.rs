@@ -1,6 +1,7 @@
 //! Builds a VM from a [`VmConfig`] and runs it until the guest resets, powers off, fails, or
 //! rvmm is asked to stop by a signal.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use rvmm_firmware::acpi::AcpiConfig;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::api::{ApiError, ApiSocket, RunState, VmControl};
 use crate::boot::{self, BootConfig, BootError};
 use crate::config::{CpuTemplate, Seccomp, VmConfig};
 use crate::console_out::PanicWatch;
@@ -31,6 +33,7 @@ use crate::virtiofsd::{start_all, Virtiofsd, VirtiofsdError};
 use crate::vstate::cpuid;
 use crate::vstate::kvm::{KvmError, KvmHost};
 use crate::vstate::memory::{create_guest_memory, MemoryBacking, MemoryError};
+use crate::vstate::pause::PauseGate;
 use crate::vstate::vcpu::{BootState, Outcome, RunContext, Vcpu, VcpuError, VcpuHandle};
 use crate::vstate::vm::{IrqChip, Vm, VmError};
 
@@ -74,6 +77,8 @@ pub enum VmmError {
     Virtiofsd(#[from] VirtiofsdError),
     #[error(transparent)]
     Passt(#[from] PasstError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
     #[error("{0}")]
     Guest(String),
     /// A device's backend is gone; the reason, with how its virtiofsd or passt ended where
@@ -105,6 +110,9 @@ pub struct Vmm {
     device_failure: Arc<DeviceFailure>,
     event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     seccomp: Seccomp,
+    /// vCPU count and memory size in MiB.
+    shape: (u8, u64),
+    api: Option<ApiSocket>,
     // Last, so that the devices have closed their sockets when each is reaped.
     virtiofsd: Vec<Virtiofsd>,
     passt: Option<Passt>,
@@ -114,6 +122,7 @@ impl Vmm {
     pub fn build(cfg: &VmConfig) -> Result<Self, VmmError> {
         // First: no passt or a busy port is refused at once; passt starts as the VM is built.
         let passt = passt::start_for(cfg)?;
+        let api = cfg.api_socket.as_deref().map(ApiSocket::bind).transpose()?;
         let host = KvmHost::open()?;
         host.check_vcpus(cfg.vcpus)?;
         let template = cfg.cpu_template.unwrap_or(if host.emulated {
@@ -203,6 +212,8 @@ impl Vmm {
             device_failure,
             event_manager,
             seccomp: cfg.seccomp,
+            shape: (cfg.vcpus, cfg.memory_mib),
+            api,
             virtiofsd,
             passt,
         })
@@ -211,11 +222,14 @@ impl Vmm {
     /// Runs the guest to its end. The calling thread waits for the end; vCPUs and devices
     /// run on their own threads.
     pub fn run(mut self) -> Result<VmExit, VmmError> {
-        let control = ControlWait::new(EndEvents {
+        let mut control = ControlWait::new(EndEvents {
             guest_stop: &self.legacy.guest_stop_evt,
             guest_panic: &self.legacy.guest_panic_evt,
             device_failure: self.device_failure.event(),
         })?;
+        if let Some(api) = &self.api {
+            control = control.with_api(api.as_raw_fd());
+        }
         if let Some(serial) = &self.legacy.serial {
             let stdin = dup_stdin().map_err(VmmError::Stdin)?;
             let input = SerialInput::new(serial.clone(), stdin).map_err(VmmError::SerialInput)?;
@@ -241,6 +255,7 @@ impl Vmm {
             outcome: Arc::new(Mutex::new(None)),
             exit_evt: exit_evt.clone(),
             seccomp: filters.clone(),
+            pause: Arc::new(PauseGate::default()),
         };
         let mut handles = Vec::new();
         let mut started = Ok(());
@@ -258,17 +273,30 @@ impl Vmm {
             started = filters.apply(ThreadKind::Main).map_err(VmmError::Seccomp);
         }
         let wake = match started {
-            Ok(()) => control.wait(&exit_evt),
+            Ok(()) => {
+                let mut running = RunningVm {
+                    gate: &ctx.pause,
+                    handles: &handles,
+                    shape: self.shape,
+                };
+                wait_serving(&control, &exit_evt, self.api.as_ref(), &mut running)
+            }
             Err(_) => Ok(Wake::VcpuExit),
         };
         // Every thread is stopped before any error is returned.
-        stop_vcpus(&ctx.stop, handles);
+        stop_vcpus(&ctx, handles);
         device_loop.stop();
         started?;
         let wake = wake?;
 
         match wake {
             Wake::GuestStop => Ok(VmExit::Guest),
+            Wake::ShutdownRequest => {
+                log::info!("the VM ends at a request on the API socket");
+                Ok(VmExit::Guest)
+            }
+            // Served in wait_serving.
+            Wake::ApiRequest => Ok(VmExit::Guest),
             Wake::GuestPanic => Ok(VmExit::Panic(self.console_watch.panic_line())),
             Wake::Signal(signo) => Ok(VmExit::Signal(signo)),
             Wake::DeviceFailure => Err(VmmError::DeviceFailed(failure_reason(
@@ -339,11 +367,71 @@ fn create_vcpus(
     Ok(vcpus)
 }
 
-/// Sets the stop flag, kicks every vCPU out of KVM_RUN and waits for each thread to end. The
-/// wait returns as soon as a thread ends; a kick is repeated only if the first one landed
-/// just before the thread re-entered the guest.
-fn stop_vcpus(stop: &AtomicBool, handles: Vec<VcpuHandle>) {
-    stop.store(true, Ordering::Release);
+/// Waits for the VM's end, serving the API socket's clients in between.
+fn wait_serving(
+    control: &ControlWait,
+    exit_evt: &EventFd,
+    api: Option<&ApiSocket>,
+    vm: &mut RunningVm,
+) -> Result<Wake, SignalError> {
+    loop {
+        match (control.wait(exit_evt)?, api) {
+            (Wake::ApiRequest, Some(api)) => {
+                if api.serve(vm) {
+                    return Ok(Wake::ShutdownRequest);
+                }
+            }
+            (wake, _) => return Ok(wake),
+        }
+    }
+}
+
+/// What the API socket's requests act on.
+struct RunningVm<'a> {
+    gate: &'a PauseGate,
+    handles: &'a [VcpuHandle],
+    shape: (u8, u64),
+}
+
+impl VmControl for RunningVm<'_> {
+    fn state(&self) -> RunState {
+        if self.gate.is_closed() {
+            RunState::Paused
+        } else {
+            RunState::Running
+        }
+    }
+
+    fn pause(&mut self) -> Result<(), String> {
+        self.gate.close();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        // Kicked again until parked: a kick that lands just before KVM_RUN is lost.
+        while Instant::now() < deadline {
+            self.handles.iter().for_each(VcpuHandle::kick);
+            if self.gate.wait_parked(self.handles.len(), KICK_INTERVAL) {
+                return Ok(());
+            }
+        }
+        self.gate.open();
+        Err(format!("the vCPUs did not stop within {STOP_TIMEOUT:?}"))
+    }
+
+    fn resume(&mut self) -> Result<(), String> {
+        self.gate.open();
+        Ok(())
+    }
+
+    fn shape(&self) -> (u8, u64) {
+        self.shape
+    }
+}
+
+/// Sets the stop flag, lets paused vCPUs go, kicks every vCPU out of KVM_RUN and waits for
+/// each thread to end. The wait returns as soon as a thread ends; a kick is repeated only if
+/// the first one landed just before the thread re-entered the guest.
+fn stop_vcpus(ctx: &RunContext, handles: Vec<VcpuHandle>) {
+    ctx.stop.store(true, Ordering::Release);
+    ctx.pause.open();
     let deadline = Instant::now() + STOP_TIMEOUT;
     for h in &handles {
         h.kick();

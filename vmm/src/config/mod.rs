@@ -139,6 +139,8 @@ pub struct VmParams {
     pub shares: Vec<String>,
     pub seccomp: Seccomp,
     pub acpi: bool,
+    /// Where the control socket listens.
+    pub api_socket: Option<PathBuf>,
 }
 
 /// The virtio-balloon.
@@ -176,6 +178,8 @@ pub struct VmConfig {
     pub seccomp: Seccomp,
     /// Describe the machine with ACPI tables (and offer S5 power-off).
     pub acpi: bool,
+    /// The control socket (`crate::api`).
+    pub api_socket: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -277,6 +281,7 @@ impl TryFrom<VmParams> for VmConfig {
             shares,
             seccomp: cli.seccomp,
             acpi: cli.acpi,
+            api_socket: cli.api_socket,
         })
     }
 }
@@ -357,6 +362,7 @@ mod tests {
             shares: Vec::new(),
             seccomp: Seccomp::On,
             acpi: true,
+            api_socket: None,
         }
     }
 

@@ -3,5 +3,6 @@
 pub mod cpuid;
 pub mod kvm;
 pub mod memory;
+pub mod pause;
 pub mod vcpu;
 pub mod vm;

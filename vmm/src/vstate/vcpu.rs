@@ -17,6 +17,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::exit::{handle_exit, Buses, Flow};
 use crate::seccomp::{Filters, ThreadKind};
+use crate::vstate::pause::PauseGate;
 use crate::vstate::vm::Vm;
 
 // Control-register and EFER bits of the 64-bit entry state.
@@ -174,6 +175,7 @@ impl Vcpu {
             }
         }
         let outcome = loop {
+            ctx.pause.pass();
             if ctx.stop.load(Ordering::Acquire) {
                 break None;
             }
@@ -246,6 +248,8 @@ pub struct RunContext {
     /// The first outcome wins; later ones (other vCPUs being stopped) are dropped.
     pub outcome: Arc<Mutex<Option<Outcome>>>,
     pub exit_evt: Arc<EventFd>,
+    /// Closed while the VM is paused (the API socket's `pause`).
+    pub pause: Arc<PauseGate>,
     /// Each vCPU thread installs its filter before it first enters the guest.
     pub seccomp: Option<Arc<Filters>>,
 }

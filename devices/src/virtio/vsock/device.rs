@@ -1,11 +1,8 @@
 //! The virtio-vsock device: the listening socket, configuration space, and the event-loop glue
 //! that moves packets between the queues and the muxer.
 
-use std::fs;
 use std::io;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -19,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::muxer::Muxer;
 use super::packet::{read_tx, RxChain, MAX_PKT_DATA};
 use super::{QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use crate::unix_socket::{listen_at, ListenError};
 use crate::virtio::common::{read_config_bytes, VirtioCommon};
 use crate::virtio::drain::{drain, pop_chain, DrainError};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
@@ -44,21 +42,9 @@ pub enum VsockError {
     /// CIDs 0 to 2 are reserved and u32::MAX means "any".
     #[error("guest CID {0} is reserved (use 3 to 4294967294)")]
     Cid(u64),
-    /// Something other than a socket is in the way.
-    #[error("{} exists and is not a socket", .0.display())]
-    NotSocket(PathBuf),
-    /// Another process listens there.
-    #[error("{} is in use by another listener", .0.display())]
-    InUse(PathBuf),
-    /// Binding the socket failed.
-    #[error("cannot bind {}", .path.display())]
-    Bind {
-        /// The socket path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
+    /// The host side's socket.
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     /// A queue EventFd could not be created.
     #[error("cannot create a queue eventfd")]
     EventFd(#[source] io::Error),
@@ -89,7 +75,7 @@ impl Vsock {
         }
         let common = VirtioCommon::new("virtio-vsock", QUEUE_SIZE).map_err(VsockError::EventFd)?;
         // Last, so that nothing can fail between binding and the muxer that removes the file.
-        let listener = bind(&cfg.uds_path)?;
+        let listener = listen_at(&cfg.uds_path)?;
         Ok(Self {
             cid: cfg.cid,
             muxer: Muxer::new(cfg.cid, cfg.uds_path, listener),
@@ -237,41 +223,6 @@ fn fill_rx(
         *used += 1;
     }
     Ok(())
-}
-
-/// Binds the listening socket at `path`, replacing a socket file nobody listens on. The
-/// socket is bound and listening under a temporary name first and then renamed into place, so
-/// `path` never names a socket that refuses connections, and a stale file is replaced in one
-/// step.
-fn bind(path: &Path) -> Result<UnixListener, VsockError> {
-    let bind_err = |source| VsockError::Bind {
-        path: path.to_owned(),
-        source,
-    };
-    match fs::symlink_metadata(path) {
-        Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(VsockError::NotSocket(path.to_owned()))
-        }
-        Ok(_) if UnixStream::connect(path).is_ok() => {
-            return Err(VsockError::InUse(path.to_owned()))
-        }
-        // Absent, or left behind by a process that is gone.
-        Ok(_) | Err(_) => {}
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    // A leftover of an earlier rvmm with the same pid.
-    let _ = fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(bind_err)?;
-    let placed = listener
-        .set_nonblocking(true)
-        .and_then(|()| fs::rename(&tmp, path));
-    if let Err(e) = placed {
-        let _ = fs::remove_file(&tmp);
-        return Err(bind_err(e));
-    }
-    Ok(listener)
 }
 
 impl VirtioDevice for Vsock {

@@ -1,5 +1,7 @@
+use std::fs;
 use std::io::{Read, Write};
 use std::num::Wrapping;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -8,6 +10,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempdir::TempDir;
 
 use super::*;
+use crate::unix_socket::ListenError;
 use crate::virtio::block::test_utils::{mem, R, W};
 use crate::virtio::console::test_utils::guest;
 use crate::virtio::net::test_utils::Driver;
@@ -202,12 +205,18 @@ fn new_checks_cid_and_socket_path() {
     let path = cfg(&dir).uds_path;
     fs::write(&path, b"").unwrap();
     let err = Vsock::new(cfg(&dir)).err().unwrap();
-    assert!(matches!(err, VsockError::NotSocket(_)), "{err}");
+    assert!(
+        matches!(err, VsockError::Listen(ListenError::NotSocket(_))),
+        "{err}"
+    );
     fs::remove_file(&path).unwrap();
 
     let live = UnixListener::bind(&path).unwrap();
     let err = Vsock::new(cfg(&dir)).err().unwrap();
-    assert!(matches!(err, VsockError::InUse(_)), "{err}");
+    assert!(
+        matches!(err, VsockError::Listen(ListenError::InUse(_))),
+        "{err}"
+    );
     // Left behind: nobody listens on the file any more.
     drop(live);
     assert!(path.exists());
@@ -224,7 +233,10 @@ fn new_checks_cid_and_socket_path() {
     })
     .err()
     .unwrap();
-    assert!(matches!(err, VsockError::Bind { .. }), "{err}");
+    assert!(
+        matches!(err, VsockError::Listen(ListenError::Bind { .. })),
+        "{err}"
+    );
 }
 
 #[test]

@@ -1,0 +1,114 @@
+//! The API socket (`--api-socket PATH`) of a running VM, on a hand-written guest that prints a
+//! line about five times a second: status, pause (the output stops), resume (it goes on), bad
+//! requests (an error reply, the VM runs on), shutdown (rvmm ends with status 0 and removes
+//! the socket), and a path that cannot be a socket (one line, status 1).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{kvm_or_skip, tiny_guest, TestResult, TestVm};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Sends one request line on a connection of its own; returns the reply line.
+fn request(socket: &Path, line: &str) -> TestResult<String> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(LIMIT))
+        .map_err(|e| e.to_string())?;
+    writeln!(stream, "{line}").map_err(|e| format!("send: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(|e| format!("reply to {line}: {e}"))?;
+    eprintln!("{line} -> {}", reply.trim());
+    Ok(reply.trim().to_string())
+}
+
+#[test]
+fn a_running_vm_pauses_resumes_and_shuts_down_on_request() -> TestResult {
+    if !kvm_or_skip("a_running_vm_pauses_resumes_and_shuts_down_on_request") {
+        return Ok(());
+    }
+    let socket = scratch("api").join("api.sock");
+    let kernel = tiny_guest("ticker");
+    let mut vm = TestVm::boot([
+        "--kernel".as_ref(),
+        kernel.as_os_str(),
+        "--cpus".as_ref(),
+        "2".as_ref(),
+        "--api-socket".as_ref(),
+        socket.as_os_str(),
+    ])?;
+    vm.expect_line_within("RVMM-TINY tick", LIMIT)?;
+    let status = request(&socket, r#"{"request":"status"}"#)?;
+    assert_eq!(
+        status,
+        r#"{"memory_mib":128,"ok":true,"state":"running","vcpus":2}"#
+    );
+
+    assert_eq!(
+        request(&socket, r#"{"request":"pause"}"#)?,
+        r#"{"ok":true,"state":"paused"}"#
+    );
+    // What the guest wrote before it stopped may still be on its way.
+    vm.lines_during(Duration::from_millis(500));
+    let while_paused = vm.lines_during(Duration::from_secs(2));
+    assert_eq!(while_paused, 0, "the guest ran on while paused");
+    assert!(request(&socket, r#"{"request":"status"}"#)?.contains(r#""state":"paused""#));
+    let bad = request(&socket, "{\"request\":\"pause\"} trailing")?;
+    assert!(bad.starts_with(r#"{"error":"bad request: "#), "{bad}");
+
+    assert_eq!(
+        request(&socket, r#"{"request":"resume"}"#)?,
+        r#"{"ok":true,"state":"running"}"#
+    );
+    vm.expect_line_within("RVMM-TINY tick", LIMIT)?;
+
+    assert_eq!(
+        request(&socket, r#"{"request":"shutdown"}"#)?,
+        r#"{"ok":true,"state":"shutdown"}"#
+    );
+    let exit = vm.wait_exit(LIMIT)?;
+    assert_eq!(exit.code(), Some(0), "stderr: {}", vm.stderr());
+    assert!(!socket.exists(), "the socket was left behind");
+    Ok(())
+}
+
+#[test]
+fn an_api_socket_path_that_is_a_file_is_refused() -> TestResult {
+    if !kvm_or_skip("an_api_socket_path_that_is_a_file_is_refused") {
+        return Ok(());
+    }
+    let path = scratch("api-file").join("not-a-socket");
+    std::fs::write(&path, "x").unwrap();
+    let kernel = tiny_guest("ticker");
+    let mut vm = TestVm::boot([
+        "--kernel".as_ref(),
+        kernel.as_os_str(),
+        "--api-socket".as_ref(),
+        path.as_os_str(),
+    ])?;
+    let exit = vm.wait_exit(LIMIT)?;
+    let stderr = vm.stderr();
+    assert_eq!(exit.code(), Some(1), "stderr: {stderr}");
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "rvmm: error: API socket: {} exists and is not a socket",
+            path.display()
+        )
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), b"x");
+    Ok(())
+}
