@@ -105,6 +105,10 @@ pub enum OciSub {
         #[arg(default_value = "SIGTERM")]
         signal: String,
     },
+    /// Stop a running container's vCPUs (its VM stays in memory).
+    Pause { id: String },
+    /// Let a paused container run on.
+    Resume { id: String },
     /// Remove a container, killing it first with --force.
     Delete {
         #[arg(short, long)]
@@ -168,6 +172,8 @@ impl OciCli {
             OciSub::Start { id } => OciCommand::Start { id },
             OciSub::State { id } => OciCommand::State { id },
             OciSub::Kill { id, signal, .. } => OciCommand::Kill { id, signal },
+            OciSub::Pause { id } => OciCommand::Pause { id },
+            OciSub::Resume { id } => OciCommand::Resume { id },
             OciSub::Delete { force, id } => OciCommand::Delete { id, force },
             OciSub::Ps { format, id, .. } => OciCommand::Ps {
                 id,
@@ -256,6 +262,8 @@ mod tests {
             OciCommand::Exec(ExecOptions { id, detach: true, .. }) if id == "c1"
         ));
         assert!(OciCli::try_parse_from(["rvmm-oci", "exec", "c1", "ls"]).is_err());
+        assert!(matches!(parse(&["pause", "c1"]).1, OciCommand::Pause { id } if id == "c1"));
+        assert!(matches!(parse(&["resume", "c1"]).1, OciCommand::Resume { id } if id == "c1"));
         assert!(OciCli::try_parse_from(["rvmm-oci", "checkpoint", "c1"]).is_err());
         assert!(OciCli::try_parse_from(["rvmm-oci", "create", "--bogus", "c1"]).is_err());
     }

@@ -403,6 +403,44 @@ fn podman_detached_lifecycle() {
     podman.assert_nothing_left();
 }
 
+/// `podman pause` stops the container's VM (its output stops, podman and the runtime say
+/// `paused`), `unpause` lets it go on, and `rm -f` of a paused container leaves nothing.
+#[test]
+fn podman_pause_and_unpause() {
+    let Some(podman) = Podman::new("podman_pause_and_unpause") else {
+        return;
+    };
+    let name = "rvmm-oci-paused";
+    let script = "i=0; while :; do i=$((i + 1)); echo tick $i; sleep 0.2; done";
+    podman.ok(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        "none",
+        IMAGE,
+        "sh",
+        "-c",
+        script,
+    ]);
+    podman.wait_for_log(name, "tick 3");
+    podman.ok(&["pause", name]);
+    assert_eq!(podman.state(name), "paused 0");
+    let ticks = || podman.ok(&["logs", name]).lines().count();
+    // Output already on its way from the guest may still land.
+    std::thread::sleep(Duration::from_millis(500));
+    let paused_at = ticks();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(ticks(), paused_at, "the container ran on while paused");
+    podman.ok(&["unpause", name]);
+    assert_eq!(podman.state(name), "running 0");
+    podman.wait_for_log(name, &format!("tick {}", paused_at + 3));
+    podman.ok(&["pause", name]);
+    podman.ok(&["rm", "-f", name]);
+    podman.assert_nothing_left();
+}
+
 /// The container's virtiofsd is killed under it: the VM stops, podman sees the container
 /// exit with status 1, and `rm` leaves nothing behind.
 #[test]

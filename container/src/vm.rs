@@ -25,6 +25,8 @@ use super::session::{Session, SessionError};
 const GUEST_CID: u64 = 3;
 const EXIT_POLL: Duration = Duration::from_millis(20);
 const VSOCK: &str = "vsock";
+/// rvmm's API socket in the run directory.
+const API: &str = "api.sock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -40,6 +42,10 @@ pub enum VmError {
     Netns(#[source] io::Error),
     #[error("{err}{tail}")]
     Agent { err: SessionError, tail: String },
+    #[error("the VM's API socket")]
+    Api(#[source] io::Error),
+    #[error("the VM refused {request}: {why}")]
+    Refused { request: String, why: String },
 }
 
 /// The container guest's kernel and root disk.
@@ -134,6 +140,8 @@ impl VmProcess {
             .arg(format!("cid={GUEST_CID},uds={}", uds.display()))
             .args(["--cpus", &l.cpus.to_string()])
             .args(["--memory", &l.memory_mib.to_string()])
+            .arg("--api-socket")
+            .arg(run_dir.as_path().join(API))
             .arg("--rng");
         if let Some(disk) = l.image_disk {
             cmd.arg("--disk")
@@ -256,4 +264,29 @@ fn console_tail(log: &Path) -> String {
         Some(line) => format!(" (last console line: {:?})", line.trim()),
         None => String::new(),
     }
+}
+
+/// Sends `{"request":REQUEST}` to the API socket of the VM whose run directory is `run_dir`
+/// (`rvmm --api-socket`) and waits for its reply.
+pub fn api_request(run_dir: &Path, request: &str) -> Result<(), VmError> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(run_dir.join(API)).map_err(VmError::Api)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(VmError::Api)?;
+    writeln!(stream, "{}", serde_json::json!({ "request": request })).map_err(VmError::Api)?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(VmError::Api)?;
+    let reply: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+    if reply["ok"] == true {
+        return Ok(());
+    }
+    let why = reply["error"].as_str().unwrap_or("no reply").to_string();
+    Err(VmError::Refused {
+        request: request.into(),
+        why,
+    })
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use control::{ControlError, Request};
 use keeper::KeeperOptions;
-use lifecycle::{create, delete, kill};
+use lifecycle::{create, delete, kill, pause};
 use spec::SpecError;
 use state::{spec_state, StateDir, StateError, Status};
 
@@ -105,6 +105,12 @@ pub enum OciCommand {
         id: String,
     },
     State {
+        id: String,
+    },
+    Pause {
+        id: String,
+    },
+    Resume {
         id: String,
     },
     Kill {
@@ -226,6 +232,8 @@ fn run(global: &Global, root: &Path, command: OciCommand) -> Result<u8, OciError
             Ok(0)
         }
         OciCommand::Kill { id, signal } => kill(root, &id, &signal),
+        OciCommand::Pause { id } => pause(root, &id, true),
+        OciCommand::Resume { id } => pause(root, &id, false),
         OciCommand::Delete { id, force } => delete(root, &id, force),
         OciCommand::Ps { id, json } => {
             let record = StateDir::new(root, &id)?.current()?;

@@ -1,10 +1,12 @@
-//! `create`, `kill` and `delete`: the commands that start and end a container's keeper.
+//! `create`, `kill`, `delete`, `pause` and `resume`: the commands that start, end, stop and
+//! resume a container's keeper and VM.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Instant;
 
 use rvmm_container::signals::parse_signal;
+use rvmm_container::vm::api_request;
 
 use crate::control::{self, Request};
 use crate::state::{keeper_alive, Record, StateDir, Status};
@@ -106,6 +108,32 @@ pub fn kill(root: &Path, id: &str, signal: &str) -> Result<u8, OciError> {
     Ok(0)
 }
 
+/// `pause` (true) stops a running container's vCPUs; `resume` (false) lets a paused one go
+/// on. Both through rvmm's API socket in the VM's run directory.
+pub fn pause(root: &Path, id: &str, pause: bool) -> Result<u8, OciError> {
+    let state = StateDir::new(root, id)?;
+    let mut record = state.current()?;
+    let (from, to, request, wanted) = if pause {
+        (Status::Running, Status::Paused, "pause", "running")
+    } else {
+        (Status::Paused, Status::Running, "resume", "paused")
+    };
+    let run_dir = match &record.run_dir {
+        Some(dir) if record.status == from => dir.clone(),
+        _ => {
+            return Err(OciError::WrongState {
+                id: id.into(),
+                status: record.status,
+                wanted,
+            })
+        }
+    };
+    api_request(&run_dir, request)?;
+    record.status = to;
+    state.save(&record)?;
+    Ok(0)
+}
+
 /// SIGKILLs the keeper and waits until it is gone.
 fn kill_keeper(record: &Record) {
     // SAFETY: kill with a pid and a signal number; the start time was checked just before,
@@ -117,8 +145,8 @@ fn kill_keeper(record: &Record) {
     }
 }
 
-/// Removes a stopped or created container; a running one only with `force`, after killing
-/// it. `--force` on an unknown container succeeds, as cleanup is then done.
+/// Removes a stopped or created container; a running or paused one only with `force`, after
+/// killing it. `--force` on an unknown container succeeds, as cleanup is then done.
 pub fn delete(root: &Path, id: &str, force: bool) -> Result<u8, OciError> {
     let state = StateDir::new(root, id)?;
     if force && !state.exists() {
@@ -128,7 +156,7 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<u8, OciError> {
     if let Some(record) = state.load()? {
         let record = state.current().unwrap_or(record);
         match record.status {
-            Status::Running if !force => return Err(OciError::Running(id.into())),
+            Status::Running | Status::Paused if !force => return Err(OciError::Running(id.into())),
             Status::Stopped => {}
             _ => kill_keeper(&record),
         }

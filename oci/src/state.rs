@@ -40,6 +40,8 @@ pub enum Status {
     Creating,
     Created,
     Running,
+    /// `pause`: the VM's vCPUs are stopped (runc's extension of the spec's states).
+    Paused,
     Stopped,
 }
 
