@@ -408,7 +408,16 @@ def oci_seeds():
     write(t, "not-json", b'{"ociVersion": "1.0", "process": {"args": ["sh"]')
 
 
+# The API socket (fuzz/src/bin/api_request.rs): request lines, one per input line.
+def api_seeds():
+    t = "api_request"
+    ok = [{"request": r} for r in ("status", "pause", "pause", "resume", "shutdown")]
+    write(t, "all-requests", b"".join(json.dumps(r).encode() + b"\n" for r in ok))
+    write(t, "bad-requests", b'{"request":"pause","x":1}\n{"request":7}\nstatus\n\n')
+
+
 def main():
+    api_seeds()
     protocol_seeds()
     layer_seeds()
     blk_seeds()
