@@ -23,6 +23,16 @@ pub enum VmCommand {
         #[arg(default_value = DEFAULT_VM)]
         name: String,
     },
+    /// Stop a shared VM's vCPUs, and with them its containers; its memory stays.
+    Pause {
+        #[arg(default_value = DEFAULT_VM)]
+        name: String,
+    },
+    /// Let a paused shared VM go on.
+    Resume {
+        #[arg(default_value = DEFAULT_VM)]
+        name: String,
+    },
     /// Show a shared VM's state, memory and containers.
     Status {
         #[arg(default_value = DEFAULT_VM)]
@@ -155,6 +165,8 @@ pub fn vm(command: VmCommand) -> Result<ExitCode, String> {
             }
         }
         VmCommand::Stop { name } => done(client::stop(&name))?,
+        VmCommand::Pause { name } => done(client::pause(&name, true))?,
+        VmCommand::Resume { name } => done(client::pause(&name, false))?,
         VmCommand::Status { name } => print!("{}", done(client::status(&name))?),
         VmCommand::List => print!("{}", client::list()),
     }

@@ -126,6 +126,7 @@ fn a_shared_vm_hosts_containers_without_a_boot() {
 
     runs_in_a_row(&env);
     detached_named_container(&env);
+    pause_and_resume(&env);
     memory_goes_back(&env);
 
     let (code, _, err) = env.ok(&["vm", "stop", VM]);
@@ -166,6 +167,28 @@ fn runs_in_a_row(env: &Env) {
     let (code, out, err) = env.ok(&fresh);
     eprintln!("NOTE run in a fresh VM: {:.2?}", started.elapsed());
     assert_eq!((code, out.trim()), (Some(0), "fresh"), "{err}");
+}
+
+/// `vm pause`: status says so, a run is refused with a hint, a second pause is refused;
+/// `vm resume`: runs work again.
+fn pause_and_resume(env: &Env) {
+    let (code, _, err) = env.ok(&["vm", "pause", VM]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, status, _) = env.ok(&["vm", "status", VM]);
+    assert!(status.contains("status: paused"), "{status}");
+    let (code, _, err) = env.ok(&env.run_args(&[], &["true"]));
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        err.trim(),
+        format!("rvmm: error: VM {VM} is paused (rvmm vm resume {VM})")
+    );
+    let (code, _, err) = env.ok(&["vm", "pause", VM]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("the VM is paused already"), "{err}");
+    let (code, _, err) = env.ok(&["vm", "resume", VM]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, err) = env.ok(&env.run_args(&[], &["echo", "resumed"]));
+    assert_eq!((code, out.trim()), (Some(0), "resumed"), "{err}");
 }
 
 /// `-d --name a`: a web server the VM's published port reaches; exec, ps, a name in use,

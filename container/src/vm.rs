@@ -267,8 +267,8 @@ fn console_tail(log: &Path) -> String {
 }
 
 /// Sends `{"request":REQUEST}` to the API socket of the VM whose run directory is `run_dir`
-/// (`rvmm --api-socket`) and waits for its reply.
-pub fn api_request(run_dir: &Path, request: &str) -> Result<(), VmError> {
+/// (`rvmm --api-socket`) and waits for its reply; the reply when it says `ok`.
+pub fn api_request(run_dir: &Path, request: &str) -> Result<serde_json::Value, VmError> {
     use std::io::{BufRead, BufReader, Write};
     let mut stream =
         std::os::unix::net::UnixStream::connect(run_dir.join(API)).map_err(VmError::Api)?;
@@ -282,7 +282,7 @@ pub fn api_request(run_dir: &Path, request: &str) -> Result<(), VmError> {
         .map_err(VmError::Api)?;
     let reply: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
     if reply["ok"] == true {
-        return Ok(());
+        return Ok(reply);
     }
     let why = reply["error"].as_str().unwrap_or("no reply").to_string();
     Err(VmError::Refused {

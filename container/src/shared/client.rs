@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::fs::File;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -14,6 +15,7 @@ use super::state::{state_base, VmDir, VmRecord};
 use super::{keeper, SharedError, VmOptions};
 use crate::network::Network;
 use crate::session::Session;
+use crate::vm::api_request;
 
 /// How long a session with a running VM's agent may take to open.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -139,9 +141,29 @@ fn running_vms() -> Vec<VmRecord> {
         .collect()
 }
 
-/// A new session with the agent of the VM `record` describes.
+/// A new session with the agent of the VM `record` describes; a paused VM's agent cannot
+/// answer.
 pub fn connect(record: &VmRecord) -> Result<Session, SharedError> {
+    if paused(record) {
+        return Err(SharedError::Paused(record.name.clone()));
+    }
     Ok(Session::connect(&record.vsock, CONNECT_TIMEOUT)?)
+}
+
+/// `rvmm vm pause` (true) or `resume` (false): the VM's vCPUs, and so its containers, stop or
+/// go on; through rvmm's API socket beside the vsock socket.
+pub fn pause(name: &str, pause: bool) -> Result<(), SharedError> {
+    let record = running(name)?;
+    api_request(run_dir(&record), if pause { "pause" } else { "resume" })?;
+    Ok(())
+}
+
+fn run_dir(record: &VmRecord) -> &Path {
+    record.vsock.parent().unwrap_or(Path::new("/"))
+}
+
+fn paused(record: &VmRecord) -> bool {
+    api_request(run_dir(record), "status").is_ok_and(|reply| reply["state"] == "paused")
 }
 
 fn containers(record: &VmRecord) -> Result<Vec<ContainerInfo>, SharedError> {
@@ -156,10 +178,16 @@ pub fn status(name: &str) -> Result<String, SharedError> {
     let Ok(record) = running(name) else {
         return Ok(format!("name: {name}\nstatus: stopped\n"));
     };
-    let list = containers(&record)?;
+    let paused = paused(&record);
+    let list = if paused {
+        Vec::new()
+    } else {
+        containers(&record)?
+    };
     let live = list.iter().filter(|c| c.exit.is_none()).count();
     let mut out = String::new();
-    let _ = writeln!(out, "name: {name}\nstatus: running");
+    let state = if paused { "paused" } else { "running" };
+    let _ = writeln!(out, "name: {name}\nstatus: {state}");
     let _ = writeln!(out, "cpus: {}", record.cpus);
     let _ = writeln!(out, "memory: {} MiB", record.memory_mib);
     let _ = writeln!(out, "rss: {} MiB", rss_mib(record.vm_pid));
@@ -168,11 +196,13 @@ pub fn status(name: &str) -> Result<String, SharedError> {
         let _ = writeln!(out, "guest memory: {guest}");
     }
     let _ = writeln!(out, "uptime: {} s", now().saturating_sub(record.started));
-    let _ = writeln!(
-        out,
-        "containers: {live} running, {} exited",
-        list.len() - live
-    );
+    if !paused {
+        let _ = writeln!(
+            out,
+            "containers: {live} running, {} exited",
+            list.len() - live
+        );
+    }
     let _ = writeln!(out, "ports: {}", record.publish.join(" "));
     Ok(out)
 }

@@ -87,6 +87,8 @@ fn boot_and_wait(opts: &VmOptions, dir: &VmDir) -> Result<(), SharedError> {
         }
         std::thread::sleep(POLL);
     }
+    // A paused guest could not power off (a running one refuses the resume: no matter).
+    let _ = crate::vm::api_request(vm.run_dir(), "resume");
     if session.shutdown().is_ok() {
         vm.finish(POWER_OFF_GRACE);
     }

@@ -32,6 +32,8 @@ pub enum SharedError {
     VmRunning(String),
     #[error("VM {0} is not running (rvmm vm start --name {0})")]
     NoVm(String),
+    #[error("VM {0} is paused (rvmm vm resume {0})")]
+    Paused(String),
     #[error("VM {name} did not start: {why}")]
     StartFailed { name: String, why: String },
     #[error("VM {name} ended: {why}")]
