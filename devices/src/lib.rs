@@ -9,6 +9,7 @@ pub mod bus;
 pub mod failure;
 pub mod interrupt;
 pub mod legacy;
+pub mod snapshot;
 pub mod unix_socket;
 pub mod virtio;
 

@@ -7,6 +7,8 @@
 //! has no route, so an edge on it is dropped, as a masked edge is on the real chip. Every
 //! line rvmm offers is edge-triggered (the DSDT says so), so there is no remote IRR to track.
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::BusDevice;
 use crate::{warn_once, LogOnce, Problem};
 
@@ -78,6 +80,17 @@ pub trait MsiRoutes: Send {
     fn set_route(&mut self, pin: usize, route: Option<MsiMessage>) -> std::io::Result<()>;
 }
 
+/// The chip's state, for a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoApicSnapshot {
+    /// APIC id.
+    pub id: u8,
+    /// IOREGSEL.
+    pub selected: u32,
+    /// The redirection table.
+    pub table: [u64; IOAPIC_PINS],
+}
+
 /// The I/O APIC's registers: map them at the address the MADT gives.
 pub struct IoApic {
     id: u8,
@@ -97,6 +110,28 @@ impl IoApic {
             routes,
             warned: LogOnce::default(),
         }
+    }
+
+    /// The chip's state.
+    pub fn save(&self) -> IoApicSnapshot {
+        IoApicSnapshot {
+            id: self.id,
+            selected: self.selected,
+            table: self.table,
+        }
+    }
+
+    /// Puts a saved state back and installs every pin's route, as the guest's writes did;
+    /// fails at the first route the VMM cannot install.
+    pub fn restore(&mut self, s: &IoApicSnapshot) -> std::io::Result<()> {
+        self.id = s.id;
+        self.selected = s.selected & 0xff;
+        // The chip's own status bits are never set in a table this model saved.
+        self.table = s.table.map(|entry| entry & !RTE_READ_ONLY);
+        for (pin, &entry) in self.table.iter().enumerate() {
+            self.routes.set_route(pin, MsiMessage::from_entry(entry))?;
+        }
+        Ok(())
     }
 
     fn read_register(&self, reg: u32) -> u32 {
@@ -280,6 +315,42 @@ mod tests {
         assert_eq!(wide, [0; 8]);
         assert_eq!(read_reg(&mut chip, REG_ID), 2 << 24);
         assert!(log.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_restored_chip_routes_every_pin_as_saved() {
+        let (mut chip, _log) = chip();
+        write_reg(&mut chip, REG_TABLE + 2 * 5 + 1, 3 << 24);
+        write_reg(&mut chip, REG_TABLE + 2 * 5, 0x21);
+        chip.write(IOREGSEL, &(REG_TABLE + 2 * 5 + 1).to_le_bytes());
+        let snap = chip.save();
+        let json = serde_json::to_string(&snap).unwrap();
+        let snap: IoApicSnapshot = serde_json::from_str(&json).unwrap();
+
+        let log = Log::default();
+        let mut fresh = IoApic::new(0, Box::new(Recorder(log.clone())));
+        fresh.restore(&snap).unwrap();
+        assert_eq!(fresh.save(), snap);
+        let want = MsiMessage {
+            address: 0xfee0_3000,
+            data: 0x21,
+        };
+        let routes: Vec<_> = (0..IOAPIC_PINS)
+            .map(|pin| (pin, (pin == 5).then_some(want)))
+            .collect();
+        assert_eq!(*log.lock().unwrap(), routes);
+        // IOREGSEL came back with the table.
+        let mut data = [0u8; 4];
+        fresh.read(IOWIN, &mut data);
+        assert_eq!(u32::from_le_bytes(data), 3 << 24);
+        assert_eq!(read_reg(&mut fresh, REG_ID), 2 << 24);
+        // The chip's own status bits cannot be smuggled in.
+        let mut hostile = snap.clone();
+        hostile.table[0] = 0x30 | RTE_READ_ONLY;
+        fresh.restore(&hostile).unwrap();
+        assert_eq!(read_reg(&mut fresh, REG_TABLE), 0x30);
+        let mut failing = IoApic::new(0, Box::new(Failing));
+        assert!(failing.restore(&snap).is_err());
     }
 
     struct Failing;

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::warn;
-use vm_superio::serial::{Error as UartError, SerialEvents};
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{Error as UartError, SerialEvents, SerialState};
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -40,8 +41,13 @@ pub enum SerialError {
     InputAttached,
 }
 
-/// The UART's interrupt output: one EventFd write per edge.
-struct IrqTrigger(EventFd);
+/// Bytes the UART's receive FIFO holds (vm-superio's FIFO_SIZE).
+const FIFO_SIZE: usize = 64;
+
+/// The UART's interrupt output: one EventFd write per edge. Shared, so that a restore can
+/// build the UART again around the same line.
+#[derive(Clone)]
+struct IrqTrigger(Arc<EventFd>);
 
 impl Trigger for IrqTrigger {
     type E = io::Error;
@@ -73,7 +79,32 @@ impl SerialEvents for RxDrained {
     }
 }
 
-type Uart = vm_superio::Serial<IrqTrigger, RxDrained, Box<dyn Write + Send>>;
+type Uart = vm_superio::Serial<IrqTrigger, Arc<RxDrained>, Box<dyn Write + Send>>;
+
+/// The UART's registers and receive FIFO, for a snapshot (vm-superio's `SerialState`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Bytes received and not yet read by the guest (at most 64).
+    pub in_buffer: Vec<u8>,
+}
 
 /// COM1 8250 UART (vm-superio) whose output goes to a writer and whose IRQ fires an EventFd.
 pub struct Serial {
@@ -85,8 +116,54 @@ impl Serial {
     /// Creates the UART; `irq` is signalled on every interrupt edge (register it as an irqfd).
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         Self {
-            uart: Uart::with_events(IrqTrigger(irq), RxDrained::default(), out),
+            uart: Uart::with_events(IrqTrigger(Arc::new(irq)), Arc::default(), out),
             warned: LogOnce::default(),
+        }
+    }
+
+    /// The UART's state.
+    pub fn save(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Puts a saved state back, keeping this UART's interrupt line, input wake-up and output.
+    /// Received bytes beyond the FIFO's 64 (only a corrupt snapshot has them) are dropped. As
+    /// vm-superio does, an interrupt the state has pending is raised again; if that fails (an
+    /// eventfd at its limit already signals the line) the UART keeps its state, with a warning.
+    pub fn restore(&mut self, s: &SerialSnapshot) {
+        let state = SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.iter().take(FIFO_SIZE).copied().collect(),
+        };
+        let trigger = self.uart.interrupt_evt().clone();
+        let events = self.uart.events().clone();
+        // The output moves over only once the new UART exists: a failure must not lose it.
+        match Uart::from_state(&state, trigger, events, Box::new(io::sink())) {
+            Ok(mut uart) => {
+                std::mem::swap(uart.writer_mut(), self.uart.writer_mut());
+                self.uart = uart;
+            }
+            Err(e) => warn!("serial: cannot restore the UART: {e:?}"),
         }
     }
 
@@ -375,6 +452,47 @@ mod tests {
     fn pipe() -> (File, PipeWriter) {
         let (r, w) = io::pipe().unwrap();
         (File::from(OwnedFd::from(r)), w)
+    }
+
+    #[test]
+    fn a_saved_uart_is_restored_with_its_line_input_and_output() {
+        let (mut serial, irq, _out) = uart();
+        serial.write(IER, &[IER_RDA]);
+        serial.write(7, &[0x5a]);
+        serial.enqueue_input(b"abc").unwrap();
+        assert_eq!(irq.read().unwrap(), 1);
+        let snap = serial.save();
+        assert_eq!((snap.interrupt_enable, snap.scratch), (IER_RDA, 0x5a));
+        assert_eq!(snap.in_buffer, b"abc");
+        let json = serde_json::to_string(&snap).unwrap();
+        let snap: SerialSnapshot = serde_json::from_str(&json).unwrap();
+
+        let (mut fresh, irq, out) = uart();
+        fresh.attach_drained(EventFd::new(0).unwrap()).unwrap();
+        fresh.restore(&snap);
+        assert_eq!(fresh.save(), snap);
+        // As vm-superio does, the pending receive interrupt is raised again.
+        assert_eq!(irq.read().unwrap(), 1);
+        let got: Vec<u8> = (0..3).map(|_| read_reg(&mut fresh, DATA)).collect();
+        assert_eq!(got, b"abc");
+        assert_eq!(read_reg(&mut fresh, 7), 0x5a);
+        // The same output, and the same input wake-up.
+        fresh.write(DATA, b"x");
+        assert_eq!(*out.0.lock().unwrap(), b"x");
+        let again = fresh.attach_drained(EventFd::new(0).unwrap());
+        assert!(matches!(again, Err(SerialError::InputAttached)));
+    }
+
+    #[test]
+    fn an_oversized_fifo_in_a_snapshot_is_cut_to_the_fifo() {
+        let (mut serial, _irq, _out) = uart();
+        let snap = SerialSnapshot {
+            in_buffer: vec![7; 1 << 20],
+            ..serial.save()
+        };
+        serial.restore(&snap);
+        assert_eq!(serial.save().in_buffer, vec![7; FIFO]);
+        assert_eq!(serial.fifo_capacity(), 0);
     }
 
     #[test]

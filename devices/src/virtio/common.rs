@@ -12,6 +12,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{ActivateError, VirtioInterrupt};
+use crate::snapshot::SnapshotError;
 use crate::{warn_once, LogOnce, Problem};
 
 /// What a device runs on between activation and reset.
@@ -79,6 +80,16 @@ impl<const N: usize> VirtioCommon<N> {
     /// Gives back what activation took, if anything; the device may be activated again.
     pub(crate) fn reset(&mut self) -> Option<Active<N>> {
         self.active.take()
+    }
+
+    /// (next_avail, next_used) of each queue, as they stand.
+    pub(crate) fn queue_positions(&self) -> Result<Vec<(u16, u16)>, SnapshotError> {
+        let active = self
+            .active
+            .as_ref()
+            .ok_or(SnapshotError::NotRunning(self.name))?;
+        let positions = active.queues.iter();
+        Ok(positions.map(|q| (q.next_avail(), q.next_used())).collect())
     }
 
     /// Activated and not reset since.

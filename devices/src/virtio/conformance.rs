@@ -2,26 +2,31 @@
 //! device. Activation takes the driver's queues, once, only if there are as many as the device
 //! has and all are ready; a reset allows activating again; notifications while the device is
 //! not running are drained and ignored; configuration space past its end reads as zero and
-//! ignores writes.
+//! ignores writes. `snapshot` checks, over the same devices, that a saved device restored
+//! onto a fresh one goes on serving the guest.
 
 use std::any::Any;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_T_GET_ID;
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::balloon::Balloon;
-use super::block::test_utils::{image, mem, R, W};
+use super::balloon::{Balloon, DEFLATE};
+use super::block::test_utils::{image, mem, Descs, R, W};
 use super::block::{Block, BlockConfig};
 use super::console::test_utils::{SharedBuf, BUF};
 use super::console::Console;
-use super::net::test_utils::{Driver, FakeTap};
+use super::net::test_utils::{packet, Driver, FakeTap};
 use super::net::Net;
 use super::rng::Rng;
 use super::test_utils::{notify_queue, run_until_idle, CountingInterrupt};
+use super::vsock::packet::{Header, Op, HOST_CID};
 use super::vsock::{Vsock, VsockConfig};
 use super::{ActivateError, VirtioDevice, VirtioInterrupt};
+
+mod snapshot;
 
 type Manager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
@@ -32,12 +37,22 @@ trait Subject: VirtioDevice + MutEventSubscriber + Sized + 'static {
     /// A fresh device, and what must live as long as it (its image, socket directory or TAP
     /// peer).
     fn make() -> (Self, Box<dyn Any>);
+    /// A request the device answers at once, written at `buf`: its queue, its chain, and the
+    /// used length of its answer.
+    fn request(mem: &GuestMemoryMmap, buf: u64) -> (usize, Descs, u32);
+}
+
+fn put(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) {
+    mem.write_slice(bytes, GuestAddress(addr)).unwrap();
 }
 
 impl Subject for Balloon {
     const CONFIG_LEN: usize = 8;
     fn make() -> (Self, Box<dyn Any>) {
         (Balloon::new(None).unwrap(), Box::new(()))
+    }
+    fn request(_mem: &GuestMemoryMmap, buf: u64) -> (usize, Descs, u32) {
+        (DEFLATE, vec![(buf, 4, R)], 0)
     }
 }
 
@@ -53,6 +68,14 @@ impl Subject for Block {
         };
         (Block::new(cfg).unwrap(), Box::new(image))
     }
+    fn request(mem: &GuestMemoryMmap, buf: u64) -> (usize, Descs, u32) {
+        // struct virtio_blk_outhdr { le32 type; le32 reserved; le64 sector; }
+        let mut header = VIRTIO_BLK_T_GET_ID.to_le_bytes().to_vec();
+        header.resize(16, 0);
+        put(mem, buf, &header);
+        let descs = vec![(buf, 16, R), (buf + 0x100, 20, W), (buf + 0x200, 1, W)];
+        (0, descs, 21)
+    }
 }
 
 impl Subject for Console {
@@ -63,6 +86,10 @@ impl Subject for Console {
             Console::new(Box::new(out.clone()), None).unwrap(),
             Box::new(out),
         )
+    }
+    fn request(mem: &GuestMemoryMmap, buf: u64) -> (usize, Descs, u32) {
+        put(mem, buf, b"hello");
+        (super::console::TX_QUEUE, vec![(buf, 5, R)], 0)
     }
 }
 
@@ -76,12 +103,20 @@ impl Subject for Net {
             Box::new(peer),
         )
     }
+    fn request(mem: &GuestMemoryMmap, buf: u64) -> (usize, Descs, u32) {
+        let frame = packet(0, 60, 0);
+        put(mem, buf, &frame);
+        (super::net::TX_QUEUE, vec![(buf, frame.len() as u32, R)], 0)
+    }
 }
 
 impl Subject for Rng {
     const CONFIG_LEN: usize = 0;
     fn make() -> (Self, Box<dyn Any>) {
         (Rng::new().unwrap(), Box::new(()))
+    }
+    fn request(_mem: &GuestMemoryMmap, buf: u64) -> (usize, Descs, u32) {
+        (0, vec![(buf, 64, W)], 64)
     }
 }
 
@@ -94,6 +129,13 @@ impl Subject for Vsock {
             uds_path: dir.as_path().join("v.sock"),
         };
         (Vsock::new(cfg).unwrap(), Box::new(dir))
+    }
+    fn request(mem: &GuestMemoryMmap, buf: u64) -> (usize, Descs, u32) {
+        // A reset of a connection the device does not know: dropped without an answer.
+        let rst = Header::new(Op::Rst, (3, 1000), (HOST_CID, 80));
+        put(mem, buf, &rst.to_bytes());
+        let descs = vec![(buf, rst.to_bytes().len() as u32, R)];
+        (super::vsock::TX_QUEUE, descs, 0)
     }
 }
 

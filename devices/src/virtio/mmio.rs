@@ -8,6 +8,7 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use log::warn;
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -22,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::bus::BusDevice;
 use crate::interrupt::EventFdInterrupt;
+use crate::snapshot::SnapshotError;
 use crate::{warn_once, LogOnce, Problem};
 
 /// Size of one device's MMIO window.
@@ -148,6 +150,80 @@ impl QueueConfig {
         queue.set_event_idx(event_idx);
         queue.set_ready(true);
         Ok(queue)
+    }
+}
+
+/// One queue of a saved transport: what the driver programmed, and where a running device
+/// stands on it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    /// The device's maximum size (QueueNumMax).
+    pub max_size: u16,
+    /// QueueNum.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc: u64,
+    /// Available ring address.
+    pub avail: u64,
+    /// Used ring address.
+    pub used: u64,
+    /// The next available entry the device takes (0 unless the device was running).
+    pub next_avail: u16,
+    /// The next used entry the device fills (0 unless the device was running).
+    pub next_used: u16,
+}
+
+/// Everything a virtio-mmio transport holds, with its device's queue positions: restored onto
+/// a freshly built transport for the same device, it lets the guest's driver go on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioState {
+    /// Virtio device ID.
+    pub device_type: u32,
+    /// The Status register.
+    pub status: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// The features the driver wrote.
+    pub driver_features: u64,
+    /// The driver wrote a feature bit beyond 63.
+    pub unknown_features: bool,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// Every queue of the device, in order.
+    pub queues: Vec<QueueState>,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+}
+
+impl QueueState {
+    fn new(q: &QueueConfig, (next_avail, next_used): (u16, u16)) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc: q.desc,
+            avail: q.avail,
+            used: q.used,
+            next_avail,
+            next_used,
+        }
+    }
+
+    fn config(&self) -> QueueConfig {
+        QueueConfig {
+            max_size: self.max_size,
+            size: self.size,
+            ready: self.ready,
+            desc: self.desc,
+            avail: self.avail,
+            used: self.used,
+        }
     }
 }
 
@@ -386,8 +462,7 @@ impl MmioTransport {
     /// (this transport has no legacy mode); a refused FEATURES_OK reads back as unset.
     fn features_ok(&mut self) {
         let features = self.driver_features;
-        let unoffered = features & !self.avail_features != 0 || self.unknown_features;
-        if unoffered || features & (1 << VIRTIO_F_VERSION_1) == 0 {
+        if !self.acceptable(features, self.unknown_features) {
             warn_once!(
                 self.warned,
                 Problem::Features,
@@ -398,6 +473,12 @@ impl MmioTransport {
         }
         lock(&self.device).set_acked_features(features);
         self.status |= S_FEATURES_OK;
+    }
+
+    /// Only offered features, VERSION_1 among them.
+    fn acceptable(&self, features: u64, unknown: bool) -> bool {
+        let unoffered = features & !self.avail_features != 0 || unknown;
+        !unoffered && features & (1 << VIRTIO_F_VERSION_1) != 0
     }
 
     fn driver_ok(&mut self) {
@@ -421,13 +502,7 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) -> Result<(), MmioError> {
-        let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        let queues = self
-            .queues
-            .iter()
-            .enumerate()
-            .map(|(index, q)| q.build(index, &self.mem, event_idx))
-            .collect::<Result<Vec<_>, _>>()?;
+        let queues = build_queues(&self.queues, &self.mem, self.driver_features)?;
         lock(&self.device)
             .activate(self.mem.clone(), queues, self.interrupt.clone())
             .map_err(MmioError::Activate)
@@ -482,6 +557,140 @@ impl MmioTransport {
     }
 }
 
+impl MmioTransport {
+    /// The transport's state and, if the device runs, its queue positions (read under the
+    /// device's lock). Changes nothing; `Busy` while the device holds unanswered requests.
+    pub fn save(&self) -> Result<MmioState, SnapshotError> {
+        let positions = if running(self.status) {
+            lock(&self.device).queue_positions()?
+        } else {
+            vec![(0, 0); self.queues.len()]
+        };
+        if positions.len() != self.queues.len() {
+            return Err(mismatch(format!(
+                "the device gave {} queue positions for {} queues",
+                positions.len(),
+                self.queues.len()
+            )));
+        }
+        let queues = self.queues.iter().zip(positions);
+        Ok(MmioState {
+            device_type: self.device_type,
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            unknown_features: self.unknown_features,
+            queue_sel: self.queue_sel,
+            queues: queues.map(|(q, pos)| QueueState::new(q, pos)).collect(),
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.interrupt.config_generation(),
+        })
+    }
+
+    /// Puts `state` back on this freshly built transport, whose device must be of the same
+    /// type and queue sizes. A device that was running gets its features, then its queues at
+    /// the saved positions, then [`VirtioDevice::restored`]; every queue is kicked once, since
+    /// notifications the old device had not served yet went with it. Raises no interrupt by
+    /// itself. On error the transport and device are to be discarded.
+    pub fn restore(&mut self, state: &MmioState) -> Result<(), SnapshotError> {
+        self.check(state)?;
+        let configs: Vec<_> = state.queues.iter().map(QueueState::config).collect();
+        let running = running(state.status);
+        let queues = if running {
+            let mut queues = build_queues(&configs, &self.mem, state.driver_features)
+                .map_err(SnapshotError::Queue)?;
+            for (queue, saved) in queues.iter_mut().zip(&state.queues) {
+                queue.set_next_avail(saved.next_avail);
+                queue.set_next_used(saved.next_used);
+            }
+            queues
+        } else {
+            Vec::new()
+        };
+        if state.status & S_FEATURES_OK != 0 {
+            lock(&self.device).set_acked_features(state.driver_features);
+        }
+        if running {
+            lock(&self.device)
+                .activate(self.mem.clone(), queues, self.interrupt.clone())
+                .map_err(SnapshotError::Activate)?;
+        }
+        self.queues = configs;
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.unknown_features = state.unknown_features;
+        self.queue_sel = state.queue_sel;
+        self.interrupt
+            .restore(state.interrupt_status, state.config_generation);
+        if running {
+            for (queue, evt) in self.notify_evts.iter().enumerate() {
+                if let Err(e) = evt.write(1) {
+                    warn!("virtio-mmio: cannot kick restored queue {queue}: {e}");
+                }
+            }
+            lock(&self.device).restored();
+        }
+        Ok(())
+    }
+
+    /// Refuses a state this device could not be in: another type, other queues, a status the
+    /// transport never reaches, features it would not have accepted.
+    fn check(&self, state: &MmioState) -> Result<(), SnapshotError> {
+        if state.device_type != self.device_type {
+            return Err(mismatch(format!(
+                "device type {} (this device is {})",
+                state.device_type, self.device_type
+            )));
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(mismatch(format!(
+                "{} queues (this device has {})",
+                state.queues.len(),
+                self.queues.len()
+            )));
+        }
+        for (index, (saved, ours)) in state.queues.iter().zip(&self.queues).enumerate() {
+            if saved.max_size != ours.max_size {
+                return Err(mismatch(format!(
+                    "queue {index} holds at most {} entries (here {})",
+                    saved.max_size, ours.max_size
+                )));
+            }
+            if !saved.size.is_power_of_two() || saved.size > saved.max_size {
+                return Err(mismatch(format!("queue {index} has size {}", saved.size)));
+            }
+        }
+        let reachable = [
+            0,
+            S_ACK,
+            NEGOTIATING,
+            CONFIGURING,
+            CONFIGURING | S_DRIVER_OK,
+            CONFIGURING | S_DRIVER_OK | S_NEEDS_RESET,
+        ];
+        if !reachable.contains(&(state.status & !S_FAILED)) {
+            return Err(mismatch(format!("status {:#x}", state.status)));
+        }
+        let features = state.driver_features;
+        if state.status & S_FEATURES_OK != 0 && !self.acceptable(features, state.unknown_features) {
+            return Err(mismatch(format!("features {features:#x}")));
+        }
+        Ok(())
+    }
+}
+
+/// The device runs: the driver set DRIVER_OK, activation worked, and nobody gave up since.
+fn running(status: u32) -> bool {
+    status & S_DRIVER_OK != 0 && status & (S_NEEDS_RESET | S_FAILED) == 0
+}
+
+fn mismatch(what: String) -> SnapshotError {
+    SnapshotError::Mismatch { what }
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_OFFSET {
@@ -510,6 +719,19 @@ impl BusDevice for MmioTransport {
             self.unknown_register(reg);
         }
     }
+}
+
+/// The device's queues as the driver programmed them.
+fn build_queues(
+    configs: &[QueueConfig],
+    mem: &GuestMemoryMmap,
+    features: u64,
+) -> Result<Vec<Queue>, MmioError> {
+    let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+    let queues = configs.iter().enumerate();
+    queues
+        .map(|(index, q)| q.build(index, mem, event_idx))
+        .collect()
 }
 
 fn set_low(addr: &mut u64, value: u32) {

@@ -11,6 +11,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::interrupt::Interrupt;
+use crate::snapshot::SnapshotError;
 
 pub mod balloon;
 pub mod block;
@@ -74,6 +75,14 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Returns the device to its pre-activation state; false if it cannot.
     fn reset(&mut self) -> bool;
+    /// (next_avail, next_used) of each queue of the running device, for a snapshot: positions
+    /// from which a device restored with them serves every request the guest has made. `Busy`
+    /// while the device holds requests it cannot give back that way.
+    fn queue_positions(&self) -> Result<Vec<(u16, u16)>, SnapshotError> {
+        Err(SnapshotError::Unsupported("this device"))
+    }
+    /// Called once a restore has activated the device with its saved queues.
+    fn restored(&mut self) {}
 }
 
 /// Interrupt status register shared between a device and its transport, plus the interrupt
@@ -143,6 +152,15 @@ impl VirtioInterrupt {
     /// Configuration generation counter (`ConfigGeneration`).
     pub fn config_generation(&self) -> u32 {
         self.config_generation.load(Ordering::SeqCst)
+    }
+
+    /// Puts back a saved status and generation without raising the line: an interrupt the
+    /// guest had not handled yet is part of its own saved (local APIC) state.
+    fn restore(&self, status: u32, config_generation: u32) {
+        let causes = VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG;
+        self.status.store(status & causes, Ordering::SeqCst);
+        self.config_generation
+            .store(config_generation, Ordering::SeqCst);
     }
 
     fn clear(&self) {

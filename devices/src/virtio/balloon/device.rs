@@ -22,6 +22,7 @@ use super::{
     DEFLATE, INFLATE, QUEUES, QUEUE_SIZE, REPORTING, STATS, STATS_INTERVAL,
     VIRTIO_BALLOON_F_REPORTING,
 };
+use crate::snapshot::SnapshotError;
 use crate::virtio::common::VirtioCommon;
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::Problem;
@@ -159,6 +160,17 @@ impl VirtioDevice for Balloon {
         self.stats.reset();
         self.actual = 0;
         true
+    }
+
+    fn queue_positions(&self) -> Result<Vec<(u16, u16)>, SnapshotError> {
+        let mut positions = self.common.queue_positions()?;
+        // The statistics buffer the device keeps goes back to the ring: the restored device
+        // takes it again when activation replays the statistics kick.
+        if self.stats.holds() {
+            let stats = &mut positions[STATS];
+            stats.0 = stats.0.wrapping_sub(1);
+        }
+        Ok(positions)
     }
 }
 

@@ -130,6 +130,11 @@ impl Stats {
         Ok(true)
     }
 
+    /// Whether the device keeps the driver's buffer: always the last one taken off the ring.
+    pub fn holds(&self) -> bool {
+        self.held.is_some()
+    }
+
     /// A reset driver has forgotten its buffer.
     pub fn reset(&mut self) {
         self.held = None;

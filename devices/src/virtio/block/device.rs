@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::handler::{BlockHandler, DirectIo};
 use super::{ID_BYTES, MAX_RANGES, MAX_RANGE_SECTORS, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX};
+use crate::snapshot::SnapshotError;
 use crate::virtio::common::{read_config_bytes, VirtioCommon};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::Problem;
@@ -286,6 +287,15 @@ impl VirtioDevice for Block {
         self.common.reset();
         true
     }
+
+    fn queue_positions(&self) -> Result<Vec<(u16, u16)>, SnapshotError> {
+        // A request on io_uring is neither available nor used: only its completion can
+        // answer it, and that belongs to this process.
+        if self.handler.in_flight() > 0 {
+            return Err(SnapshotError::Busy("virtio-blk"));
+        }
+        self.common.queue_positions()
+    }
 }
 
 impl MutEventSubscriber for Block {
@@ -315,6 +325,7 @@ impl MutEventSubscriber for Block {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
     use std::sync::Mutex;
 
     use event_manager::{EventManager, SubscriberOps};
@@ -332,6 +343,8 @@ mod tests {
     use crate::bus::BusDevice;
     use crate::interrupt::EventFdInterrupt;
     use crate::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+    use crate::virtio::net::test_utils::Driver;
+    use crate::virtio::test_utils::{notify_queue, run_until_idle, CountingInterrupt};
 
     fn config(path: &std::path::Path, read_only: bool) -> BlockConfig {
         BlockConfig {
@@ -424,6 +437,58 @@ mod tests {
         let mut b = [0u8; 4];
         t.read(reg.into(), &mut b);
         u32::from_le_bytes(b)
+    }
+
+    /// A read from a FIFO stays on io_uring until the test writes into the FIFO: the device
+    /// cannot be saved until then.
+    #[test]
+    fn a_request_in_flight_makes_the_device_busy() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/rvmm-blk-").unwrap();
+        let path = dir.as_path().join("fifo");
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path; mkfifo only creates the file.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // Read-write, so that opening blocks on no writer.
+        let fifo = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut writer = fifo.try_clone().unwrap();
+        let mut handler = BlockHandler::new(fifo, 8, false, [0; ID_BYTES]);
+        if handler.enable_io_uring().is_err() {
+            // Without io_uring every request is answered at once.
+            return;
+        }
+        let block = Arc::new(Mutex::new(Block {
+            handler,
+            config_space: config_space(8),
+            avail_features: features(false),
+            common: VirtioCommon::new("virtio-blk", QUEUE_SIZE).unwrap(),
+        }));
+        let mem = mem();
+        let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        manager.add_subscriber(block.clone());
+        let mut driver = Driver::new(&mem, 0);
+        let line = Arc::new(CountingInterrupt::default());
+        let interrupt = Arc::new(VirtioInterrupt::new(line));
+        let queues = vec![driver.queue()];
+        block
+            .lock()
+            .unwrap()
+            .activate(mem.clone(), queues, interrupt)
+            .unwrap();
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        driver.post(&[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        notify_queue(&block, 0);
+        run_until_idle(&mut manager);
+        let err = block.lock().unwrap().queue_positions().unwrap_err();
+        assert_eq!(err.to_string(), "virtio-blk has requests in flight");
+
+        writer.write_all(&pattern(0, 512)).unwrap();
+        run_until_idle(&mut manager);
+        assert_eq!(driver.used(), [(0, 513)]);
+        assert_eq!(block.lock().unwrap().queue_positions().unwrap(), [(1, 1)]);
     }
 
     const USED: u64 = 0x800;

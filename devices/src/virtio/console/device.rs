@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::port::{Receiver, RxNext, Transmitter};
 use super::{QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use crate::snapshot::SnapshotError;
 use crate::virtio::common::VirtioCommon;
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::{warn_once, LogOnce, Problem};
@@ -173,6 +174,12 @@ impl VirtioDevice for Console {
         // driver posts receive buffers.
         self.common.reset();
         true
+    }
+
+    fn queue_positions(&self) -> Result<Vec<(u16, u16)>, SnapshotError> {
+        // Every chain is answered as it is popped, or put back (a receive buffer with no
+        // input for it yet).
+        self.common.queue_positions()
     }
 }
 

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{config_space, FsConfig, FsError, CONFIG_LEN, NUM_QUEUES, QUEUE_SIZE};
 use crate::failure::DeviceFailure;
+use crate::snapshot::SnapshotError;
 use crate::virtio::common::{read_config_bytes, ready_queues, VirtioCommon};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 
@@ -282,6 +283,11 @@ impl VirtioDevice for Fs {
                 false
             }
         }
+    }
+
+    fn queue_positions(&self) -> Result<Vec<(u16, u16)>, SnapshotError> {
+        // The backend serves the queues: where it stands, and what it holds, is its own.
+        Err(SnapshotError::Unsupported("virtio-fs"))
     }
 }
 

@@ -16,6 +16,11 @@ struct Dummy {
     resets: usize,
     can_reset: bool,
     config: [u8; 8],
+    /// (next_avail, next_used) of each queue: as activated, or as a test moves them.
+    positions: Vec<(u16, u16)>,
+    /// Refuses a snapshot as if it held requests.
+    busy: bool,
+    restored: usize,
 }
 
 impl VirtioDevice for Dummy {
@@ -53,11 +58,24 @@ impl VirtioDevice for Dummy {
             .map(|q| (q.size(), q.ready(), q.event_idx_enabled(), q.desc_table()))
             .collect();
         self.activations.push(seen);
+        self.positions = queues
+            .iter()
+            .map(|q| (q.next_avail(), q.next_used()))
+            .collect();
         Ok(())
     }
     fn reset(&mut self) -> bool {
         self.resets += 1;
         self.can_reset
+    }
+    fn queue_positions(&self) -> Result<Vec<(u16, u16)>, SnapshotError> {
+        if self.busy {
+            return Err(SnapshotError::Busy("dummy"));
+        }
+        Ok(self.positions.clone())
+    }
+    fn restored(&mut self) {
+        self.restored += 1;
     }
 }
 
@@ -72,6 +90,9 @@ fn dummy(queues: usize) -> Arc<Mutex<Dummy>> {
         resets: 0,
         can_reset: true,
         config: *b"abcdefgh",
+        positions: Vec::new(),
+        busy: false,
+        restored: 0,
     }))
 }
 
@@ -411,4 +432,151 @@ fn construction_validates_the_device() {
     dev.lock().unwrap().sizes = vec![24];
     let res = MmioTransport::new(mem, dev, irq);
     assert!(matches!(res, Err(MmioError::QueueMaxSize { .. })));
+}
+
+const EVENT_IDX_V1: u64 = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX;
+
+/// A transport running queue 0 (8 entries at 0x1_0000, EVENT_IDX) of a two-queue device that
+/// has moved along it, with a used-buffer interrupt pending and queue 1 selected.
+fn moved_along(dev: &Arc<Mutex<Dummy>>) -> MmioTransport {
+    let (mut t, irq) = transport(dev);
+    negotiate(&mut t, EVENT_IDX_V1);
+    setup_queue(&mut t, 0, 8, 0x1_0000);
+    w(&mut t, VIRTIO_MMIO_STATUS, CONFIGURING | S_DRIVER_OK);
+    w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 1);
+    dev.lock().unwrap().positions = vec![(5, 3), (0, 0)];
+    t.interrupt.signal_used_queue().unwrap();
+    irq.eventfd().read().unwrap();
+    t
+}
+
+#[test]
+fn a_running_transport_is_saved_and_restored_with_its_queues() {
+    let dev = dummy(2);
+    let state = moved_along(&dev).save().unwrap();
+    assert_eq!(
+        (state.device_type, state.status, state.driver_features),
+        (42, CONFIGURING | S_DRIVER_OK, EVENT_IDX_V1)
+    );
+    assert_eq!((state.queue_sel, state.interrupt_status), (1, 1));
+    let queue = QueueState {
+        max_size: QUEUE_MAX,
+        size: 8,
+        ready: true,
+        desc: 0x1_0000,
+        avail: 0x1_1000,
+        used: 0x1_2000,
+        next_avail: 5,
+        next_used: 3,
+    };
+    assert_eq!(state.queues[0], queue);
+    assert!(!state.queues[1].ready);
+    let json = serde_json::to_string(&state).unwrap();
+    let state: MmioState = serde_json::from_str(&json).unwrap();
+
+    let fresh = dummy(2);
+    let (mut t, irq) = transport(&fresh);
+    t.restore(&state).unwrap();
+    {
+        let d = fresh.lock().unwrap();
+        assert_eq!(d.acked, EVENT_IDX_V1);
+        let started = vec![(8, true, true, 0x1_0000), (QUEUE_MAX, false, false, 0)];
+        assert_eq!(d.activations, [started]);
+        assert_eq!(d.positions, [(5, 3), (0, 0)]);
+        assert_eq!(d.restored, 1);
+        // Each queue is kicked once, for notifications the old device had not served.
+        assert!(d.evts.iter().all(|e| e.read().unwrap() == 1));
+    }
+    // The pending interrupt is the guest's saved state, not a new edge.
+    assert!(irq.eventfd().read().is_err());
+    assert_eq!(
+        r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS),
+        VIRTIO_MMIO_INT_VRING
+    );
+    assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), CONFIGURING | S_DRIVER_OK);
+    assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_READY), 0, "queue 1 selected");
+    assert_eq!(t.save().unwrap(), state);
+    // The driver goes on as it would have with the old transport.
+    w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    assert_eq!(fresh.lock().unwrap().evts[0].read().unwrap(), 1);
+    w(&mut t, VIRTIO_MMIO_STATUS, 0);
+    assert_eq!(fresh.lock().unwrap().resets, 1);
+}
+
+#[test]
+fn a_transport_not_running_yet_is_restored_without_starting_the_device() {
+    let dev = dummy(1);
+    let (mut t, _irq) = transport(&dev);
+    negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
+    setup_queue(&mut t, 0, 4, 0x1_0000);
+    // Not running: the device is not asked where it stands.
+    dev.lock().unwrap().busy = true;
+    let state = t.save().unwrap();
+    assert_eq!(
+        (state.queues[0].next_avail, state.queues[0].next_used),
+        (0, 0)
+    );
+
+    let fresh = dummy(1);
+    let (mut t, _irq) = transport(&fresh);
+    t.restore(&state).unwrap();
+    {
+        let d = fresh.lock().unwrap();
+        assert_eq!(d.acked, 1 << VIRTIO_F_VERSION_1);
+        assert!(d.activations.is_empty());
+        assert_eq!(d.restored, 0);
+        assert!(d.evts[0].read().is_err());
+    }
+    w(&mut t, VIRTIO_MMIO_STATUS, CONFIGURING | S_DRIVER_OK);
+    let started = vec![(4, true, false, 0x1_0000)];
+    assert_eq!(fresh.lock().unwrap().activations, [started]);
+}
+
+#[test]
+fn a_busy_device_is_not_saved() {
+    let dev = dummy(2);
+    let t = moved_along(&dev);
+    dev.lock().unwrap().busy = true;
+    let err = t.save().unwrap_err();
+    assert_eq!(err.to_string(), "dummy has requests in flight");
+}
+
+#[test]
+fn restore_refuses_states_this_device_cannot_be_in() {
+    let dev = dummy(2);
+    let good = moved_along(&dev).save().unwrap();
+    type Spoil = fn(&mut MmioState);
+    let cases: [(&str, Spoil); 8] = [
+        ("device type 7 (this device is 42)", |s| s.device_type = 7),
+        ("1 queues (this device has 2)", |s| s.queues.truncate(1)),
+        ("queue 1 holds at most 32 entries (here 16)", |s| {
+            s.queues[1].max_size = 32
+        }),
+        ("queue 1 has size 12", |s| s.queues[1].size = 12),
+        ("status 0x5", |s| s.status = S_ACK | S_DRIVER_OK),
+        ("features 0x10120000000", |s| s.driver_features |= 1 << 40),
+        ("features 0x20000000", |s| s.driver_features = 1 << 29),
+        ("features 0x120000000", |s| s.unknown_features = true),
+    ];
+    for (what, spoil) in cases {
+        let mut state = good.clone();
+        spoil(&mut state);
+        let fresh = dummy(2);
+        let (mut t, _irq) = transport(&fresh);
+        let err = t.restore(&state).unwrap_err();
+        let want = format!("the snapshot does not match this device: {what}");
+        assert_eq!(err.to_string(), want);
+        assert!(fresh.lock().unwrap().activations.is_empty(), "{what}");
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0, "{what}");
+    }
+    // Rings outside guest memory or misaligned: the device never starts.
+    for desc in [MEM_SIZE - 0x10, 0x1_0008, u64::MAX - 0xf] {
+        let mut state = good.clone();
+        state.queues[0].desc = desc;
+        let fresh = dummy(2);
+        let (mut t, _irq) = transport(&fresh);
+        let err = t.restore(&state).unwrap_err();
+        assert!(matches!(err, SnapshotError::Queue(_)), "{desc:#x}: {err}");
+        assert!(fresh.lock().unwrap().activations.is_empty());
+    }
 }

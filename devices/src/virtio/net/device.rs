@@ -25,6 +25,7 @@ use super::rx::{Receiver, RxNext};
 use super::tx::Transmitter;
 use super::{Stream, Tap, TapError, TapIo, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::failure::DeviceFailure;
+use crate::snapshot::SnapshotError;
 use crate::virtio::common::{read_config_bytes, VirtioCommon};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::{warn_once, LogOnce, Problem};
@@ -420,6 +421,20 @@ impl VirtioDevice for Net {
         self.rx.set_features(false, false);
         self.set_offload(0);
         true
+    }
+
+    fn queue_positions(&self) -> Result<Vec<(u16, u16)>, SnapshotError> {
+        let mut positions = self.common.queue_positions()?;
+        // Receive chains held for the next frame go back to the ring, for the restored device
+        // to take again (a frame read for them is lost, as on a reset). A transmit chain the
+        // host side could not take is still on the ring.
+        let rx = &mut positions[RX_QUEUE];
+        let held = self
+            .rx
+            .held(rx.0)
+            .ok_or(SnapshotError::Busy("virtio-net"))?;
+        rx.0 = rx.0.wrapping_sub(held);
+        Ok(positions)
     }
 }
 

@@ -94,6 +94,8 @@ pub struct Pumped {
 /// A receive chain taken off the ring for the next frame.
 struct Reserved {
     head: u16,
+    /// Its entry in the avail ring (the queue's `next_avail` before it was taken).
+    pos: u16,
     sg: SgList,
 }
 
@@ -169,6 +171,17 @@ impl Receiver {
         self.reserved.clear();
     }
 
+    /// How many receive chains are held for the next frame, if they are the chains taken off
+    /// the ring last, in a row, up to `next_avail`: a ring moved back by that many gives them
+    /// again. `None` while a chain returned meanwhile (refused) lies between them.
+    pub fn held(&self, next_avail: u16) -> Option<u16> {
+        let Some(first) = self.reserved.first() else {
+            return Some(0);
+        };
+        let taken = next_avail.wrapping_sub(first.pos);
+        (usize::from(taken) == self.reserved.len()).then_some(taken)
+    }
+
     /// Frames delivered to the guest so far.
     pub fn frames(&self) -> u64 {
         self.frames
@@ -233,6 +246,7 @@ impl Receiver {
     fn reserve(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> Result<bool, RxError> {
         let mut announced = false;
         loop {
+            let pos = queue.next_avail();
             let Some(chain) = pop_chain(mem, queue)? else {
                 if announced {
                     return Err(RxError::BrokenRing);
@@ -249,7 +263,7 @@ impl Receiver {
             let head = chain.head_index();
             let err = match SgList::new(chain, mem, true, QUEUE_SIZE.into(), u64::MAX) {
                 Ok(sg) if sg.len >= HDR_LEN as u64 => {
-                    self.reserved.push(Reserved { head, sg });
+                    self.reserved.push(Reserved { head, pos, sg });
                     return Ok(true);
                 }
                 Ok(sg) => RxError::ShortChain(sg.len),
@@ -590,6 +604,34 @@ mod tests {
         );
         assert_eq!(all, with_num_buffers(&p, 3));
         assert_eq!((rx.frames(), rx.dropped()), (1, 0));
+    }
+
+    #[test]
+    fn held_chains_are_given_back_only_if_taken_last_and_in_a_row() {
+        let mem = mem();
+        let mut driver = Driver::new(&mem, 0);
+        driver.post(&[(BUF, 1000, W)]);
+        let mut queue = driver.queue();
+        let (mut tap, peer) = FakeTap::new();
+        let mut rx = receiver(true);
+        assert_eq!(rx.held(queue.next_avail()), Some(0));
+        // A chain waits for a frame.
+        rx.pump(&mem, &mut queue, &mut tap).unwrap();
+        assert_eq!(rx.held(queue.next_avail()), Some(1));
+        // A frame needs more: a chain too short for a header is returned between two held.
+        peer.send(&packet(0, 2500, 6));
+        driver.post(&[(BUF + 0x1000, 4, W)]);
+        driver.post(&[(BUF + 0x2000, 1000, W)]);
+        rx.pump(&mem, &mut queue, &mut tap).unwrap();
+        assert_eq!(driver.used(), vec![(1, 0)]);
+        assert_eq!((queue.next_avail(), rx.reserved.len()), (3, 2));
+        assert_eq!(rx.held(queue.next_avail()), None);
+        // Once the frame is delivered, the next chain held is again the last taken.
+        driver.post(&[(BUF + 0x3000, 1000, W)]);
+        driver.post(&[(BUF + 0x4000, 1000, W)]);
+        rx.pump(&mem, &mut queue, &mut tap).unwrap();
+        assert_eq!(driver.used().len(), 4);
+        assert_eq!(rx.held(queue.next_avail()), Some(1));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::handler::{getrandom, RngHandler};
 use super::QUEUE_SIZE;
+use crate::snapshot::SnapshotError;
 use crate::virtio::common::VirtioCommon;
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::Problem;
@@ -88,6 +89,11 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) -> bool {
         self.common.reset();
         true
+    }
+
+    fn queue_positions(&self) -> Result<Vec<(u16, u16)>, SnapshotError> {
+        // Every chain is answered as it is popped.
+        self.common.queue_positions()
     }
 }
 

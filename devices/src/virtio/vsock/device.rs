@@ -15,16 +15,21 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::Muxer;
 use super::packet::{read_tx, RxChain, MAX_PKT_DATA};
-use super::{QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use super::{EVENT_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use crate::snapshot::SnapshotError;
 use crate::unix_socket::{listen_at, ListenError};
 use crate::virtio::common::{read_config_bytes, VirtioCommon};
-use crate::virtio::drain::{drain, pop_chain, DrainError};
+use crate::virtio::drain::{drain, drain_until, pop_chain, DrainError};
+use crate::virtio::sg::SgList;
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::{warn_once, LogOnce, Problem};
 
 /// Most packets put into the receive queue per event: bounds the loop's time here while the
 /// driver keeps posting buffers; the device kicks itself for the rest.
 const RX_BUDGET: usize = 256;
+/// `struct virtio_vsock_event`'s id telling the driver to drop every connection
+/// (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, virtio 1.2, 5.10.6.6).
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// How to set up a virtio-vsock device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +64,9 @@ pub struct Vsock {
     /// The driver reset the device: the connections are closed at the next event, where
     /// their sockets can be taken out of the event loop.
     reset_pending: bool,
+    /// A restore left the guest's connections without their host sockets: the driver must be
+    /// told, in the next event buffer it posts.
+    transport_reset: bool,
     /// One transmitted packet's payload.
     tx_data: Vec<u8>,
     /// One received packet's payload, on its way to guest memory.
@@ -81,6 +89,7 @@ impl Vsock {
             muxer: Muxer::new(cfg.cid, cfg.uds_path, listener),
             common,
             reset_pending: false,
+            transport_reset: false,
             tx_data: Vec::with_capacity(MAX_PKT_DATA as usize),
             rx_data: vec![0; MAX_PKT_DATA as usize].into_boxed_slice(),
             warned: LogOnce::default(),
@@ -137,6 +146,37 @@ impl Vsock {
         if notify {
             self.common.signal_used_queue();
         }
+    }
+
+    /// Puts a pending transport reset event into the event queue's next usable buffer.
+    fn send_transport_reset(&mut self) {
+        let pending = &mut self.transport_reset;
+        let warned = &mut self.warned;
+        self.common
+            .serve(Problem::Queue, "event queue: ", |mem, queues| {
+                drain_until(mem, &mut queues[EVENT_QUEUE], |chain| {
+                    if !*pending {
+                        return None;
+                    }
+                    let id = EVENT_TRANSPORT_RESET.to_le_bytes();
+                    let sg = SgList::new(chain, mem, true, QUEUE_SIZE.into(), u64::MAX);
+                    match sg.map(|sg| (sg.len >= id.len() as u64).then_some(sg)) {
+                        Ok(Some(sg)) if sg.write_from(mem, &id).is_ok() => {
+                            *pending = false;
+                            Some(id.len() as u32)
+                        }
+                        // Unusable: returned empty, and the event waits for the next one.
+                        _ => {
+                            warn_once!(
+                                warned,
+                                Problem::RxChain,
+                                "virtio-vsock: refusing an event buffer"
+                            );
+                            Some(0)
+                        }
+                    }
+                })
+            });
     }
 
     /// Puts the muxer's packets into the receive queue while both last.
@@ -271,9 +311,24 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) -> bool {
         self.common.reset();
         self.reset_pending = true;
+        self.transport_reset = false;
         // The connections are closed in the event loop, which this wakes.
         self.common.kick(RX_QUEUE, "receive");
         true
+    }
+
+    fn queue_positions(&self) -> Result<Vec<(u16, u16)>, SnapshotError> {
+        // Every chain is answered as it is popped, or put back (a receive buffer with no
+        // packet for it yet).
+        self.common.queue_positions()
+    }
+
+    fn restored(&mut self) {
+        // The host sockets of the guest's connections went with the old device: drop what is
+        // left of them, and have the driver reset its side. Both happen in the event loop,
+        // at the kick the restore gives every queue.
+        self.reset_pending = true;
+        self.transport_reset = true;
     }
 }
 
@@ -284,11 +339,12 @@ impl MutEventSubscriber for Vsock {
         }
         let fd = events.fd();
         if let Some(queue) = self.common.queue_event(fd) {
-            if queue == TX_QUEUE {
-                self.transmit(ops);
+            match queue {
+                TX_QUEUE => self.transmit(ops),
+                EVENT_QUEUE if self.transport_reset => self.send_transport_reset(),
+                // Receive notifications mean new buffers, handled below.
+                _ => {}
             }
-            // Receive notifications mean new buffers, handled below; the event queue is never
-            // used (no transport events without migration).
         } else if !self.muxer.handle_event(fd, events.event_set(), ops) {
             return;
         }

@@ -17,5 +17,6 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const RX_QUEUE: usize = 0;
 /// Index of the transmit queue (guest to host).
 pub const TX_QUEUE: usize = 1;
-/// Index of the event queue (transport events; never used: the device is not migrated).
+/// Index of the event queue: transport events, of which the device sends only the reset that
+/// follows a restore.
 pub const EVENT_QUEUE: usize = 2;

@@ -27,6 +27,8 @@ const EVENT_RINGS: u64 = 0x2000;
 /// 0x2000`.
 const RX_BUF: u64 = 0x1_0000;
 const TX_BUF: u64 = 0x4_0000;
+/// Where event buffers go.
+const EVENT_BUF: u64 = 0x8_0000;
 const RX_ROOM: u32 = 4096;
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
@@ -86,6 +88,7 @@ struct Rig<'a> {
     irq: Arc<CountingInterrupt>,
     rx: Driver<'a>,
     tx: Driver<'a>,
+    ev: Driver<'a>,
     rx_seen: usize,
     rx_posted: u64,
     tx_next: u64,
@@ -120,6 +123,7 @@ impl<'a> Rig<'a> {
             irq,
             rx,
             tx,
+            ev,
             rx_seen: 0,
             rx_posted: 0,
             tx_next: 0,
@@ -470,4 +474,46 @@ fn many_connections_stay_apart_until_reset() {
     for host in &mut hosts {
         assert_eq!(host.read(&mut [0; 4]).unwrap(), 0);
     }
+}
+
+#[test]
+fn a_restored_device_drops_its_connections_and_resets_the_guest_transport() {
+    let mem = mem();
+    let mut rig = Rig::new(&mem);
+    let listener = UnixListener::bind(port_path(&rig.path, 80)).unwrap();
+    rig.post_rx(2);
+    rig.send(g(Op::Request, 1000, 80, 4096), &[]);
+    let mut host = host_stream(listener.accept().unwrap().0);
+    assert_eq!(rig.recv_ops(), [Op::Response]);
+    // What a restore does; the driver has no event buffer posted yet.
+    rig.vsock.lock().unwrap().restored();
+    rig.notify(EVENT_QUEUE);
+    rig.run();
+    assert_eq!(rig.connections(), 0);
+    assert_eq!(host.read(&mut [0; 4]).unwrap(), 0);
+    assert!(rig.ev.used().is_empty());
+
+    let irqs = rig.irq.count();
+    mem.write_slice(&[0xff; 4], GuestAddress(EVENT_BUF))
+        .unwrap();
+    // Too short for an event: returned empty, and the next buffer gets it.
+    rig.ev.post(&[(EVENT_BUF + 0x100, 2, W)]);
+    rig.ev.post(&[(EVENT_BUF, 4, W)]);
+    rig.ev.post(&[(EVENT_BUF + 0x200, 4, W)]);
+    rig.notify(EVENT_QUEUE);
+    rig.run();
+    assert_eq!(rig.ev.used(), [(0, 0), (1, 4)]);
+    assert_eq!(
+        guest(&mem, EVENT_BUF, 4),
+        EVENT_TRANSPORT_RESET.to_le_bytes()
+    );
+    assert_eq!(rig.irq.count(), irqs + 1);
+    // Sent once: the last buffer stays with the driver.
+    rig.notify(EVENT_QUEUE);
+    rig.run();
+    assert_eq!(rig.ev.used().len(), 2);
+    // And the guest can connect again.
+    rig.send(g(Op::Request, 1001, 80, 4096), &[]);
+    assert_eq!(rig.recv_ops(), [Op::Response]);
+    assert_eq!(rig.connections(), 1);
 }
