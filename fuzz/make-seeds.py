@@ -414,6 +414,8 @@ def api_seeds():
     ok = [{"request": r} for r in ("status", "pause", "pause", "resume", "shutdown")]
     write(t, "all-requests", b"".join(json.dumps(r).encode() + b"\n" for r in ok))
     write(t, "bad-requests", b'{"request":"pause","x":1}\n{"request":7}\nstatus\n\n')
+    snap = [{"request": "pause"}, {"request": "snapshot", "dir": "/s"}, {"request": "snapshot"}]
+    write(t, "snapshot", b"".join(json.dumps(r).encode() + b"\n" for r in snap))
 
 
 def main():

@@ -28,7 +28,7 @@ binary_timeout=900
 machine_timeout=1020
 
 # The smoke layer: what must keep working on an emulating KVM.
-smoke=(tiny_guests hostile_guest seccomp bad_input linux_smoke api)
+smoke=(tiny_guests hostile_guest seccomp bad_input linux_smoke api jail)
 
 # Prints "tests: N passed, M failed" over every `test result:` line of the log.
 summary() {

@@ -9,6 +9,7 @@ use rvmm_bench::{BenchOptions, Step};
 use rvmm_container::network::Network;
 use rvmm_container::RunOptions;
 use rvmm_vmm::config::{ConsoleKind, CpuTemplate, Seccomp, VmParams};
+use rvmm_vmm::snapshot::RestoreOptions;
 
 use crate::shared_cli::{ExecArgs, KillArgs, PsArgs, StopArgs, VmCommand};
 
@@ -47,6 +48,50 @@ pub enum Command {
     Stop(StopArgs),
     /// Send a signal to containers of the shared VMs.
     Kill(KillArgs),
+    /// Resume a VM from a snapshot (the API socket's `snapshot` request).
+    Restore(RestoreArgs),
+}
+
+/// A snapshot directory and where the restored VM finds its host resources.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The directory the snapshot was written to.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Another image for disk INDEX (0 is the first: the root filesystem, if there is one):
+    /// INDEX=PATH. Repeatable.
+    #[arg(long, value_name = "INDEX=PATH", value_parser = parse_disk_override)]
+    pub disk: Vec<(usize, PathBuf)>,
+    /// TAP devices for the snapshot's `--net tap=` interfaces, in order. Repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub tap: Vec<String>,
+    /// The restored VM's control socket, instead of the snapshot's.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// The vsock device's host socket, instead of the snapshot's.
+    #[arg(long, value_name = "PATH")]
+    pub vsock_uds: Option<PathBuf>,
+}
+
+fn parse_disk_override(text: &str) -> Result<(usize, PathBuf), String> {
+    let (index, path) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not INDEX=PATH"))?;
+    let index = index
+        .parse()
+        .map_err(|_| format!("{index:?} is not a disk index"))?;
+    Ok((index, PathBuf::from(path)))
+}
+
+impl From<RestoreArgs> for RestoreOptions {
+    fn from(a: RestoreArgs) -> Self {
+        RestoreOptions {
+            disks: a.disk,
+            taps: a.tap,
+            api_socket: a.api_socket,
+            vsock_uds: a.vsock_uds,
+        }
+    }
 }
 
 /// The VM to boot when no subcommand is given.
@@ -126,6 +171,15 @@ pub struct VmArgs {
     /// "pause", "resume" or "shutdown"), one JSON reply per line (README, "API socket").
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Once the VM is built, run in a jail: an empty read-only root holding only the
+    /// directories of the vsock and API sockets, new mount and IPC namespaces, no
+    /// capabilities, no_new_privs, and, when started as root, the --jail-user identity.
+    #[arg(long)]
+    pub jail: bool,
+    /// UID:GID the jailed VMM becomes when started as root (default 65534:65534); implies
+    /// --jail.
+    #[arg(long, value_name = "UID:GID")]
+    pub jail_user: Option<String>,
 }
 
 /// Which CPU features the guest sees.
@@ -190,6 +244,8 @@ impl From<VmArgs> for VmParams {
             },
             acpi: !a.no_acpi,
             api_socket: a.api_socket,
+            jail: a.jail,
+            jail_user: a.jail_user,
         }
     }
 }

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use rvmm::cli::{Cli, Command, VmArgs};
+use rvmm::cli::{Cli, Command, RestoreArgs, VmArgs};
 use rvmm::shared_cli;
 use rvmm_vmm::config::{VmConfig, VmParams};
 use rvmm_vmm::error_chain;
@@ -35,6 +35,7 @@ fn main() -> ExitCode {
         Some(Command::Ps(args)) => shared_cli::ps(args),
         Some(Command::Stop(args)) => shared_cli::stop(args),
         Some(Command::Kill(args)) => shared_cli::kill(args),
+        Some(Command::Restore(args)) => restore(args),
         None => boot(cli.vm),
     };
     result.unwrap_or_else(|msg| {
@@ -45,7 +46,16 @@ fn main() -> ExitCode {
 
 fn boot(args: VmArgs) -> Result<ExitCode, String> {
     let cfg = VmConfig::try_from(VmParams::from(args)).map_err(|e| error_chain(&e))?;
-    let vmm = Vmm::build(&cfg).map_err(|e| error_chain(&e))?;
+    run(Vmm::build(&cfg).map_err(|e| error_chain(&e))?)
+}
+
+fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
+    let dir = args.dir.clone();
+    run(Vmm::restore(&dir, &args.into()).map_err(|e| error_chain(&e))?)
+}
+
+/// Runs a built VM to its end; its end becomes the exit status.
+fn run(vmm: Vmm) -> Result<ExitCode, String> {
     let _terminal = RawTerminal::enter();
     match vmm.run().map_err(|e| error_chain(&e))? {
         VmExit::Guest => Ok(ExitCode::SUCCESS),

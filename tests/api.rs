@@ -112,3 +112,46 @@ fn an_api_socket_path_that_is_a_file_is_refused() -> TestResult {
     assert_eq!(std::fs::read(&path).unwrap(), b"x");
     Ok(())
 }
+
+#[test]
+fn a_paused_vm_is_snapshotted_and_restored() -> TestResult {
+    if !kvm_or_skip("a_paused_vm_is_snapshotted_and_restored") {
+        return Ok(());
+    }
+    let dir = scratch("api-snapshot");
+    let socket = dir.join("api.sock");
+    let kernel = tiny_guest("ticker");
+    let mut vm = TestVm::boot([
+        "--kernel".as_ref(),
+        kernel.as_os_str(),
+        "--api-socket".as_ref(),
+        socket.as_os_str(),
+    ])?;
+    vm.expect_line_within("RVMM-TINY tick", LIMIT)?;
+    let snap = dir.join("snap");
+    let line = format!(r#"{{"request":"snapshot","dir":"{}"}}"#, snap.display());
+    assert!(request(&socket, &line)?.contains("pause the VM before a snapshot"));
+    request(&socket, r#"{"request":"pause"}"#)?;
+    assert_eq!(request(&socket, &line)?, r#"{"ok":true,"state":"paused"}"#);
+    request(&socket, r#"{"request":"shutdown"}"#)?;
+    assert_eq!(vm.wait_exit(LIMIT)?.code(), Some(0));
+    // Guest RAM is 128 MiB, of which the file stores only the pages in use.
+    let memory = std::fs::metadata(snap.join("memory")).unwrap();
+    assert_eq!(memory.len(), 128 << 20);
+    assert!(std::os::unix::fs::MetadataExt::blocks(&memory) * 512 < 16 << 20);
+
+    let restored = dir.join("restored.sock");
+    let mut vm = TestVm::boot([
+        "restore".as_ref(),
+        snap.as_os_str(),
+        "--api-socket".as_ref(),
+        restored.as_os_str(),
+    ])?;
+    vm.expect_line_within("RVMM-TINY tick", LIMIT)?;
+    let status = request(&restored, r#"{"request":"status"}"#)?;
+    assert!(status.contains(r#""state":"running""#), "{status}");
+    request(&restored, r#"{"request":"shutdown"}"#)?;
+    let exit = vm.wait_exit(LIMIT)?;
+    assert_eq!(exit.code(), Some(0), "stderr: {}", vm.stderr());
+    Ok(())
+}

@@ -5,6 +5,11 @@
 //! A child process rather than a VMM thread: the VM can always be stopped (killed) however
 //! it misbehaves, it dies with rvmm (PR_SET_PDEATHSIG), its own process group keeps the
 //! terminal's Ctrl-C for the container, and its console output never reaches our stdout.
+//!
+//! The VM runs jailed (`rvmm --jail`): its run directory, where its sockets are, is all it
+//! still reaches by path, so that directory and the agent's listener belong to the jail's
+//! user. It is the first process of a PID namespace of its own where that can be made (as
+//! root), so that virtiofsd and passt, started by it, end with it whatever happens.
 
 use std::fs::{self, File};
 use std::io;
@@ -118,8 +123,9 @@ impl VmProcess {
         }
         .map_err(|e| VmError::RunDir(io::Error::from_raw_os_error(e.errno())))?;
         let uds = run_dir.as_path().join(VSOCK);
-        let listener = UnixListener::bind(format!("{}_{AGENT_PORT}", uds.display()))
-            .map_err(VmError::RunDir)?;
+        let agent_socket = format!("{}_{AGENT_PORT}", uds.display());
+        let listener = UnixListener::bind(&agent_socket).map_err(VmError::RunDir)?;
+        give_to_jail(&[run_dir.as_path(), Path::new(&agent_socket)])?;
         let log = l
             .console_log
             .map_or_else(|| run_dir.as_path().join("console.log"), Path::to_path_buf);
@@ -142,6 +148,7 @@ impl VmProcess {
             .args(["--memory", &l.memory_mib.to_string()])
             .arg("--api-socket")
             .arg(run_dir.as_path().join(API))
+            .arg("--jail")
             .arg("--rng");
         if let Some(disk) = l.image_disk {
             cmd.arg("--disk")
@@ -188,7 +195,7 @@ impl VmProcess {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(VmError::Spawn)?;
+        let child = spawn_in_pid_namespace(&mut cmd).map_err(VmError::Spawn)?;
         Ok(VmProcess {
             child,
             listener,
@@ -246,6 +253,47 @@ impl Drop for VmProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Started as root, the VM becomes the jail's user: what it must still write (its sockets'
+/// directory, the agent's socket it connects to) becomes that user's.
+fn give_to_jail(paths: &[&Path]) -> Result<(), VmError> {
+    // SAFETY: geteuid takes no arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let user = rvmm_vmm::jail::DEFAULT_USER;
+    for path in paths {
+        std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid)).map_err(VmError::RunDir)?;
+    }
+    Ok(())
+}
+
+/// Spawns `cmd` as the first process of a new PID namespace where this process may make one
+/// (as root), else as a plain child. The namespace applies to this thread's later children,
+/// so the thread goes back to its own at once. (Not from a thread of its own: the VM's
+/// PR_SET_PDEATHSIG would fire when that thread ended.)
+fn spawn_in_pid_namespace(cmd: &mut Command) -> io::Result<Child> {
+    let Ok(own) = File::open("/proc/thread-self/ns/pid") else {
+        return cmd.spawn();
+    };
+    // SAFETY: unshare takes no pointers.
+    if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+        log::debug!(
+            "no PID namespace for the VM: {}",
+            io::Error::last_os_error()
+        );
+        return cmd.spawn();
+    }
+    let child = cmd.spawn();
+    // SAFETY: setns on a namespace descriptor that is open for the call.
+    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+        log::warn!(
+            "cannot return to this process's PID namespace: {}",
+            io::Error::last_os_error()
+        );
+    }
+    child
 }
 
 fn child_ended(child: &mut Child) -> Option<String> {

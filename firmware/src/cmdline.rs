@@ -25,7 +25,7 @@ pub enum RootAccess {
 }
 
 /// A kernel command line; parameters are separated by single spaces.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KernelCmdline(String);
 
 impl KernelCmdline {

@@ -1,5 +1,6 @@
 //! The control socket of a running VM (`--api-socket PATH`): one JSON request per line, one
-//! JSON reply per line. Requests: `{"request":"status"}`, `"pause"`, `"resume"`, `"shutdown"`.
+//! JSON reply per line. Requests: `{"request":"status"}`, `"pause"`, `"resume"`, `"shutdown"`,
+//! and `{"request":"snapshot","dir":DIR}` of a paused VM.
 //! Replies: `{"ok":true,...}` or `{"ok":false,"error":"..."}`; a bad request gets an error
 //! reply and the VM runs on.
 //!
@@ -28,21 +29,17 @@ pub enum ApiError {
     Listen(#[source] ListenError),
 }
 
-/// A request line: `{"request": NAME}` and nothing else.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RequestLine {
-    request: Request,
-}
-
-/// A request, as the JSON line names it.
+/// A request line: `{"request": NAME}` with the request's own fields and nothing else.
 #[derive(Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+// Empty struct variants, not unit ones: serde lets unit variants of a tagged enum take any
+// other field.
+#[serde(tag = "request", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
-    Status,
-    Pause,
-    Resume,
-    Shutdown,
+    Status {},
+    Pause {},
+    Resume {},
+    Shutdown {},
+    Snapshot { dir: PathBuf },
 }
 
 /// Whether the vCPUs run.
@@ -69,6 +66,8 @@ pub trait VmControl {
     fn resume(&mut self) -> Result<(), String>;
     /// vCPU count and memory size, for `status`.
     fn shape(&self) -> (u8, u64);
+    /// Writes a snapshot of the paused VM into `dir`.
+    fn snapshot(&mut self, dir: &Path) -> Result<(), String>;
 }
 
 /// What serving a request line asks of the caller.
@@ -82,8 +81,8 @@ pub enum Served {
 
 /// Serves one request line.
 pub fn handle_line(line: &str, vm: &mut dyn VmControl) -> Served {
-    let request = match serde_json::from_str::<RequestLine>(line.trim()) {
-        Ok(r) => r.request,
+    let request = match serde_json::from_str::<Request>(line.trim()) {
+        Ok(r) => r,
         Err(e) => return Served::Reply(error_reply(&format!("bad request: {e}"))),
     };
     let done = |result: Result<(), String>, vm: &dyn VmControl| match result {
@@ -91,7 +90,7 @@ pub fn handle_line(line: &str, vm: &mut dyn VmControl) -> Served {
         Err(e) => error_reply(&e),
     };
     match request {
-        Request::Status => {
+        Request::Status {} => {
             let (vcpus, memory_mib) = vm.shape();
             let reply = json!({
                 "ok": true,
@@ -101,21 +100,30 @@ pub fn handle_line(line: &str, vm: &mut dyn VmControl) -> Served {
             });
             Served::Reply(reply.to_string())
         }
-        Request::Pause if vm.state() == RunState::Paused => {
+        Request::Pause {} if vm.state() == RunState::Paused => {
             Served::Reply(error_reply("the VM is paused already"))
         }
-        Request::Pause => {
+        Request::Pause {} => {
             let result = vm.pause();
             Served::Reply(done(result, vm))
         }
-        Request::Resume if vm.state() == RunState::Running => {
+        Request::Resume {} if vm.state() == RunState::Running => {
             Served::Reply(error_reply("the VM is running"))
         }
-        Request::Resume => {
+        Request::Resume {} => {
             let result = vm.resume();
             Served::Reply(done(result, vm))
         }
-        Request::Shutdown => Served::Shutdown(json!({"ok": true, "state": "shutdown"}).to_string()),
+        Request::Snapshot { .. } if vm.state() == RunState::Running => {
+            Served::Reply(error_reply("pause the VM before a snapshot"))
+        }
+        Request::Snapshot { dir } => {
+            let result = vm.snapshot(&dir);
+            Served::Reply(done(result, vm))
+        }
+        Request::Shutdown {} => {
+            Served::Shutdown(json!({"ok": true, "state": "shutdown"}).to_string())
+        }
     }
 }
 

@@ -144,21 +144,27 @@ pub fn attach_legacy(
 }
 
 /// The I/O APIC model of the split irqchip, at the address and with the id the MADT gives.
-pub fn attach_ioapic(vm: &Vm, mmio: &mut Bus, num_cpus: u8) -> Result<(), DeviceError> {
-    let ioapic = IoApic::new(layout::ioapic_id(num_cpus), Box::new(vm.msi_routes()));
-    mmio.insert(
-        Arc::new(Mutex::new(ioapic)),
-        layout::IOAPIC_ADDR,
-        IOAPIC_MMIO_LEN,
-    )
-    .map_err(DeviceError::Bus)
+pub fn attach_ioapic(
+    vm: &Vm,
+    mmio: &mut Bus,
+    num_cpus: u8,
+) -> Result<Arc<Mutex<IoApic>>, DeviceError> {
+    let ioapic = Arc::new(Mutex::new(IoApic::new(
+        layout::ioapic_id(num_cpus),
+        Box::new(vm.msi_routes()),
+    )));
+    mmio.insert(ioapic.clone(), layout::IOAPIC_ADDR, IOAPIC_MMIO_LEN)
+        .map_err(DeviceError::Bus)?;
+    Ok(ioapic)
 }
 
 /// Hands out one window and one interrupt pin per virtio device, in order, and remembers
-/// them: the ACPI tables or the command line describe exactly this list to the guest.
-#[derive(Debug, Default)]
+/// them: the ACPI tables or the command line describe exactly this list to the guest. Also
+/// keeps each slot's transport, for snapshots.
+#[derive(Default)]
 pub struct VirtioSlots {
     used: Vec<VirtioSlot>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl VirtioSlots {
@@ -173,6 +179,11 @@ impl VirtioSlots {
     /// Every slot handed out so far, in order.
     pub fn allocated(&self) -> &[VirtioSlot] {
         &self.used
+    }
+
+    /// The transports of the slots, in order.
+    pub fn transports(&self) -> &[Arc<Mutex<MmioTransport>>] {
+        &self.transports
     }
 }
 
@@ -211,9 +222,11 @@ where
             .register_mmio_ioeventfd(evt, slot.addr + QUEUE_NOTIFY_OFFSET, queue)
             .map_err(DeviceError::Notify)?;
     }
+    let transport = Arc::new(Mutex::new(transport));
     ctx.mmio
-        .insert(Arc::new(Mutex::new(transport)), slot.addr, MMIO_WINDOW_SIZE)
+        .insert(transport.clone(), slot.addr, MMIO_WINDOW_SIZE)
         .map_err(DeviceError::Bus)?;
+    ctx.slots.transports.push(transport);
     ctx.event_manager.add_subscriber(device);
     Ok(slot)
 }

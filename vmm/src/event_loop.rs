@@ -4,11 +4,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
+use crate::vstate::pause::PauseGate;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventLoopError {
@@ -20,27 +22,28 @@ pub enum EventLoopError {
 
 pub type DeviceEventManager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
-/// Ends the loop when its eventfd is written.
-struct StopSubscriber {
+/// Wakes the loop when its eventfd is written, to look at its stop flag and hold gate.
+struct WakeSubscriber {
     evt: EventFd,
-    stopped: Arc<AtomicBool>,
 }
 
-impl MutEventSubscriber for StopSubscriber {
+impl MutEventSubscriber for WakeSubscriber {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.evt.read();
-        self.stopped.store(true, Ordering::Release);
     }
 
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
-            log::error!("cannot watch the event loop's stop eventfd: {e:?}");
+            log::error!("cannot watch the event loop's wake eventfd: {e:?}");
         }
     }
 }
 
 pub struct DeviceLoop {
-    stop_evt: EventFd,
+    wake_evt: EventFd,
+    stopped: Arc<AtomicBool>,
+    /// Closed while a snapshot reads the devices and guest memory: the loop waits there.
+    hold: Arc<PauseGate<()>>,
     thread: JoinHandle<()>,
 }
 
@@ -50,12 +53,13 @@ impl DeviceLoop {
         mut manager: DeviceEventManager,
         filters: Option<Arc<Filters>>,
     ) -> Result<Self, EventLoopError> {
-        let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(EventLoopError::Start)?;
+        let wake_evt = EventFd::new(EFD_NONBLOCK).map_err(EventLoopError::Start)?;
         let stopped = Arc::new(AtomicBool::new(false));
-        manager.add_subscriber(Arc::new(Mutex::new(StopSubscriber {
-            evt: stop_evt.try_clone().map_err(EventLoopError::Start)?,
-            stopped: stopped.clone(),
+        let hold = Arc::new(PauseGate::<()>::default());
+        manager.add_subscriber(Arc::new(Mutex::new(WakeSubscriber {
+            evt: wake_evt.try_clone().map_err(EventLoopError::Start)?,
         })));
+        let (stop_flag, gate) = (stopped.clone(), hold.clone());
         let (ready_tx, ready) = sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("devices".into())
@@ -66,7 +70,8 @@ impl DeviceLoop {
                 if failed {
                     return;
                 }
-                while !stopped.load(Ordering::Acquire) {
+                while !stop_flag.load(Ordering::Acquire) {
+                    gate.pass(0, || ());
                     if let Err(e) = manager.run() {
                         log::error!("device event loop failed: {e:?}");
                         break;
@@ -79,11 +84,36 @@ impl DeviceLoop {
             let _ = thread.join();
             return Err(EventLoopError::Seccomp(e));
         }
-        Ok(DeviceLoop { stop_evt, thread })
+        Ok(DeviceLoop {
+            wake_evt,
+            stopped,
+            hold,
+            thread,
+        })
+    }
+
+    /// Stops the loop between two rounds of events; true once it waits, within `timeout`.
+    pub fn hold(&self, timeout: Duration) -> bool {
+        self.hold.close();
+        if let Err(e) = self.wake_evt.write(1) {
+            log::error!("cannot wake the device event loop: {e}");
+        }
+        if self.hold.wait_parked(1, timeout) {
+            return true;
+        }
+        self.hold.open();
+        false
+    }
+
+    /// Lets a held loop go on.
+    pub fn release(&self) {
+        self.hold.open();
     }
 
     pub fn stop(self) {
-        if let Err(e) = self.stop_evt.write(1) {
+        self.stopped.store(true, Ordering::Release);
+        self.hold.open();
+        if let Err(e) = self.wake_evt.write(1) {
             log::error!("cannot stop the device event loop: {e}");
             return;
         }

@@ -12,7 +12,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 use vmm_sys_util::signal::register_signal_handler;
-use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -95,6 +95,60 @@ ioctl_ior_nr!(
     0x83,
     kvm_bindings::kvm_sregs
 );
+ioctl_iowr_nr!(
+    KVM_GET_MSRS,
+    kvm_bindings::KVMIO,
+    0x88,
+    kvm_bindings::kvm_msrs
+);
+ioctl_iowr_nr!(
+    KVM_GET_CPUID2,
+    kvm_bindings::KVMIO,
+    0x91,
+    kvm_bindings::kvm_cpuid2
+);
+ioctl_ior_nr!(
+    KVM_GET_LAPIC,
+    kvm_bindings::KVMIO,
+    0x8e,
+    kvm_bindings::kvm_lapic_state
+);
+ioctl_ior_nr!(
+    KVM_GET_MP_STATE,
+    kvm_bindings::KVMIO,
+    0x98,
+    kvm_bindings::kvm_mp_state
+);
+ioctl_ior_nr!(
+    KVM_GET_VCPU_EVENTS,
+    kvm_bindings::KVMIO,
+    0x9f,
+    kvm_bindings::kvm_vcpu_events
+);
+ioctl_ior_nr!(
+    KVM_GET_DEBUGREGS,
+    kvm_bindings::KVMIO,
+    0xa1,
+    kvm_bindings::kvm_debugregs
+);
+ioctl_ior_nr!(
+    KVM_GET_XSAVE,
+    kvm_bindings::KVMIO,
+    0xa4,
+    kvm_bindings::kvm_xsave
+);
+ioctl_ior_nr!(
+    KVM_GET_XCRS,
+    kvm_bindings::KVMIO,
+    0xa6,
+    kvm_bindings::kvm_xcrs
+);
+ioctl_ior_nr!(
+    KVM_GET_CLOCK,
+    kvm_bindings::KVMIO,
+    0x7c,
+    kvm_bindings::kvm_clock_data
+);
 ioctl_iow_nr!(
     KVM_SET_GSI_ROUTING,
     kvm_bindings::KVMIO,
@@ -132,10 +186,18 @@ const COMMON: &[i64] = &[
 /// The main thread once the VM runs: it polls its signalfd and the exit eventfds, serves the
 /// API socket's clients (each with read and write timeouts), kicks and joins the other
 /// threads, and drops the VM, which removes the socket files and reaps `--share`'s virtiofsd
-/// processes and `--net user`'s passt (kill, below).
+/// processes and `--net user`'s passt (kill, below). A snapshot (API `snapshot`) makes its
+/// directory and writes its files: the state, and guest memory with holes for zero pages.
 const MAIN: &[i64] = &[
     libc::SYS_accept4,
+    libc::SYS_fsync,
+    libc::SYS_ftruncate,
+    libc::SYS_lseek,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_openat,
     libc::SYS_poll,
+    libc::SYS_pwrite64,
     libc::SYS_recvfrom,
     libc::SYS_sendto,
     libc::SYS_setsockopt,
@@ -205,13 +267,23 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
 /// Each thread kind gets only the ioctl requests it makes.
 fn ioctl_rules(kind: ThreadKind) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
     let requests: Vec<u64> = match kind {
-        ThreadKind::Main => vec![],
-        // KVM_GET_*REGS: the register dump when the guest cannot go on. KVM_SET_GSI_ROUTING:
-        // the guest programming the I/O APIC model.
+        // The VM's clock, for a snapshot.
+        ThreadKind::Main => vec![KVM_GET_CLOCK()],
+        // KVM_GET_*REGS: the register dump when the guest cannot go on. The other KVM_GET_*:
+        // each vCPU saves its state as it parks at a pause. KVM_SET_GSI_ROUTING: the guest
+        // programming the I/O APIC model.
         ThreadKind::Vcpu => vec![
             KVM_RUN(),
             KVM_GET_REGS(),
             KVM_GET_SREGS(),
+            KVM_GET_MSRS(),
+            KVM_GET_CPUID2(),
+            KVM_GET_LAPIC(),
+            KVM_GET_MP_STATE(),
+            KVM_GET_VCPU_EVENTS(),
+            KVM_GET_DEBUGREGS(),
+            KVM_GET_XSAVE(),
+            KVM_GET_XCRS(),
             KVM_SET_GSI_ROUTING(),
             libc::TUNSETOFFLOAD,
         ],
@@ -354,5 +426,15 @@ mod tests {
         assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS(), 0x8138_ae83);
         assert_eq!(KVM_SET_GSI_ROUTING(), 0x4008_ae6a);
+        // As linux/kvm.h defines them.
+        assert_eq!(KVM_GET_MSRS(), 0xc008_ae88);
+        assert_eq!(KVM_GET_CPUID2(), 0xc008_ae91);
+        assert_eq!(KVM_GET_LAPIC(), 0x8400_ae8e);
+        assert_eq!(KVM_GET_MP_STATE(), 0x8004_ae98);
+        assert_eq!(KVM_GET_VCPU_EVENTS(), 0x8040_ae9f);
+        assert_eq!(KVM_GET_DEBUGREGS(), 0x8080_aea1);
+        assert_eq!(KVM_GET_XSAVE(), 0x9000_aea4);
+        assert_eq!(KVM_GET_XCRS(), 0x8188_aea6);
+        assert_eq!(KVM_GET_CLOCK(), 0x8030_ae7c);
     }
 }

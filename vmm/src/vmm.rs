@@ -2,22 +2,27 @@
 //! rvmm is asked to stop by a signal.
 
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_bindings::{kvm_clock_data, KVM_MAX_CPUID_ENTRIES};
 use rvmm_devices::bus::Bus;
 use rvmm_devices::failure::DeviceFailure;
-use rvmm_devices::legacy::serial::SerialInput;
+use rvmm_devices::legacy::ioapic::IoApic;
+use rvmm_devices::legacy::serial::{Serial, SerialInput};
+use rvmm_devices::snapshot::SnapshotError as DeviceSnapshotError;
+use rvmm_devices::virtio::mmio::MmioTransport;
 use rvmm_firmware::acpi::AcpiConfig;
+use rvmm_firmware::layout;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::api::{ApiError, ApiSocket, RunState, VmControl};
+use crate::api::{ApiError, ApiSocket};
 use crate::boot::{self, BootConfig, BootError};
-use crate::config::{CpuTemplate, Seccomp, VmConfig};
+use crate::config::{ConfigError, CpuTemplate, Seccomp, VmConfig};
 use crate::console_out::PanicWatch;
 use crate::device_manager::{
     attach_ioapic, attach_legacy, attach_virtio_devices, DeviceError, LegacyDevices, VirtioContext,
@@ -25,9 +30,12 @@ use crate::device_manager::{
 };
 use crate::event_loop::{DeviceLoop, EventLoopError};
 use crate::exit::Buses;
+use crate::jail::{self, JailError};
 use crate::passt::{self, Passt, PasstError};
+use crate::running::{RunningVm, SavedParts};
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::signals::{ControlWait, EndEvents, SignalError, Wake};
+use crate::snapshot::{self, RestoreOptions, SnapshotError, VmState};
 use crate::terminal::dup_stdin;
 use crate::virtiofsd::{start_all, Virtiofsd, VirtiofsdError};
 use crate::vstate::cpuid;
@@ -35,11 +43,12 @@ use crate::vstate::kvm::{KvmError, KvmHost};
 use crate::vstate::memory::{create_guest_memory, MemoryBacking, MemoryError};
 use crate::vstate::pause::PauseGate;
 use crate::vstate::vcpu::{BootState, Outcome, RunContext, Vcpu, VcpuError, VcpuHandle};
+use crate::vstate::vcpu_state::VcpuStateError;
 use crate::vstate::vm::{IrqChip, Vm, VmError};
 
 /// How long stopping may take before rvmm gives up on a vCPU thread and exits anyway.
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-const KICK_INTERVAL: Duration = Duration::from_millis(10);
+pub(crate) const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const KICK_INTERVAL: Duration = Duration::from_millis(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -79,6 +88,22 @@ pub enum VmmError {
     Passt(#[from] PasstError),
     #[error(transparent)]
     Api(#[from] ApiError),
+    #[error(transparent)]
+    Jail(#[from] JailError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("restore: {0}")]
+    Restore(String),
+    #[error("restore")]
+    DeviceState(#[from] DeviceSnapshotError),
+    #[error("restore")]
+    VcpuState(#[from] VcpuStateError),
+    #[error("restore: cannot set the VM's clock")]
+    Clock(#[source] kvm_ioctls::Error),
+    #[error("restore: cannot route the I/O APIC's pins")]
+    Routes(#[source] std::io::Error),
+    #[error(transparent)]
+    Options(#[from] ConfigError),
     #[error("{0}")]
     Guest(String),
     /// A device's backend is gone; the reason, with how its virtiofsd or passt ended where
@@ -101,25 +126,50 @@ pub enum VmExit {
 /// A VM ready to run: memory loaded, vCPUs configured, devices attached.
 pub struct Vmm {
     // Kept alive for the life of the VM: KVM maps this memory into the guest.
-    _mem: GuestMemoryMmap,
-    _vm: Vm,
+    mem: GuestMemoryMmap,
+    vm: Vm,
     vcpus: Vec<Vcpu>,
     buses: Arc<Buses>,
     legacy: LegacyDevices,
+    /// The split irqchip's I/O APIC model (the ACPI platform).
+    ioapic: Option<Arc<Mutex<IoApic>>>,
+    /// The virtio devices' transports, in slot order.
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
     console_watch: Arc<PanicWatch>,
     device_failure: Arc<DeviceFailure>,
     event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
-    seccomp: Seccomp,
-    /// vCPU count and memory size in MiB.
-    shape: (u8, u64),
+    /// What the VM was built from: a snapshot records it.
+    config: VmConfig,
+    msr_indices: Arc<Vec<u32>>,
     api: Option<ApiSocket>,
     // Last, so that the devices have closed their sockets when each is reaped.
     virtiofsd: Vec<Virtiofsd>,
     passt: Option<Passt>,
 }
 
+/// How the VM's memory and vCPUs get their first state.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    /// Load the kernel and put the vCPUs at its entry point.
+    Boot,
+    /// Map the snapshot's memory and load its vCPU and device states.
+    Restore { dir: &'a Path, state: &'a VmState },
+}
+
 impl Vmm {
     pub fn build(cfg: &VmConfig) -> Result<Self, VmmError> {
+        Self::assemble(cfg, Start::Boot)
+    }
+
+    /// A VM in the state of the snapshot in `dir`, with the snapshot's configuration as
+    /// `options` change it (other disk images, TAPs, socket paths).
+    pub fn restore(dir: &Path, options: &RestoreOptions) -> Result<Self, VmmError> {
+        let state = snapshot::read(dir)?;
+        let cfg = options.apply(&state.config)?;
+        Self::assemble(&cfg, Start::Restore { dir, state: &state })
+    }
+
+    fn assemble(cfg: &VmConfig, start: Start) -> Result<Self, VmmError> {
         // First: no passt or a busy port is refused at once; passt starts as the VM is built.
         let passt = passt::start_for(cfg)?;
         let api = cfg.api_socket.as_deref().map(ApiSocket::bind).transpose()?;
@@ -137,13 +187,19 @@ impl Vmm {
             IrqChip::Legacy
         };
         let vm = Vm::new(&host.kvm, irqchip)?;
-        let mem = create_guest_memory(cfg.memory_bytes(), memory_backing(cfg))?;
+        let mem = match start {
+            Start::Boot => create_guest_memory(cfg.memory_bytes(), memory_backing(cfg))?,
+            Start::Restore { dir, .. } => {
+                snapshot::map_memory(dir, &layout::ram_regions(cfg.memory_bytes()))?
+            }
+        };
 
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
-        if irqchip == IrqChip::Split {
-            attach_ioapic(&vm, &mut mmio, cfg.vcpus)?;
-        }
+        let ioapic = match irqchip {
+            IrqChip::Split => Some(attach_ioapic(&vm, &mut mmio, cfg.vcpus)?),
+            IrqChip::Legacy => None,
+        };
         let console_watch = Arc::new(PanicWatch::default());
         let device_failure = Arc::new(DeviceFailure::new().map_err(VmmError::EventFd)?);
         let legacy = attach_legacy(&vm, &mut pio, cfg.console, &console_watch)?;
@@ -158,39 +214,24 @@ impl Vmm {
             console_watch: &console_watch,
             device_failure: &device_failure,
         };
-        let mut cmdline = cfg.cmdline.clone();
-        if host.emulated && template == CpuTemplate::Baseline {
-            cmdline.push(cpuid::BASELINE_KERNEL_PARAMS);
-        }
         let (mut virtiofsd, shares) = start_all(&cfg.shares)?;
         let (passt, user_net) = passt::ready(passt)?;
         attach_virtio_devices(&mut virtio, cfg, &shares, user_net)?;
         virtiofsd.iter_mut().for_each(Virtiofsd::connected);
-        // With ACPI the DSDT describes the devices; without it the command line must.
-        if !cfg.acpi {
-            for slot in slots.allocated() {
-                cmdline.virtio_mmio_device(slot);
-            }
-        }
-        let acpi = cfg.acpi.then(|| AcpiConfig {
-            num_cpus: cfg.vcpus,
-            virtio: slots.allocated(),
-            serial: legacy.serial.is_some(),
-        });
 
-        let boot_state = boot::load(
-            &mem,
-            &BootConfig {
-                kernel: &cfg.kernel,
-                initrd: cfg.initrd.as_deref(),
-                cmdline: cmdline.as_str(),
-                vcpus: cfg.vcpus,
-                mem_size: cfg.memory_bytes(),
-                acpi,
-            },
-        )?;
-
-        let vcpus = create_vcpus(&host, &vm, template, cfg.vcpus, &boot_state)?;
+        let parts = Parts {
+            host: &host,
+            vm: &vm,
+            mem: &mem,
+            template,
+            slots: &slots,
+            ioapic: ioapic.as_ref(),
+            serial: legacy.serial.as_ref(),
+        };
+        let vcpus = match start {
+            Start::Boot => boot_vcpus(cfg, &parts)?,
+            Start::Restore { state, .. } => restore_vcpus(cfg, &parts, state)?,
+        };
         // Last: with the legacy irqchip KVM finishes a grace period begun by its creation
         // before it adds a memory slot, so the work above overlaps that wait.
         vm.register_memory(&host.kvm, &mem)?;
@@ -202,17 +243,27 @@ impl Vmm {
                 template_name(template)
             );
         }
+        let msr_indices = host
+            .kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_else(|e| {
+                log::debug!("no MSR list, snapshots will lack MSRs: {e}");
+                Vec::new()
+            });
         Ok(Vmm {
-            _mem: mem,
-            _vm: vm,
+            mem,
+            vm,
             vcpus,
             buses: Arc::new(Buses { pio, mmio }),
             legacy,
+            ioapic,
+            transports: slots.transports().to_vec(),
             console_watch,
             device_failure,
             event_manager,
-            seccomp: cfg.seccomp,
-            shape: (cfg.vcpus, cfg.memory_mib),
+            config: cfg.clone(),
+            msr_indices: Arc::new(msr_indices),
             api,
             virtiofsd,
             passt,
@@ -236,7 +287,11 @@ impl Vmm {
             self.event_manager
                 .add_subscriber(Arc::new(Mutex::new(input)));
         }
-        let filters = match self.seccomp {
+        // While the process still has one thread: namespaces and capabilities are per thread.
+        if let Some(jail) = &self.config.jail {
+            jail::enter(jail)?;
+        }
+        let filters = match self.config.seccomp {
             Seccomp::On => Some(Arc::new(Filters::new().map_err(VmmError::Seccomp)?)),
             Seccomp::Off => {
                 log::warn!(
@@ -256,6 +311,7 @@ impl Vmm {
             exit_evt: exit_evt.clone(),
             seccomp: filters.clone(),
             pause: Arc::new(PauseGate::default()),
+            msr_indices: self.msr_indices.clone(),
         };
         let mut handles = Vec::new();
         let mut started = Ok(());
@@ -277,7 +333,15 @@ impl Vmm {
                 let mut running = RunningVm {
                     gate: &ctx.pause,
                     handles: &handles,
-                    shape: self.shape,
+                    devices: &device_loop,
+                    saved: SavedParts {
+                        vm: &self.vm,
+                        mem: &self.mem,
+                        ioapic: self.ioapic.as_ref(),
+                        serial: self.legacy.serial.as_ref(),
+                        transports: &self.transports,
+                        config: &self.config,
+                    },
                 };
                 wait_serving(&control, &exit_evt, self.api.as_ref(), &mut running)
             }
@@ -340,6 +404,88 @@ fn failure_reason(
     reason
 }
 
+/// What a VM's first state is put into.
+struct Parts<'a> {
+    host: &'a KvmHost,
+    vm: &'a Vm,
+    mem: &'a GuestMemoryMmap,
+    template: CpuTemplate,
+    slots: &'a VirtioSlots,
+    ioapic: Option<&'a Arc<Mutex<IoApic>>>,
+    serial: Option<&'a Arc<Mutex<Serial>>>,
+}
+
+/// Loads the kernel (with the tables that describe the machine) and puts the vCPUs at its
+/// entry point.
+fn boot_vcpus(cfg: &VmConfig, p: &Parts) -> Result<Vec<Vcpu>, VmmError> {
+    let mut cmdline = cfg.cmdline.clone();
+    if p.host.emulated && p.template == CpuTemplate::Baseline {
+        cmdline.push(cpuid::BASELINE_KERNEL_PARAMS);
+    }
+    // With ACPI the DSDT describes the devices; without it the command line must.
+    if !cfg.acpi {
+        for slot in p.slots.allocated() {
+            cmdline.virtio_mmio_device(slot);
+        }
+    }
+    let acpi = cfg.acpi.then(|| AcpiConfig {
+        num_cpus: cfg.vcpus,
+        virtio: p.slots.allocated(),
+        serial: p.serial.is_some(),
+    });
+    let boot_state = boot::load(
+        p.mem,
+        &BootConfig {
+            kernel: &cfg.kernel,
+            initrd: cfg.initrd.as_deref(),
+            cmdline: cmdline.as_str(),
+            vcpus: cfg.vcpus,
+            mem_size: cfg.memory_bytes(),
+            acpi,
+        },
+    )?;
+    create_vcpus(p.host, p.vm, p.template, cfg.vcpus, &boot_state)
+}
+
+/// Loads the snapshot's device, clock and vCPU states into the freshly built VM (whose
+/// memory already is the snapshot's).
+fn restore_vcpus(cfg: &VmConfig, p: &Parts, state: &VmState) -> Result<Vec<Vcpu>, VmmError> {
+    let refused = |why: &str| VmmError::Restore(why.to_string());
+    if state.vcpus.len() != usize::from(cfg.vcpus) {
+        return Err(refused("its vCPU count does not match its configuration"));
+    }
+    let ioapic = p.ioapic.ok_or_else(|| refused("a snapshot needs ACPI"))?;
+    lock(ioapic)
+        .restore(&state.ioapic)
+        .map_err(VmmError::Routes)?;
+    if let (Some(serial), Some(saved)) = (p.serial, &state.serial) {
+        lock(serial).restore(saved);
+    }
+    let transports = p.slots.transports();
+    if transports.len() != state.virtio.len() {
+        return Err(refused("its virtio devices do not match its configuration"));
+    }
+    for (transport, saved) in transports.iter().zip(&state.virtio) {
+        lock(transport).restore(saved)?;
+    }
+    let clock = kvm_clock_data {
+        clock: state.clock_ns,
+        ..Default::default()
+    };
+    p.vm.fd().set_clock(&clock).map_err(VmmError::Clock)?;
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (id, saved) in (0..cfg.vcpus).zip(&state.vcpus) {
+        let vcpu = Vcpu::new(p.vm, id)?;
+        vcpu.restore(saved)?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// One vCPU per `count`, each with the template's CPUID and its own topology ids.
 fn create_vcpus(
     host: &KvmHost,
@@ -383,46 +529,6 @@ fn wait_serving(
             }
             (wake, _) => return Ok(wake),
         }
-    }
-}
-
-/// What the API socket's requests act on.
-struct RunningVm<'a> {
-    gate: &'a PauseGate,
-    handles: &'a [VcpuHandle],
-    shape: (u8, u64),
-}
-
-impl VmControl for RunningVm<'_> {
-    fn state(&self) -> RunState {
-        if self.gate.is_closed() {
-            RunState::Paused
-        } else {
-            RunState::Running
-        }
-    }
-
-    fn pause(&mut self) -> Result<(), String> {
-        self.gate.close();
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        // Kicked again until parked: a kick that lands just before KVM_RUN is lost.
-        while Instant::now() < deadline {
-            self.handles.iter().for_each(VcpuHandle::kick);
-            if self.gate.wait_parked(self.handles.len(), KICK_INTERVAL) {
-                return Ok(());
-            }
-        }
-        self.gate.open();
-        Err(format!("the vCPUs did not stop within {STOP_TIMEOUT:?}"))
-    }
-
-    fn resume(&mut self) -> Result<(), String> {
-        self.gate.open();
-        Ok(())
-    }
-
-    fn shape(&self) -> (u8, u64) {
-        self.shape
     }
 }
 

@@ -30,6 +30,13 @@ impl VmControl for Vm {
     fn shape(&self) -> (u8, u64) {
         (1, 128)
     }
+    // Never touches the file system: a fuzzer must not write snapshots.
+    fn snapshot(&mut self, _dir: &std::path::Path) -> Result<(), String> {
+        if self.refuse {
+            return Err("refused".into());
+        }
+        Ok(())
+    }
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -10,6 +10,7 @@ use super::*;
 struct FakeVm {
     state: RunState,
     refuse: Option<&'static str>,
+    snapshots: Vec<PathBuf>,
 }
 
 impl VmControl for FakeVm {
@@ -30,12 +31,17 @@ impl VmControl for FakeVm {
     fn shape(&self) -> (u8, u64) {
         (2, 256)
     }
+    fn snapshot(&mut self, dir: &Path) -> Result<(), String> {
+        self.snapshots.push(dir.to_path_buf());
+        Ok(())
+    }
 }
 
 fn fake() -> FakeVm {
     FakeVm {
         state: RunState::Running,
         refuse: None,
+        snapshots: Vec::new(),
     }
 }
 
@@ -70,6 +76,8 @@ fn bad_requests_get_an_error_reply() {
         "{}",
         r#"{"request":"reboot"}"#,
         r#"{"request":"pause","extra":1}"#,
+        r#"{"request":"snapshot"}"#,
+        r#"{"request":"snapshot","dir":"/s","x":1}"#,
         r#"{"request":7}"#,
         "\u{0}\u{ff}",
     ] {
@@ -141,4 +149,17 @@ fn a_socket_in_use_is_refused() {
         matches!(err, ApiError::Listen(ListenError::InUse(_))),
         "{err}"
     );
+}
+
+#[test]
+fn a_snapshot_is_taken_only_of_a_paused_vm() {
+    let mut vm = fake();
+    let line = r#"{"request":"snapshot","dir":"/tmp/s"}"#;
+    let r = reply(handle_line(line, &mut vm));
+    assert_eq!(r["error"], "pause the VM before a snapshot");
+    assert!(vm.snapshots.is_empty());
+    handle_line(r#"{"request":"pause"}"#, &mut vm);
+    let r = reply(handle_line(line, &mut vm));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(vm.snapshots, [PathBuf::from("/tmp/s")]);
 }

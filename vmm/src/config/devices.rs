@@ -11,7 +11,7 @@ use super::option_parser::OptionParser;
 use super::ConfigError;
 
 /// The virtio-vsock device and its Unix-socket host side.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
     pub cid: u64,
     pub uds: PathBuf,
@@ -46,7 +46,7 @@ impl std::str::FromStr for VsockConfig {
 }
 
 /// Where a virtio-net interface's frames go.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum NetBackend {
     /// An existing TAP device.
     Tap(String),
@@ -55,7 +55,7 @@ pub enum NetBackend {
 }
 
 /// One virtio-net interface.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     pub backend: NetBackend,
     /// None: see [`NetConfig::guest_mac`].
@@ -131,7 +131,7 @@ pub mod user_net {
 }
 
 /// A transport protocol of a published port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -148,7 +148,7 @@ impl Protocol {
 
 /// `--publish [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|udp]`: a host port forwarded by passt to a
 /// guest port on the user-mode network.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PublishConfig {
     /// The host address to listen on; None: every address.
     pub host_ip: Option<IpAddr>,
@@ -209,7 +209,7 @@ impl std::str::FromStr for PublishConfig {
 }
 
 /// One virtio-blk disk.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
@@ -256,7 +256,7 @@ impl std::str::FromStr for DiskConfig {
 }
 
 /// One virtio-fs device served by an external vhost-user backend (virtiofsd).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FsConfig {
     /// What the guest mounts: `mount -t virtiofs TAG DIR`.
     pub tag: String,
@@ -289,7 +289,7 @@ impl std::str::FromStr for FsConfig {
 }
 
 /// A host directory shared through a virtiofsd that rvmm starts and stops with the VM.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ShareConfig {
     pub dir: PathBuf,
     pub tag: String,

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use rvmm_firmware::cmdline::{KernelCmdline, KernelConsole, RootAccess};
 
+use crate::jail::{self, JailConfig};
 use crate::kernel_image;
 
 /// Largest guest the layout supports without more memory slots (1 TiB).
@@ -27,6 +28,12 @@ const MIN_MEMORY_MIB: u64 = 16;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    #[error("--jail-user {0}")]
+    JailUser(String),
+    #[error("--jail: {0} is in /, which the jail would have to keep: put the sockets in a directory of their own")]
+    JailKeepsRoot(String),
+    #[error("{0}")]
+    Restore(String),
     #[error("--cpus must be between 1 and {MAX_VCPUS}, got {0}")]
     Cpus(u32),
     #[error("--memory must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, got {0}")]
@@ -70,7 +77,7 @@ pub enum ConfigError {
 }
 
 /// Which CPU features the guest sees.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CpuTemplate {
     /// Everything KVM supports on this host.
     Host,
@@ -79,7 +86,7 @@ pub enum CpuTemplate {
 }
 
 /// Where the guest console lives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ConsoleKind {
     /// The COM1 8250 UART (ttyS0).
     Serial,
@@ -90,7 +97,7 @@ pub enum ConsoleKind {
 }
 
 /// Whether rvmm's threads run under their seccomp filters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Seccomp {
     /// Each thread may make only the system calls its kind of thread needs.
     On,
@@ -141,17 +148,21 @@ pub struct VmParams {
     pub acpi: bool,
     /// Where the control socket listens.
     pub api_socket: Option<PathBuf>,
+    /// Enter the jail after set-up (`crate::jail`).
+    pub jail: bool,
+    /// `UID:GID` the jailed VMM becomes when started as root (implies `jail`).
+    pub jail_user: Option<String>,
 }
 
 /// The virtio-balloon.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BalloonConfig {
     /// The file the guest's memory statistics are written to, one JSON line every 2 s.
     pub stats: Option<PathBuf>,
 }
 
 /// A validated VM description: what [`crate::vmm::Vmm::build`] needs and nothing else.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
@@ -180,11 +191,22 @@ pub struct VmConfig {
     pub acpi: bool,
     /// The control socket (`crate::api`).
     pub api_socket: Option<PathBuf>,
+    /// The jail entered after set-up, if any.
+    pub jail: Option<JailConfig>,
 }
 
 impl VmConfig {
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
+    }
+
+    /// Checks again what a restore may have changed: the disks, and the sockets a jail keeps.
+    pub fn revalidate(&mut self) -> Result<(), ConfigError> {
+        check_disks(&self.disks)?;
+        if let Some(jail) = &mut self.jail {
+            jail.keep = jail_keep(&mut self.vsock, &mut self.api_socket)?;
+        }
+        Ok(())
     }
 }
 
@@ -243,7 +265,9 @@ impl TryFrom<VmParams> for VmConfig {
         if nets.first().is_some_and(|n| n.backend == NetBackend::User) && !has_ip(&cmdline) {
             cmdline.push(user_net::KERNEL_IP_PARAM);
         }
-        let vsock = cli.vsock.as_deref().map(str::parse).transpose()?;
+        let mut vsock: Option<VsockConfig> = cli.vsock.as_deref().map(str::parse).transpose()?;
+        let mut api_socket = cli.api_socket;
+        let jail = jail_config(&cli.jail_user, cli.jail, &mut vsock, &mut api_socket)?;
         let (fs, shares) = parse_fs(&cli.fs, &cli.shares)?;
         let count = disks.len()
             + nets.len()
@@ -281,9 +305,50 @@ impl TryFrom<VmParams> for VmConfig {
             shares,
             seccomp: cli.seccomp,
             acpi: cli.acpi,
-            api_socket: cli.api_socket,
+            api_socket,
+            jail,
         })
     }
+}
+
+/// The jail keeps the directories of the sockets still used by path; those paths are made
+/// absolute, since inside the jail the working directory is `/`.
+fn jail_config(
+    user: &Option<String>,
+    jail: bool,
+    vsock: &mut Option<VsockConfig>,
+    api_socket: &mut Option<PathBuf>,
+) -> Result<Option<JailConfig>, ConfigError> {
+    if !jail && user.is_none() {
+        return Ok(None);
+    }
+    let user = match user {
+        Some(text) => text.parse().map_err(ConfigError::JailUser)?,
+        None => jail::DEFAULT_USER,
+    };
+    let keep = jail_keep(vsock, api_socket)?;
+    Ok(Some(JailConfig { keep, user }))
+}
+
+/// The socket directories a jail keeps; the socket paths are made absolute.
+fn jail_keep(
+    vsock: &mut Option<VsockConfig>,
+    api_socket: &mut Option<PathBuf>,
+) -> Result<Vec<PathBuf>, ConfigError> {
+    let mut keep = Vec::new();
+    let paths = vsock
+        .iter_mut()
+        .map(|v| &mut v.uds)
+        .chain(api_socket.iter_mut());
+    for path in paths {
+        *path = jail::absolute(path);
+        let dir = jail::socket_dir(path);
+        if dir == Path::new("/") {
+            return Err(ConfigError::JailKeepsRoot(path.display().to_string()));
+        }
+        keep.push(dir);
+    }
+    Ok(keep)
 }
 
 /// Every disk must be a non-empty regular file, and none may appear twice (under any name:
@@ -363,6 +428,8 @@ mod tests {
             seccomp: Seccomp::On,
             acpi: true,
             api_socket: None,
+            jail: false,
+            jail_user: None,
         }
     }
 

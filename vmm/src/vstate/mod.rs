@@ -5,4 +5,5 @@ pub mod kvm;
 pub mod memory;
 pub mod pause;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;

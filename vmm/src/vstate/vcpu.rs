@@ -18,6 +18,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use crate::exit::{handle_exit, Buses, Flow};
 use crate::seccomp::{Filters, ThreadKind};
 use crate::vstate::pause::PauseGate;
+use crate::vstate::vcpu_state::{VcpuState, VcpuStateError};
 use crate::vstate::vm::Vm;
 
 // Control-register and EFER bits of the 64-bit entry state.
@@ -148,6 +149,11 @@ impl Vcpu {
         self.fd.set_lapic(&lapic).map_err(setup("lapic"))
     }
 
+    /// Loads a snapshot's state instead of the boot state.
+    pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuStateError> {
+        state.restore(&self.fd)
+    }
+
     /// Starts the KVM_RUN loop on its own thread.
     pub fn start(self, ctx: RunContext) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
@@ -175,7 +181,7 @@ impl Vcpu {
             }
         }
         let outcome = loop {
-            ctx.pause.pass();
+            ctx.pause.pass(self.id, || self.save_state(&ctx));
             if ctx.stop.load(Ordering::Acquire) {
                 break None;
             }
@@ -197,6 +203,34 @@ impl Vcpu {
         if let Some(outcome) = outcome {
             ctx.report(self.id, outcome);
         }
+    }
+
+    /// The vCPU's state for a snapshot, once KVM has finished the instruction whose I/O exit
+    /// was just handled (an MMIO read's value lands in its register only on the next entry):
+    /// KVM_RUN with `immediate_exit` completes it and returns at once.
+    fn save_state(&mut self, ctx: &RunContext) -> Result<VcpuState, String> {
+        self.fd.set_kvm_immediate_exit(1);
+        let mut completed = Ok(());
+        // An access split over two exits needs two entries.
+        for _ in 0..4 {
+            match self.fd.run() {
+                Err(e) if e.errno() == libc::EINTR => break,
+                Err(e) => {
+                    completed = Err(format!("vCPU {}: KVM_RUN: {e}", self.id));
+                    break;
+                }
+                Ok(exit) => {
+                    if let Err(e) = handle_exit(exit, &ctx.buses) {
+                        completed = Err(format!("vCPU {}: {e}", self.id));
+                        break;
+                    }
+                }
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        completed?;
+        VcpuState::save(&self.fd, &ctx.msr_indices)
+            .map_err(|e| format!("vCPU {}: {}", self.id, crate::error_chain(&e)))
     }
 
     /// Registers and, for internal errors, KVM's extra data: what a developer needs to find
@@ -250,6 +284,8 @@ pub struct RunContext {
     pub exit_evt: Arc<EventFd>,
     /// Closed while the VM is paused (the API socket's `pause`).
     pub pause: Arc<PauseGate>,
+    /// The MSRs a vCPU saves as it parks (`KVM_GET_MSR_INDEX_LIST`).
+    pub msr_indices: Arc<Vec<u32>>,
     /// Each vCPU thread installs its filter before it first enters the guest.
     pub seccomp: Option<Arc<Filters>>,
 }
