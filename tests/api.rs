@@ -150,8 +150,26 @@ fn a_paused_vm_is_snapshotted_and_restored() -> TestResult {
     vm.expect_line_within("RVMM-TINY tick", LIMIT)?;
     let status = request(&restored, r#"{"request":"status"}"#)?;
     assert!(status.contains(r#""state":"running""#), "{status}");
+    // Again into the same directory, whose memory file the restored VM maps.
+    request(&restored, r#"{"request":"pause"}"#)?;
+    assert_eq!(
+        request(&restored, &line)?,
+        r#"{"ok":true,"state":"paused"}"#
+    );
+    request(&restored, r#"{"request":"resume"}"#)?;
+    vm.expect_line_within("RVMM-TINY tick", LIMIT)?;
     request(&restored, r#"{"request":"shutdown"}"#)?;
     let exit = vm.wait_exit(LIMIT)?;
     assert_eq!(exit.code(), Some(0), "stderr: {}", vm.stderr());
+
+    let mut vm = TestVm::boot([
+        "restore".as_ref(),
+        snap.as_os_str(),
+        "--api-socket".as_ref(),
+        restored.as_os_str(),
+    ])?;
+    vm.expect_line_within("RVMM-TINY tick", LIMIT)?;
+    request(&restored, r#"{"request":"shutdown"}"#)?;
+    assert_eq!(vm.wait_exit(LIMIT)?.code(), Some(0));
     Ok(())
 }

@@ -20,6 +20,8 @@ use serde_json::json;
 
 /// How long a connection may stay silent before it is closed.
 pub const IDLE_LIMIT: Duration = Duration::from_secs(2);
+/// How long the main thread waits after a failed accept before it looks again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest request line; a longer one gets an error reply and the connection is closed.
 const MAX_LINE: u64 = 4096;
 
@@ -151,14 +153,23 @@ impl ApiSocket {
     /// Serves the connections waiting to be accepted, one after another; true when one asked
     /// for a shutdown.
     pub fn serve(&self, vm: &mut dyn VmControl) -> bool {
-        while let Ok((stream, _)) = self.listener.accept() {
-            match serve_connection(stream, vm) {
-                Ok(true) => return true,
-                Ok(false) => {}
-                Err(e) => log::debug!("API connection: {e}"),
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => match serve_connection(stream, vm) {
+                    Ok(true) => return true,
+                    Ok(false) => {}
+                    Err(e) => log::debug!("API connection: {e}"),
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+                Err(e) => {
+                    // Out of descriptors and the like: the connection stays pending and the
+                    // listener readable, so a pause keeps the main thread from spinning.
+                    log::warn!("API socket: cannot accept a connection: {e}");
+                    std::thread::sleep(ACCEPT_BACKOFF);
+                    return false;
+                }
             }
         }
-        false
     }
 }
 

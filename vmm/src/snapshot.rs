@@ -129,7 +129,11 @@ pub fn write(dir: &Path, state: &VmState, mem: &GuestMemoryMmap) -> Result<(), S
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(dir)(e)),
         _ => {}
     }
-    write_memory(&dir.join(MEMORY), mem)?;
+    // Into a new file renamed over the old: a VM restored from this very directory reads its
+    // memory from the old one.
+    let fresh = dir.join(format!("{MEMORY}.new"));
+    write_memory(&fresh, mem)?;
+    fs::rename(&fresh, dir.join(MEMORY)).map_err(io_err(dir))?;
     let text = serde_json::to_vec(state).map_err(|source| SnapshotError::Format {
         path: dir.display().to_string(),
         source,
