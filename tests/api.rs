@@ -5,12 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{kvm_or_skip, tiny_guest, TestResult, TestVm};
+use common::{api_request, kvm_or_skip, tiny_guest, TestResult, TestVm};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -18,21 +16,6 @@ fn scratch(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// Sends one request line on a connection of its own; returns the reply line.
-fn request(socket: &Path, line: &str) -> TestResult<String> {
-    let mut stream = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(LIMIT))
-        .map_err(|e| e.to_string())?;
-    writeln!(stream, "{line}").map_err(|e| format!("send: {e}"))?;
-    let mut reply = String::new();
-    BufReader::new(stream)
-        .read_line(&mut reply)
-        .map_err(|e| format!("reply to {line}: {e}"))?;
-    eprintln!("{line} -> {}", reply.trim());
-    Ok(reply.trim().to_string())
 }
 
 #[test]
@@ -51,32 +34,32 @@ fn a_running_vm_pauses_resumes_and_shuts_down_on_request() -> TestResult {
         socket.as_os_str(),
     ])?;
     vm.expect_line_within("RVMM-TINY tick", LIMIT)?;
-    let status = request(&socket, r#"{"request":"status"}"#)?;
+    let status = api_request(&socket, r#"{"request":"status"}"#)?;
     assert_eq!(
         status,
         r#"{"memory_mib":128,"ok":true,"state":"running","vcpus":2}"#
     );
 
     assert_eq!(
-        request(&socket, r#"{"request":"pause"}"#)?,
+        api_request(&socket, r#"{"request":"pause"}"#)?,
         r#"{"ok":true,"state":"paused"}"#
     );
     // What the guest wrote before it stopped may still be on its way.
     vm.lines_during(Duration::from_millis(500));
     let while_paused = vm.lines_during(Duration::from_secs(2));
     assert_eq!(while_paused, 0, "the guest ran on while paused");
-    assert!(request(&socket, r#"{"request":"status"}"#)?.contains(r#""state":"paused""#));
-    let bad = request(&socket, "{\"request\":\"pause\"} trailing")?;
+    assert!(api_request(&socket, r#"{"request":"status"}"#)?.contains(r#""state":"paused""#));
+    let bad = api_request(&socket, "{\"request\":\"pause\"} trailing")?;
     assert!(bad.starts_with(r#"{"error":"bad request: "#), "{bad}");
 
     assert_eq!(
-        request(&socket, r#"{"request":"resume"}"#)?,
+        api_request(&socket, r#"{"request":"resume"}"#)?,
         r#"{"ok":true,"state":"running"}"#
     );
     vm.expect_line_within("RVMM-TINY tick", LIMIT)?;
 
     assert_eq!(
-        request(&socket, r#"{"request":"shutdown"}"#)?,
+        api_request(&socket, r#"{"request":"shutdown"}"#)?,
         r#"{"ok":true,"state":"shutdown"}"#
     );
     let exit = vm.wait_exit(LIMIT)?;
@@ -130,10 +113,13 @@ fn a_paused_vm_is_snapshotted_and_restored() -> TestResult {
     vm.expect_line_within("RVMM-TINY tick", LIMIT)?;
     let snap = dir.join("snap");
     let line = format!(r#"{{"request":"snapshot","dir":"{}"}}"#, snap.display());
-    assert!(request(&socket, &line)?.contains("pause the VM before a snapshot"));
-    request(&socket, r#"{"request":"pause"}"#)?;
-    assert_eq!(request(&socket, &line)?, r#"{"ok":true,"state":"paused"}"#);
-    request(&socket, r#"{"request":"shutdown"}"#)?;
+    assert!(api_request(&socket, &line)?.contains("pause the VM before a snapshot"));
+    api_request(&socket, r#"{"request":"pause"}"#)?;
+    assert_eq!(
+        api_request(&socket, &line)?,
+        r#"{"ok":true,"state":"paused"}"#
+    );
+    api_request(&socket, r#"{"request":"shutdown"}"#)?;
     assert_eq!(vm.wait_exit(LIMIT)?.code(), Some(0));
     // Guest RAM is 128 MiB, of which the file stores only the pages in use.
     let memory = std::fs::metadata(snap.join("memory")).unwrap();
@@ -148,17 +134,17 @@ fn a_paused_vm_is_snapshotted_and_restored() -> TestResult {
         restored.as_os_str(),
     ])?;
     vm.expect_line_within("RVMM-TINY tick", LIMIT)?;
-    let status = request(&restored, r#"{"request":"status"}"#)?;
+    let status = api_request(&restored, r#"{"request":"status"}"#)?;
     assert!(status.contains(r#""state":"running""#), "{status}");
     // Again into the same directory, whose memory file the restored VM maps.
-    request(&restored, r#"{"request":"pause"}"#)?;
+    api_request(&restored, r#"{"request":"pause"}"#)?;
     assert_eq!(
-        request(&restored, &line)?,
+        api_request(&restored, &line)?,
         r#"{"ok":true,"state":"paused"}"#
     );
-    request(&restored, r#"{"request":"resume"}"#)?;
+    api_request(&restored, r#"{"request":"resume"}"#)?;
     vm.expect_line_within("RVMM-TINY tick", LIMIT)?;
-    request(&restored, r#"{"request":"shutdown"}"#)?;
+    api_request(&restored, r#"{"request":"shutdown"}"#)?;
     let exit = vm.wait_exit(LIMIT)?;
     assert_eq!(exit.code(), Some(0), "stderr: {}", vm.stderr());
 
@@ -169,7 +155,7 @@ fn a_paused_vm_is_snapshotted_and_restored() -> TestResult {
         restored.as_os_str(),
     ])?;
     vm.expect_line_within("RVMM-TINY tick", LIMIT)?;
-    request(&restored, r#"{"request":"shutdown"}"#)?;
+    api_request(&restored, r#"{"request":"shutdown"}"#)?;
     assert_eq!(vm.wait_exit(LIMIT)?.code(), Some(0));
     Ok(())
 }

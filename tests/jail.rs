@@ -6,13 +6,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{kvm_or_skip, tiny_guest, TestResult, TestVm};
+use common::{api_request, kvm_or_skip, tiny_guest, TestResult, TestVm};
 
 const LIMIT: Duration = Duration::from_secs(60);
 /// A file every user may read, outside the jail.
@@ -22,19 +20,6 @@ const NOBODY: u32 = 65534;
 fn is_root() -> bool {
     // SAFETY: geteuid takes no arguments.
     unsafe { libc::geteuid() == 0 }
-}
-
-fn request(socket: &Path, line: &str) -> TestResult<String> {
-    let mut stream = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(LIMIT))
-        .map_err(|e| e.to_string())?;
-    writeln!(stream, "{line}").map_err(|e| format!("send: {e}"))?;
-    let mut reply = String::new();
-    BufReader::new(stream)
-        .read_line(&mut reply)
-        .map_err(|e| format!("reply to {line}: {e}"))?;
-    Ok(reply.trim().to_string())
 }
 
 /// A directory of its own for the sockets, which the jailed VMM's user may write (to remove
@@ -113,9 +98,9 @@ fn a_jailed_vmm_reaches_nothing_but_its_sockets() -> TestResult {
         .join("api.sock")
         .exists());
 
-    let status = request(&socket, r#"{"request":"status"}"#)?;
+    let status = api_request(&socket, r#"{"request":"status"}"#)?;
     assert!(status.contains(r#""state":"running""#), "{status}");
-    request(&socket, r#"{"request":"shutdown"}"#)?;
+    api_request(&socket, r#"{"request":"shutdown"}"#)?;
     let exit = vm.wait_exit(LIMIT)?;
     let said = vm.stderr();
     assert_eq!(exit.code(), Some(0), "stderr: {said}");

@@ -6,13 +6,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{kvm_and_guest_or_skip, rootfs_with_programs, TestResult, TestVm};
+use common::{api_request, kvm_and_guest_or_skip, rootfs_with_programs, TestResult, TestVm};
 
 const LIMIT: Duration = Duration::from_secs(180);
 const SECTOR: u64 = 512;
@@ -22,20 +20,6 @@ fn scratch() -> PathBuf {
         Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("snapshot-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn request(socket: &Path, line: &str) -> TestResult<String> {
-    let mut stream = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(LIMIT))
-        .map_err(|e| e.to_string())?;
-    writeln!(stream, "{line}").map_err(|e| format!("send: {e}"))?;
-    let mut reply = String::new();
-    BufReader::new(stream)
-        .read_line(&mut reply)
-        .map_err(|e| format!("reply to {line}: {e}"))?;
-    eprintln!("{line} -> {}", reply.trim());
-    Ok(reply.trim().to_string())
 }
 
 /// The number on a `RVMM-COUNT N` line.
@@ -102,12 +86,12 @@ fn a_snapshot_restores_twice_to_the_same_point() -> TestResult {
     ])?;
     vm.expect_line_within("RVMM-COUNT 5", LIMIT)?;
 
-    let running = request(&socket, &snapshot_line(&dir.join("early")))?;
+    let running = api_request(&socket, &snapshot_line(&dir.join("early")))?;
     assert!(
         running.contains("pause the VM before a snapshot"),
         "{running}"
     );
-    assert!(request(&socket, r#"{"request":"pause"}"#)?.contains(r#""ok":true"#));
+    assert!(api_request(&socket, r#"{"request":"pause"}"#)?.contains(r#""ok":true"#));
     // The lines written before the pause.
     vm.lines_during(Duration::from_millis(500));
     let before = vm
@@ -117,15 +101,15 @@ fn a_snapshot_restores_twice_to_the_same_point() -> TestResult {
         .find(|l| l.contains("RVMM-COUNT "));
     let before = count(before.unwrap());
     let snap = dir.join("snap");
-    let taken = request(&socket, &snapshot_line(&snap))?;
+    let taken = api_request(&socket, &snapshot_line(&snap))?;
     assert_eq!(taken, r#"{"ok":true,"state":"paused"}"#);
-    let bad = request(&socket, &snapshot_line(Path::new("/proc/rvmm-no")))?;
+    let bad = api_request(&socket, &snapshot_line(Path::new("/proc/rvmm-no")))?;
     assert!(bad.contains(r#""ok":false"#), "{bad}");
     // The disk as the snapshot knows it, once for each restore.
     let (disk_a, disk_b) = (dir.join("a.img"), dir.join("b.img"));
     std::fs::copy(&disk, &disk_a).unwrap();
     std::fs::copy(&disk, &disk_b).unwrap();
-    request(&socket, r#"{"request":"shutdown"}"#)?;
+    api_request(&socket, r#"{"request":"shutdown"}"#)?;
     assert_eq!(vm.wait_exit(LIMIT)?.code(), Some(0));
 
     let mut firsts = Vec::new();
@@ -139,7 +123,7 @@ fn a_snapshot_restores_twice_to_the_same_point() -> TestResult {
             assert_eq!(n, last + 1, "the count skipped");
             last = n;
         }
-        request(&socket, r#"{"request":"shutdown"}"#)?;
+        api_request(&socket, r#"{"request":"shutdown"}"#)?;
         let exit = vm.wait_exit(LIMIT)?;
         assert_eq!(exit.code(), Some(0), "stderr: {}", vm.stderr());
         check_disk(image, last)?;

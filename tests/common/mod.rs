@@ -639,3 +639,18 @@ pub fn output_logged(mut cmd: Command, stdin: Option<&str>) -> std::process::Out
     );
     out
 }
+
+/// Sends one line to rvmm's API socket on a connection of its own; returns the reply line.
+pub fn api_request(socket: &Path, line: &str) -> TestResult<String> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    writeln!(stream, "{line}").map_err(|e| format!("send: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(|e| format!("reply to {line}: {e}"))?;
+    eprintln!("{line} -> {}", reply.trim());
+    Ok(reply.trim().to_string())
+}
