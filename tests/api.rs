@@ -127,13 +127,7 @@ fn a_paused_vm_is_snapshotted_and_restored() -> TestResult {
     assert!(std::os::unix::fs::MetadataExt::blocks(&memory) * 512 < 16 << 20);
 
     let restored = dir.join("restored.sock");
-    let mut vm = TestVm::boot([
-        "restore".as_ref(),
-        snap.as_os_str(),
-        "--api-socket".as_ref(),
-        restored.as_os_str(),
-    ])?;
-    vm.expect_line_within("RVMM-TINY tick", LIMIT)?;
+    let mut vm = restore_ticking(&snap, &restored)?;
     let status = api_request(&restored, r#"{"request":"status"}"#)?;
     assert!(status.contains(r#""state":"running""#), "{status}");
     // Again into the same directory, whose memory file the restored VM maps.
@@ -148,14 +142,20 @@ fn a_paused_vm_is_snapshotted_and_restored() -> TestResult {
     let exit = vm.wait_exit(LIMIT)?;
     assert_eq!(exit.code(), Some(0), "stderr: {}", vm.stderr());
 
+    let mut vm = restore_ticking(&snap, &restored)?;
+    api_request(&restored, r#"{"request":"shutdown"}"#)?;
+    assert_eq!(vm.wait_exit(LIMIT)?.code(), Some(0));
+    Ok(())
+}
+
+/// `rvmm restore SNAP` with its API socket at `socket`, once the guest ticks again.
+fn restore_ticking(snap: &Path, socket: &Path) -> TestResult<TestVm> {
     let mut vm = TestVm::boot([
         "restore".as_ref(),
         snap.as_os_str(),
         "--api-socket".as_ref(),
-        restored.as_os_str(),
+        socket.as_os_str(),
     ])?;
     vm.expect_line_within("RVMM-TINY tick", LIMIT)?;
-    api_request(&restored, r#"{"request":"shutdown"}"#)?;
-    assert_eq!(vm.wait_exit(LIMIT)?.code(), Some(0));
-    Ok(())
+    Ok(vm)
 }
