@@ -316,6 +316,10 @@ pub struct RunArgs {
     /// Leave the container running in the shared VM (--vm) and print its name.
     #[arg(short = 'd', long = "detach")]
     pub detach: bool,
+    /// Boot the VM instead of restoring the cached snapshot of a booted guest (made on first
+    /// use; runs with -v/--volume always boot).
+    #[arg(long)]
+    pub no_snapshot: bool,
     /// The image: an OCI layout directory or tar, a docker save tar, or a rootfs tar.
     pub image: PathBuf,
     /// The command and its arguments (default: the image's Entrypoint and Cmd).
@@ -362,6 +366,7 @@ impl From<RunArgs> for RunOptions {
             vm: a.vm,
             name: a.name,
             detach: a.detach,
+            snapshot: !a.no_snapshot,
         }
     }
 }

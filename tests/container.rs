@@ -180,7 +180,7 @@ fn agent_timeout_fails_cleanly() {
     let cache = dir.as_path().join("xdg");
     let out = Command::new(RVMM)
         .env("XDG_CACHE_HOME", &cache)
-        .args(["run", "--agent-timeout", "15", "--guest"])
+        .args(["run", "--no-snapshot", "--agent-timeout", "15", "--guest"])
         .arg(&guest)
         .arg(&docker)
         .args(["--", "echo", "hello"])
@@ -210,6 +210,97 @@ fn agent_timeout_fails_cleanly() {
         .unwrap()
         .count();
     assert!(disks >= 1);
+}
+
+/// `rvmm run` starts from a snapshot of a booted guest: the first run makes it, later runs
+/// restore it and fill its empty image slot (their consoles show no boot, only the slot's new
+/// size), each with the host's time and random numbers of its own. A snapshot that fails its
+/// checksum is removed, with a warning, and the run boots.
+#[test]
+fn run_starts_from_a_snapshot_of_a_booted_guest() {
+    let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let test = "run_starts_from_a_snapshot_of_a_booted_guest";
+    if !linux_kvm_or_skip(test) {
+        return;
+    }
+    let Some(guest) = container_guest(test) else {
+        return;
+    };
+    let dir = TempDir::new().unwrap();
+    let Some((docker, _)) = write_images(dir.as_path()) else {
+        return;
+    };
+    let xdg = dir.as_path().join("xdg");
+    let log = dir.as_path().join("console.log");
+    let run = || {
+        let out = Command::new(RVMM)
+            .env("XDG_CACHE_HOME", &xdg)
+            .args(["run", "--network", "none", "--console-log"])
+            .arg(&log)
+            .arg("--guest")
+            .arg(&guest)
+            .arg(&docker)
+            .args([
+                "--",
+                "sh",
+                "-c",
+                "echo hello; date +%s; cat /proc/sys/kernel/random/uuid",
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+        let lines: Vec<String> = stdout.lines().map(String::from).collect();
+        assert_eq!(lines.len(), 3, "{stdout}");
+        assert_eq!(lines[0], "hello");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let guest_time: u64 = lines[1].parse().unwrap();
+        assert!(
+            now.abs_diff(guest_time) < 60,
+            "guest {guest_time}, host {now}"
+        );
+        let console = std::fs::read_to_string(&log).unwrap_or_default();
+        (lines[2].clone(), stderr, console)
+    };
+    let snapshots = || -> Vec<PathBuf> {
+        std::fs::read_dir(xdg.join("rvmm/snapshots"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let booted = |console: &str| console.contains("Linux version");
+    let slot_filled = |console: &str| console.contains("detected capacity change from 0");
+
+    let (first, _, console) = run();
+    assert_eq!(snapshots().len(), 1, "made on first use");
+    assert!(!booted(&console) && slot_filled(&console), "{console}");
+    let (second, stderr, console) = run();
+    assert!(!booted(&console) && slot_filled(&console), "{console}");
+    assert!(stderr.is_empty(), "{stderr}");
+    assert_ne!(
+        first, second,
+        "each restored VM draws its own random numbers"
+    );
+
+    let snapshot = snapshots().remove(0);
+    std::fs::write(snapshot.join("state.sha256"), "0".repeat(64)).unwrap();
+    let (_, stderr, console) = run();
+    assert!(
+        stderr.contains("cannot restore the start-up snapshot") && stderr.contains("booting"),
+        "{stderr}"
+    );
+    assert!(booted(&console), "{console}");
+    assert!(!snapshot.exists(), "the broken snapshot is removed");
+    let marker = dir.as_path().display().to_string();
+    assert_eq!(processes_with(&marker), Vec::<String>::new());
 }
 
 /// `rvmm run -v`: the container reads a host file and writes one the host then finds; a `:ro`

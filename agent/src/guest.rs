@@ -11,7 +11,7 @@ use std::process::Command;
 use std::thread::sleep;
 use std::time::Duration;
 
-use rvmm_agent::protocol::IMAGE_TAG;
+use rvmm_agent::protocol::{Resume, IMAGE_TAG};
 
 /// The image disk: the second virtio disk, after the guest's own root.
 pub const IMAGE_DISK: &str = "/dev/vdb";
@@ -113,13 +113,108 @@ pub fn setup(image_disk: &Path, image_dir: &str) -> io::Result<()> {
         log_line(&format!("cannot bring up lo: {e}"));
     }
     std::fs::create_dir_all(image_dir)?;
-    // rvmm-oci's VMs get their roots over virtio-fs instead.
-    if !image_disk.exists() {
+    // A VM booted to be snapshotted gets its image at each restore (`resume`).
+    if disk_size(image_disk)? == 0 {
         return Ok(());
     }
+    mount_image(image_disk, image_dir)
+}
+
+/// The size of the disk at `path`; 0 where there is none (rvmm-oci's VMs get their roots over
+/// virtio-fs instead).
+fn disk_size(path: &Path) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    match File::open(path) {
+        Ok(mut disk) => disk.seek(SeekFrom::End(0)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+fn mount_image(image_disk: &Path, image_dir: &str) -> io::Result<()> {
     let disk = image_disk.to_string_lossy();
     mount(&disk, Path::new(image_dir), "ext4", libc::MS_RDONLY, "")
         .map_err(|e| io::Error::new(e.kind(), format!("cannot mount the image disk {disk}: {e}")))
+}
+
+/// How long a restored guest waits for its image disk to get the size the host gave it.
+const IMAGE_WAIT: Duration = Duration::from_secs(10);
+const IMAGE_POLL: Duration = Duration::from_millis(2);
+
+/// A guest restored from a snapshot: the host's time, a reseeded random pool, and the image
+/// disk that was empty at the snapshot and has been given its image since (the kernel learns
+/// the new size from a configuration-change interrupt, so it may take a moment).
+pub fn resume(req: &Resume, image_disk: &Path, image_dir: &str) -> Result<(), String> {
+    set_clock(req.realtime_ns).map_err(|e| format!("cannot set the clock: {e}"))?;
+    if let Err(e) = reseed(&req.entropy) {
+        log_line(&format!("cannot reseed the random pool: {e}"));
+    }
+    if is_mount_point(Path::new(image_dir)) || !image_disk.exists() {
+        return Ok(());
+    }
+    let deadline = std::time::Instant::now() + IMAGE_WAIT;
+    while disk_size(image_disk).map_err(|e| e.to_string())? == 0 {
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "the image disk {} is still empty after {IMAGE_WAIT:?}",
+                image_disk.display()
+            ));
+        }
+        sleep(IMAGE_POLL);
+    }
+    mount_image(image_disk, image_dir).map_err(|e| e.to_string())
+}
+
+fn set_clock(realtime_ns: u64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: (realtime_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (realtime_ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: `ts` is a valid timespec for the call.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `struct rand_pool_info` with room for the entropy the host sends.
+#[repr(C)]
+struct RandPoolInfo {
+    entropy_count: libc::c_int,
+    buf_size: libc::c_int,
+    buf: [u8; ENTROPY_MAX],
+}
+
+const ENTROPY_MAX: usize = 64;
+/// `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Credits `entropy` to the random pool and reseeds the generator from it at once, so that
+/// copies restored from one snapshot stop drawing the same numbers.
+fn reseed(entropy: &[u8]) -> io::Result<()> {
+    let len = entropy.len().min(ENTROPY_MAX);
+    let mut info = RandPoolInfo {
+        entropy_count: (len * 8) as libc::c_int,
+        buf_size: len as libc::c_int,
+        buf: [0; ENTROPY_MAX],
+    };
+    info.buf[..len].copy_from_slice(&entropy[..len]);
+    let random = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // SAFETY: both ioctls act on a random device we opened; RNDADDENTROPY reads `info`,
+    // whose `buf_size` bytes follow its header.
+    unsafe {
+        if libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, &info) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Where a shared VM mounts its image store and each image disk in it.

@@ -1,7 +1,10 @@
 //! rvmm-agent: PID 1 of the container-host guest. It prepares the guest (proc, sys, dev,
 //! cgroup2, the read-only image disk), connects to the host over vsock, and runs each
 //! requested command as an OCI container with crun, relaying stdio, signals and the exit
-//! status. A shutdown request or the first connection's end powers the guest off. In a shared
+//! status. A shutdown request or the first connection's end powers the guest off, unless the
+//! host parked the agent to snapshot the VM (`Message::Park`): in each restored copy the
+//! connection ends (vsock transport reset), the agent connects again, and the first request
+//! gives it its clock, entropy and image disk (`Message::Resume`). In a shared
 //! VM many containers run at once, each named (`registry`), from image disks on the VM's image
 //! share.
 
@@ -13,9 +16,9 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread;
 
 use crun::Started;
@@ -72,10 +75,27 @@ fn main() {
         say!("guest setup failed: {e}");
         guest::power_off();
     }
+    let _ = IMAGE.set(opts.image_disk);
     thread::spawn(serve_more_sessions);
     serve(conn);
+    // Parked and snapshotted: in each restored copy the transport reset ended the connection
+    // above, and the copy's host listens as at a boot.
+    while PARKED.load(Ordering::SeqCst) {
+        match guest::connect_host(protocol::AGENT_PORT, opts.unix.as_deref()) {
+            Ok(conn) => serve(conn),
+            Err(e) => {
+                say!("cannot reach the host again: {e}");
+                break;
+            }
+        }
+    }
     guest::power_off();
 }
+
+/// The image disk, for a restored guest to mount once it has its image.
+static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+/// Told [`Message::Park`]: the first connection's end does not power the guest off.
+static PARKED: AtomicBool = AtomicBool::new(false);
 
 /// Sessions the host opens later (`rvmm-oci exec`), each on its own thread; the guest's
 /// life stays tied to the first.
@@ -173,7 +193,20 @@ fn serve(conn: File) {
                 send(&writer, &reply);
                 Ok(None)
             }
+            Message::Shutdown if PARKED.load(Ordering::SeqCst) => guest::power_off(),
             Message::Shutdown => return,
+            Message::Park => {
+                PARKED.store(true, Ordering::SeqCst);
+                send(&writer, &Message::Done);
+                Ok(None)
+            }
+            Message::Resume(req) => {
+                let image = IMAGE.get().map_or(Path::new(guest::IMAGE_DISK), |p| p);
+                let reply = guest::resume(&req, image, IMAGE_DIR)
+                    .map_or_else(Message::Failed, |()| Message::Done);
+                send(&writer, &reply);
+                Ok(None)
+            }
             other => {
                 to_running(other, running.as_mut());
                 Ok(None)

@@ -185,6 +185,25 @@ pub enum Message {
         signal: i32,
     },
     Done,
+    /// host → agent: the VM is about to be snapshotted, with this connection open, to be
+    /// restored later, maybe many times over. The connection's end no longer powers the guest
+    /// off: in each restored VM it ends (the transport reset), the agent connects to
+    /// [`AGENT_PORT`] again, and the host sends [`Message::Resume`] first; a
+    /// [`Message::Shutdown`] powers the guest off. Answered [`Message::Done`].
+    Park,
+    /// host → agent, first on the connection of a VM restored from a parked snapshot;
+    /// answered [`Message::Done`] or [`Message::Failed`].
+    Resume(Resume),
+}
+
+/// What a guest restored from a snapshot needs from its host before it runs anything.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// The host's wall clock, in nanoseconds since the epoch: the guest's stopped when the
+    /// snapshot was taken.
+    pub realtime_ns: u64,
+    /// Random bytes for the guest's random pool, whose state every restored copy shares.
+    pub entropy: Vec<u8>,
 }
 
 fn codec() -> impl Options {
@@ -341,6 +360,11 @@ mod tests {
                 signal: 15,
             },
             Message::Done,
+            Message::Park,
+            Message::Resume(Resume {
+                realtime_ns: 1_796_000_000_000_000_000,
+                entropy: vec![7; 32],
+            }),
             Message::Resize(WindowSize {
                 rows: 50,
                 cols: 132,

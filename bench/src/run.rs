@@ -1,5 +1,5 @@
-//! The run step: how soon a container's first output comes under `rvmm run` in a fresh VM,
-//! under `rvmm run --vm` in a shared VM that is already up, and under `podman run` with crun;
+//! The run step: how soon a container's first output comes under `rvmm run` in a fresh VM
+//! (booted, and restored from the start-up snapshot), under `rvmm run --vm` in a shared VM that is already up, and under `podman run` with crun;
 //! and the shared VM's resident memory before, while and after a container holds 200 MiB
 //! (free page reporting gives it back). The image is the runtime step's busybox root, as a
 //! rootfs tar for rvmm and imported into the bench's own podman.
@@ -26,7 +26,13 @@ pub fn run_step(ctx: &Ctx) -> Result<(Vec<Figure>, Option<String>), RunError> {
     let title = |how| format!("{how}: start to first output of `sh -c 'echo'`");
     let mut fresh = Figure::new(
         "run.fresh",
-        &title("rvmm run, fresh VM"),
+        &title("rvmm run --no-snapshot, fresh VM booted"),
+        "s",
+        Better::Lower,
+    );
+    let mut restored = Figure::new(
+        "run.snapshot",
+        &title("rvmm run, fresh VM restored from the start-up snapshot"),
         "s",
         Better::Lower,
     );
@@ -47,7 +53,8 @@ pub fn run_step(ctx: &Ctx) -> Result<(Vec<Figure>, Option<String>), RunError> {
         .map(|(id, t)| Figure::new(id, t, "MiB", Better::Lower))
         .collect();
     let none = "no plain process or QEMU run containers here";
-    for fig in [&mut fresh, &mut shared].into_iter().chain(rss.iter_mut()) {
+    let starts = [&mut fresh, &mut restored, &mut shared];
+    for fig in starts.into_iter().chain(rss.iter_mut()) {
         fig.skipped(Variant::Process, none);
         fig.skipped(Variant::Qemu, none);
     }
@@ -65,17 +72,27 @@ pub fn run_step(ctx: &Ctx) -> Result<(Vec<Figure>, Option<String>), RunError> {
         first_output(ctx.runs, || p.command(crun, &args))
     });
     put(&mut fresh, Variant::Container, crun.clone())?;
+    put(&mut restored, Variant::Container, crun.clone())?;
     put(&mut shared, Variant::Container, crun)?;
     let rvmm = rvmm_ok(ctx).and(image);
-    progress("run: rvmm run in a fresh VM");
-    let samples = rvmm.clone().and_then(|image| {
-        first_output(ctx.runs, || {
-            let mut cmd = Command::new(&ctx.tools.rvmm);
-            cmd.args(["run", "--network", "none"]).arg(&image).arg("--");
-            cmd
-        })
-    });
-    put(&mut fresh, Variant::Rvmm, samples)?;
+    for (fig, options) in [
+        (&mut fresh, &["--no-snapshot"][..]),
+        // The unrecorded first run makes the snapshot where there is none yet.
+        (&mut restored, &[][..]),
+    ] {
+        progress(&format!("run: rvmm run {}", options.join(" ")));
+        let samples = rvmm.clone().and_then(|image| {
+            first_output(ctx.runs, || {
+                let mut cmd = Command::new(&ctx.tools.rvmm);
+                cmd.args(["run", "--network", "none"])
+                    .args(options)
+                    .arg(&image)
+                    .arg("--");
+                cmd
+            })
+        });
+        put(fig, Variant::Rvmm, samples)?;
+    }
     progress("run: rvmm run --vm in a shared VM");
     let vm = rvmm.and_then(|image| SharedVm::start(ctx, image));
     let samples = vm
@@ -89,14 +106,15 @@ pub fn run_step(ctx: &Ctx) -> Result<(Vec<Figure>, Option<String>), RunError> {
         let samples = held.as_ref().map(|r| vec![r[i]]).map_err(Clone::clone);
         put(fig, Variant::Rvmm, samples)?;
     }
-    let mut figures = vec![fresh, shared];
+    let mut figures = vec![fresh, restored, shared];
     figures.extend(rss);
     Ok((figures, Some(NOTE.into())))
 }
 
 const NOTE: &str = "run: a busybox root (a rootfs tar for rvmm, imported into the bench's \
     own podman with vfs storage), `--network none` everywhere; start to the first line of \
-    `sh -c 'echo'` on stdout, after one unrecorded run. The shared VM: `rvmm vm start \
+    `sh -c 'echo'` on stdout, after one unrecorded run (which, for `rvmm run` from a \
+    snapshot, makes the snapshot if the cache has none). The shared VM: `rvmm vm start \
     --network none --memory 1024`, up before its runs. Its RSS is the VM process's VmRSS; the \
     container writes 200 MiB to its root (tmpfs in the guest), then deletes it.";
 

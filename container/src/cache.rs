@@ -1,4 +1,5 @@
-//! Where rvmm keeps what it builds for containers: image disks and the container guest.
+//! Where rvmm keeps what it builds for containers: image disks, the container guest and
+//! start-up snapshots.
 
 use std::path::PathBuf;
 
@@ -11,4 +12,9 @@ pub fn cache_base() -> PathBuf {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/".into())).join(".cache")
         })
         .join("rvmm")
+}
+
+/// Where `rvmm run` keeps its start-up snapshots (`warm`).
+pub fn snapshots() -> PathBuf {
+    cache_base().join("snapshots")
 }

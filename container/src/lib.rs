@@ -15,6 +15,7 @@ pub mod signals;
 pub mod tty;
 pub mod vm;
 pub mod volume;
+pub mod warm;
 
 use std::io::{self, IsTerminal};
 use std::path::PathBuf;
@@ -102,6 +103,9 @@ pub struct RunOptions {
     pub name: Option<String>,
     /// Leave the container running in the shared VM and print its name.
     pub detach: bool,
+    /// Start from the cached snapshot of a booted guest (made on first use) where the VM
+    /// allows it (`warm`); false: always boot.
+    pub snapshot: bool,
 }
 
 /// `rvmm exec`: another process in a shared VM's running container.
@@ -147,7 +151,7 @@ pub fn run(args: &RunOptions) -> Result<u8, RunError> {
     let prepared = prepare(args, &DiskCache::user_default(), &volumes, !nets.is_empty())?;
     let guest = GuestFiles::find(args.guest.as_deref())?;
     let vmm = std::env::current_exe().map_err(|e| RunError::Vm(VmError::Spawn(e)))?;
-    let mut vm = VmProcess::start(&VmLaunch {
+    let launch = VmLaunch {
         vmm: &vmm,
         guest: &guest,
         image_disk: Some(&prepared.disk),
@@ -161,8 +165,18 @@ pub fn run(args: &RunOptions) -> Result<u8, RunError> {
         run_dir_in: None,
         balloon: false,
         balloon_stats: None,
-    })?;
-    let mut session = vm.connect(args.agent_timeout)?;
+    };
+    let restored = (args.snapshot && warm::eligible(&launch))
+        .then(|| warm::start(&launch, &cache::snapshots(), args.agent_timeout))
+        .flatten();
+    let (vm, mut session) = match restored {
+        Some(started) => started,
+        None => {
+            let mut vm = VmProcess::start(&launch)?;
+            let session = vm.connect(args.agent_timeout)?;
+            (vm, session)
+        }
+    };
     let status = attach(
         &mut session,
         Start::Run(Box::new(prepared.request)),

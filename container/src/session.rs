@@ -116,6 +116,13 @@ impl Session {
         })
     }
 
+    /// How long a read from the agent may wait; None: for ever.
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<(), SessionError> {
+        self.reader
+            .set_read_timeout(timeout)
+            .map_err(SessionError::Socket)
+    }
+
     pub fn sender(&self) -> AgentSender {
         self.sender.clone()
     }

@@ -32,6 +32,8 @@ const EXIT_POLL: Duration = Duration::from_millis(20);
 const VSOCK: &str = "vsock";
 /// rvmm's API socket in the run directory.
 const API: &str = "api.sock";
+/// How long an API request may take: a snapshot writes all of guest memory.
+const API_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -80,7 +82,8 @@ impl GuestFiles {
     }
 }
 
-/// What to boot.
+/// What to start.
+#[derive(Clone, Copy)]
 pub struct VmLaunch<'a> {
     /// The rvmm binary that runs the VM.
     pub vmm: &'a Path,
@@ -115,8 +118,22 @@ pub struct VmProcess {
     _run_dir: TempDir,
 }
 
+/// How a VM process starts: a boot, or a restore of a snapshot of the container guest.
+#[derive(Clone, Copy, Debug)]
+pub enum Origin<'a> {
+    Boot,
+    /// The snapshot's directory; the launch's image disk fills its image slot.
+    Restore(&'a Path),
+}
+
 impl VmProcess {
+    /// Boots the container guest.
     pub fn start(l: &VmLaunch) -> Result<VmProcess, VmError> {
+        Self::launch(l, Origin::Boot)
+    }
+
+    /// Starts the VM from `origin`, in a private run directory that holds its sockets.
+    pub fn launch(l: &VmLaunch, origin: Origin) -> Result<VmProcess, VmError> {
         let run_dir = match l.run_dir_in {
             Some(parent) => TempDir::new_in(parent),
             None => TempDir::new_with_prefix("/tmp/rvmm-run-"),
@@ -131,43 +148,10 @@ impl VmProcess {
             .map_or_else(|| run_dir.as_path().join("console.log"), Path::to_path_buf);
         let console = File::create(&log).map_err(VmError::RunDir)?;
         let console_err = console.try_clone().map_err(VmError::RunDir)?;
-        let mut cmdline = KernelCmdline::with_defaults(Some(KernelConsole::Serial));
-        cmdline
-            .root_vda(RootAccess::ReadOnly)
-            .push("rootfstype=ext4");
         let mut cmd = Command::new(l.vmm);
-        cmd.arg("--kernel")
-            .arg(&l.guest.kernel)
-            .arg("--cmdline")
-            .arg(cmdline.as_str())
-            .arg("--disk")
-            .arg(format!("{},ro", l.guest.rootfs.display()))
-            .arg("--vsock")
-            .arg(format!("cid={GUEST_CID},uds={}", uds.display()))
-            .args(["--cpus", &l.cpus.to_string()])
-            .args(["--memory", &l.memory_mib.to_string()])
-            .arg("--api-socket")
-            .arg(run_dir.as_path().join(API))
-            .arg("--jail")
-            .arg("--rng");
-        if let Some(disk) = l.image_disk {
-            cmd.arg("--disk")
-                .arg(format!("{},ro,serial=rvmm-image", disk.display()));
-        }
-        for net in l.nets {
-            cmd.arg("--net").arg(net);
-        }
-        for publish in l.publish {
-            cmd.arg("--publish").arg(publish);
-        }
-        for share in l.shares {
-            cmd.arg("--share").arg(share);
-        }
-        if l.balloon {
-            cmd.arg("--balloon");
-        }
-        if let Some(stats) = l.balloon_stats {
-            cmd.arg("--balloon-stats").arg(stats);
+        match origin {
+            Origin::Boot => boot_args(&mut cmd, l, run_dir.as_path()),
+            Origin::Restore(snapshot) => restore_args(&mut cmd, l, snapshot, run_dir.as_path()),
         }
         cmd.stdin(Stdio::null())
             .stdout(console)
@@ -234,6 +218,18 @@ impl VmProcess {
         })
     }
 
+    /// A request to the VM's API socket; its reply when it says `ok`. A VM that ended
+    /// meanwhile says why.
+    pub fn api(&mut self, body: &serde_json::Value) -> Result<serde_json::Value, VmError> {
+        api_call(self.run_dir(), body).map_err(|e| match self.ended() {
+            Some(why) => VmError::Agent {
+                err: SessionError::VmEnded(why),
+                tail: console_tail(&self.log),
+            },
+            None => e,
+        })
+    }
+
     /// Gives the guest `grace` to power off by itself, then stops it.
     pub fn finish(mut self, grace: Duration) {
         let deadline = Instant::now() + grace;
@@ -252,6 +248,64 @@ impl Drop for VmProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// `rvmm` options that boot the container guest.
+fn boot_args(cmd: &mut Command, l: &VmLaunch, run_dir: &Path) {
+    let mut cmdline = KernelCmdline::with_defaults(Some(KernelConsole::Serial));
+    cmdline
+        .root_vda(RootAccess::ReadOnly)
+        .push("rootfstype=ext4");
+    cmd.arg("--kernel")
+        .arg(&l.guest.kernel)
+        .arg("--cmdline")
+        .arg(cmdline.as_str())
+        .arg("--disk")
+        .arg(format!("{},ro", l.guest.rootfs.display()))
+        .arg("--vsock")
+        .arg(format!(
+            "cid={GUEST_CID},uds={}",
+            run_dir.join(VSOCK).display()
+        ))
+        .args(["--cpus", &l.cpus.to_string()])
+        .args(["--memory", &l.memory_mib.to_string()])
+        .arg("--api-socket")
+        .arg(run_dir.join(API))
+        .arg("--jail")
+        .arg("--rng");
+    if let Some(disk) = l.image_disk {
+        cmd.arg("--disk")
+            .arg(format!("{},ro,serial=rvmm-image", disk.display()));
+    }
+    for net in l.nets {
+        cmd.arg("--net").arg(net);
+    }
+    for publish in l.publish {
+        cmd.arg("--publish").arg(publish);
+    }
+    for share in l.shares {
+        cmd.arg("--share").arg(share);
+    }
+    if l.balloon {
+        cmd.arg("--balloon");
+    }
+    if let Some(stats) = l.balloon_stats {
+        cmd.arg("--balloon-stats").arg(stats);
+    }
+}
+
+/// `rvmm restore` options: the snapshot of a booted container guest, with this run's sockets
+/// and the image disk in the snapshot's image slot (its second disk).
+fn restore_args(cmd: &mut Command, l: &VmLaunch, snapshot: &Path, run_dir: &Path) {
+    cmd.arg("restore")
+        .arg(snapshot)
+        .arg("--api-socket")
+        .arg(run_dir.join(API))
+        .arg("--vsock-uds")
+        .arg(run_dir.join(VSOCK));
+    if let Some(disk) = l.image_disk {
+        cmd.arg("--disk").arg(format!("1={}", disk.display()));
     }
 }
 
@@ -317,13 +371,17 @@ fn console_tail(log: &Path) -> String {
 /// Sends `{"request":REQUEST}` to the API socket of the VM whose run directory is `run_dir`
 /// (`rvmm --api-socket`) and waits for its reply; the reply when it says `ok`.
 pub fn api_request(run_dir: &Path, request: &str) -> Result<serde_json::Value, VmError> {
+    api_call(run_dir, &serde_json::json!({ "request": request }))
+}
+
+fn api_call(run_dir: &Path, body: &serde_json::Value) -> Result<serde_json::Value, VmError> {
     use std::io::{BufRead, BufReader, Write};
     let mut stream =
         std::os::unix::net::UnixStream::connect(run_dir.join(API)).map_err(VmError::Api)?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_read_timeout(Some(API_TIMEOUT))
         .map_err(VmError::Api)?;
-    writeln!(stream, "{}", serde_json::json!({ "request": request })).map_err(VmError::Api)?;
+    writeln!(stream, "{body}").map_err(VmError::Api)?;
     let mut line = String::new();
     BufReader::new(stream)
         .read_line(&mut line)
@@ -334,7 +392,7 @@ pub fn api_request(run_dir: &Path, request: &str) -> Result<serde_json::Value, V
     }
     let why = reply["error"].as_str().unwrap_or("no reply").to_string();
     Err(VmError::Refused {
-        request: request.into(),
+        request: body["request"].as_str().unwrap_or("?").into(),
         why,
     })
 }

@@ -31,6 +31,8 @@ pub struct SavedParts<'a> {
     pub serial: Option<&'a Arc<Mutex<Serial>>>,
     pub transports: &'a [Arc<Mutex<MmioTransport>>],
     pub config: &'a VmConfig,
+    /// `/proc/self/pagemap`, where it could be opened.
+    pub pagemap: Option<&'a std::fs::File>,
 }
 
 pub struct RunningVm<'a> {
@@ -105,7 +107,8 @@ impl VmControl for RunningVm<'_> {
                     serial: parts.serial.map(|s| lock(s).save()),
                     virtio,
                 };
-                snapshot::write(dir, &state, parts.mem).map_err(|e| crate::error_chain(&e))
+                snapshot::write(dir, &state, parts.mem, parts.pagemap)
+                    .map_err(|e| crate::error_chain(&e))
             });
         self.devices.release();
         result

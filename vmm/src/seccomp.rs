@@ -187,7 +187,8 @@ const COMMON: &[i64] = &[
 /// API socket's clients (each with read and write timeouts), kicks and joins the other
 /// threads, and drops the VM, which removes the socket files and reaps `--share`'s virtiofsd
 /// processes and `--net user`'s passt (kill, below). A snapshot (API `snapshot`) makes its
-/// directory and writes its files: the state, and guest memory with holes for zero pages.
+/// directory and writes its files: the state, and guest memory with holes for zero pages
+/// (the page map, read with pread64, says which pages the guest never touched).
 const MAIN: &[i64] = &[
     libc::SYS_accept4,
     libc::SYS_fsync,
@@ -197,6 +198,7 @@ const MAIN: &[i64] = &[
     libc::SYS_mkdirat,
     libc::SYS_openat,
     libc::SYS_poll,
+    libc::SYS_pread64,
     libc::SYS_pwrite64,
     libc::SYS_recvfrom,
     libc::SYS_rename,

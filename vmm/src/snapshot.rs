@@ -122,7 +122,14 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
 }
 
 /// Writes `state` and guest memory into `dir` (made if missing; files in it are replaced).
-pub fn write(dir: &Path, state: &VmState, mem: &GuestMemoryMmap) -> Result<(), SnapshotError> {
+/// `pagemap`, this process's `/proc/self/pagemap` (opened before a jail hid `/proc`), lets
+/// the pages of anonymous memory the guest never touched go unread.
+pub fn write(
+    dir: &Path,
+    state: &VmState,
+    mem: &GuestMemoryMmap,
+    pagemap: Option<&File>,
+) -> Result<(), SnapshotError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     // An old checksum would vouch for a half-written new state.
     match fs::remove_file(dir.join(CHECKSUM)) {
@@ -132,7 +139,7 @@ pub fn write(dir: &Path, state: &VmState, mem: &GuestMemoryMmap) -> Result<(), S
     // Into a new file renamed over the old: a VM restored from this very directory reads its
     // memory from the old one.
     let fresh = dir.join(format!("{MEMORY}.new"));
-    write_memory(&fresh, mem)?;
+    write_memory(&fresh, mem, pagemap)?;
     fs::rename(&fresh, dir.join(MEMORY)).map_err(io_err(dir))?;
     let text = serde_json::to_vec(state).map_err(|source| SnapshotError::Format {
         path: dir.display().to_string(),
@@ -149,7 +156,11 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
 }
 
 /// Each region after the other; runs of zero pages stay holes.
-fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<(), SnapshotError> {
+fn write_memory(
+    path: &Path,
+    mem: &GuestMemoryMmap,
+    pagemap: Option<&File>,
+) -> Result<(), SnapshotError> {
     let file = File::create(path).map_err(io_err(path))?;
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     file.set_len(total).map_err(io_err(path))?;
@@ -159,7 +170,12 @@ fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<(), SnapshotError>
         // SAFETY: the region is mapped for `len` bytes for as long as `mem` lives; the vCPUs
         // and the device thread are stopped, so nothing writes it while it is read.
         let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr(), len) };
-        for (start, end) in nonzero_runs(bytes) {
+        // A file-backed region (a restored VM's) holds file data in its absent pages.
+        let touched = match (pagemap, region.file_offset()) {
+            (Some(pagemap), None) => touched_pages(pagemap, region.as_ptr() as usize, len),
+            _ => None,
+        };
+        for (start, end) in nonzero_runs(bytes, touched.as_deref()) {
             file.write_all_at(&bytes[start..end], offset + start as u64)
                 .map_err(io_err(path))?;
         }
@@ -168,11 +184,34 @@ fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<(), SnapshotError>
     file.sync_all().map_err(io_err(path))
 }
 
-/// (start, end) of each run of pages with a non-zero byte.
-fn nonzero_runs(bytes: &[u8]) -> Vec<(usize, usize)> {
+/// Whether each page of the anonymous mapping at `addr` is present or swapped out; the others
+/// were never written (or were given back) and read as zeros. None where pagemap cannot say.
+fn touched_pages(pagemap: &File, addr: usize, len: usize) -> Option<Vec<bool>> {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    let pages = len.div_ceil(PAGE);
+    let mut entries = vec![0u8; pages * 8];
+    let at = (addr / PAGE * 8) as u64;
+    if let Err(e) = pagemap.read_exact_at(&mut entries, at) {
+        log::debug!("snapshot: cannot read the page map: {e}");
+        return None;
+    }
+    let touched = entries.chunks_exact(8).map(|e| {
+        let entry = u64::from_le_bytes(e.try_into().unwrap_or_default());
+        entry & (PRESENT | SWAPPED) != 0
+    });
+    Some(touched.collect())
+}
+
+/// (start, end) of each run of pages with a non-zero byte, looking only at `touched` pages
+/// where that is known.
+fn nonzero_runs(bytes: &[u8], touched: Option<&[bool]>) -> Vec<(usize, usize)> {
+    static ZERO: [u8; PAGE] = [0; PAGE];
     let mut runs: Vec<(usize, usize)> = Vec::new();
     for (i, page) in bytes.chunks(PAGE).enumerate() {
-        if page.iter().all(|&b| b == 0) {
+        let untouched = touched.is_some_and(|t| !t.get(i).copied().unwrap_or(true));
+        // Compared as a whole slice: one memcmp, fast even in a debug build.
+        if untouched || page == &ZERO[..page.len()] {
             continue;
         }
         let (start, end) = (i * PAGE, i * PAGE + page.len());
@@ -347,10 +386,39 @@ mod tests {
         bytes[5 * PAGE + 7] = 1;
         bytes[6 * PAGE + 99] = 1;
         assert_eq!(
-            nonzero_runs(&bytes),
+            nonzero_runs(&bytes, None),
             [(PAGE, 3 * PAGE), (5 * PAGE, 6 * PAGE + 100)]
         );
-        assert!(nonzero_runs(&[0; 3 * PAGE]).is_empty());
+        assert!(nonzero_runs(&[0; 3 * PAGE], None).is_empty());
+        // Pages known untouched are not read.
+        let touched = [false, true, false, false, false, true, true];
+        assert_eq!(
+            nonzero_runs(&bytes, Some(&touched)),
+            [(PAGE, 2 * PAGE), (5 * PAGE, 6 * PAGE + 100)]
+        );
+    }
+
+    #[test]
+    fn the_page_map_tells_touched_pages_from_untouched_ones() {
+        let pagemap = File::open("/proc/self/pagemap").unwrap();
+        // SAFETY: libc::mmap of fresh anonymous memory, unmapped below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4 * PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        // SAFETY: the mapping is 4 pages long; page 2 is written once.
+        unsafe { *addr.cast::<u8>().add(2 * PAGE) = 1 };
+        let touched = touched_pages(&pagemap, addr as usize, 4 * PAGE).unwrap();
+        assert_eq!(touched, [false, false, true, false]);
+        // SAFETY: unmaps the mapping made above, which nothing refers to any more.
+        unsafe { libc::munmap(addr, 4 * PAGE) };
     }
 
     #[test]

@@ -142,6 +142,9 @@ pub struct Vmm {
     config: VmConfig,
     msr_indices: Arc<Vec<u32>>,
     api: Option<ApiSocket>,
+    /// Opened while `/proc` is still there (a jail hides it): snapshots skip the pages the
+    /// guest never touched.
+    pagemap: Option<std::fs::File>,
     // Last, so that the devices have closed their sockets when each is reaped.
     virtiofsd: Vec<Virtiofsd>,
     passt: Option<Passt>,
@@ -265,6 +268,11 @@ impl Vmm {
             config: cfg.clone(),
             msr_indices: Arc::new(msr_indices),
             api,
+            // Only a VM with an API socket can be snapshotted.
+            pagemap: cfg
+                .api_socket
+                .as_ref()
+                .and_then(|_| std::fs::File::open("/proc/self/pagemap").ok()),
             virtiofsd,
             passt,
         })
@@ -341,6 +349,7 @@ impl Vmm {
                         serial: self.legacy.serial.as_ref(),
                         transports: &self.transports,
                         config: &self.config,
+                        pagemap: self.pagemap.as_ref(),
                     },
                 };
                 wait_serving(&control, &exit_evt, self.api.as_ref(), &mut running)
@@ -465,9 +474,6 @@ fn restore_vcpus(cfg: &VmConfig, p: &Parts, state: &VmState) -> Result<Vec<Vcpu>
     if transports.len() != state.virtio.len() {
         return Err(refused("its virtio devices do not match its configuration"));
     }
-    for (transport, saved) in transports.iter().zip(&state.virtio) {
-        lock(transport).restore(saved)?;
-    }
     let clock = kvm_clock_data {
         clock: state.clock_ns,
         ..Default::default()
@@ -478,6 +484,11 @@ fn restore_vcpus(cfg: &VmConfig, p: &Parts, state: &VmState) -> Result<Vec<Vcpu>
         let vcpu = Vcpu::new(p.vm, id)?;
         vcpu.restore(saved)?;
         vcpus.push(vcpu);
+    }
+    // After the local APICs: an interrupt a restored device raises at once (a configuration
+    // change, vsock's transport reset) would otherwise be overwritten by their saved state.
+    for (transport, saved) in transports.iter().zip(&state.virtio) {
+        lock(transport).restore(saved)?;
     }
     Ok(vcpus)
 }

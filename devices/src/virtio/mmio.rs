@@ -199,7 +199,15 @@ pub struct MmioState {
     pub interrupt_status: u32,
     /// ConfigGeneration.
     pub config_generation: u32,
+    /// The device's configuration space as the driver last saw it (its first
+    /// [`SAVED_CONFIG_LEN`] bytes): a device restored with other settings (a disk of another
+    /// size) tells the driver its configuration changed.
+    #[serde(default)]
+    pub config: Vec<u8>,
 }
+
+/// How much of a device's configuration space a snapshot keeps: more than any device here has.
+const SAVED_CONFIG_LEN: usize = 256;
 
 impl QueueState {
     fn new(q: &QueueConfig, (next_avail, next_used): (u16, u16)) -> Self {
@@ -585,14 +593,22 @@ impl MmioTransport {
             queues: queues.map(|(q, pos)| QueueState::new(q, pos)).collect(),
             interrupt_status: self.interrupt.status(),
             config_generation: self.interrupt.config_generation(),
+            config: self.config_space(),
         })
+    }
+
+    fn config_space(&self) -> Vec<u8> {
+        let mut config = vec![0u8; SAVED_CONFIG_LEN];
+        lock(&self.device).read_config(0, &mut config);
+        config
     }
 
     /// Puts `state` back on this freshly built transport, whose device must be of the same
     /// type and queue sizes. A device that was running gets its features, then its queues at
     /// the saved positions, then [`VirtioDevice::restored`]; every queue is kicked once, since
-    /// notifications the old device had not served yet went with it. Raises no interrupt by
-    /// itself. On error the transport and device are to be discarded.
+    /// notifications the old device had not served yet went with it. Raises an interrupt only
+    /// where the device's configuration differs from the saved one (a configuration change).
+    /// On error the transport and device are to be discarded.
     pub fn restore(&mut self, state: &MmioState) -> Result<(), SnapshotError> {
         self.check(state)?;
         let configs: Vec<_> = state.queues.iter().map(QueueState::config).collect();
@@ -632,6 +648,11 @@ impl MmioTransport {
                 }
             }
             lock(&self.device).restored();
+            if !state.config.is_empty() && state.config != self.config_space() {
+                if let Err(e) = self.interrupt.signal_config_change() {
+                    warn!("virtio-mmio: cannot announce the changed configuration: {e}");
+                }
+            }
         }
         Ok(())
     }

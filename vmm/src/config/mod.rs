@@ -356,7 +356,13 @@ fn jail_keep(
 fn check_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
     let mut seen = Vec::new();
     for disk in disks {
-        check_regular_file("disk", &disk.path)?;
+        // An empty read-only disk is an empty slot, which a restore can fill (`rvmm run`'s
+        // start-up snapshots); an empty writable one is a mistake.
+        let empty_slot =
+            disk.read_only && fs::metadata(&disk.path).is_ok_and(|m| m.is_file() && m.len() == 0);
+        if !empty_slot {
+            check_regular_file("disk", &disk.path)?;
+        }
         let meta = fs::metadata(&disk.path).map_err(|e| ConfigError::File {
             what: "disk",
             path: disk.path.display().to_string(),
@@ -729,6 +735,24 @@ mod tests {
         };
         let err = VmConfig::try_from(dir);
         assert!(err.unwrap_err().to_string().ends_with("not a regular file"));
+    }
+
+    #[test]
+    fn an_empty_disk_is_only_taken_read_only() {
+        let k = kernel_file();
+        let empty = TempFile::new().unwrap();
+        let empty = empty.as_path().to_str().unwrap();
+        let writable = VmParams {
+            disks: vec![empty.into()],
+            ..params(&k)
+        };
+        let err = VmConfig::try_from(writable).unwrap_err();
+        assert!(err.to_string().ends_with("file is empty"), "{err}");
+        let slot = VmParams {
+            disks: vec![format!("{empty},ro")],
+            ..params(&k)
+        };
+        assert!(VmConfig::try_from(slot).is_ok());
     }
 
     #[test]

@@ -243,3 +243,43 @@ fn a_running_state_with_an_unready_queue_does_not_start_the_device() {
     );
     assert!(refused, "{err}");
 }
+
+#[test]
+fn a_disk_restored_at_another_size_announces_a_configuration_change() {
+    let mem = mem();
+    let made = Block::make();
+    let drivers = drivers(&mem, &made.0);
+    let mut old = Machine::new(&mem, made);
+    old.start(&drivers);
+    let state = old.save();
+    drop(old);
+
+    let generation = state.config_generation;
+    let mut same = Machine::new(&mem, Block::make());
+    same.transport.restore(&state).unwrap();
+    assert!(
+        same.irq.eventfd().read().is_err(),
+        "same size: no interrupt"
+    );
+    assert_eq!(same.r(VIRTIO_MMIO_CONFIG_GENERATION), generation);
+
+    let (bigger, keep) = Block::make();
+    let image = keep.downcast_ref::<TempFile>().unwrap();
+    image.as_file().set_len(8 << 20).unwrap();
+    drop(bigger);
+    let bigger = Block::new(BlockConfig {
+        path: image.as_path().to_path_buf(),
+        read_only: false,
+        serial: None,
+        direct: false,
+    })
+    .unwrap();
+    let mut new = Machine::new(&mem, (bigger, keep));
+    new.transport.restore(&state).unwrap();
+    assert_eq!(new.irq.eventfd().read().unwrap(), 1);
+    assert_eq!(new.r(VIRTIO_MMIO_INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
+    assert_eq!(new.r(VIRTIO_MMIO_CONFIG_GENERATION), generation + 1);
+    let mut capacity = [0u8; 8];
+    new.transport.read(0x100, &mut capacity);
+    assert_eq!(u64::from_le_bytes(capacity), (8 << 20) / 512);
+}
