@@ -5,11 +5,13 @@
 //! rootfs tar for rvmm and imported into the bench's own podman.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use super::ctx::{progress, Ctx};
+use super::procmem;
 use super::report::{Better, Figure, Variant};
 use super::runner::{run, RunError, Watch};
 use super::runtime::{put, Podman};
@@ -37,7 +39,25 @@ pub fn run_step(ctx: &Ctx) -> Result<(Vec<Figure>, Option<String>), RunError> {
         Better::Lower,
     );
     let mut shared = Figure::new("run.shared", &title("rvmm run --vm"), "s", Better::Lower);
-    let rss_titles = [
+    let mut pair = mib_figures(&[
+        (
+            "run.two_restored_pss",
+            "PSS of one of two rvmm run VMs up at once, restored",
+        ),
+        (
+            "run.two_restored_rss",
+            "RSS of one of two rvmm run VMs up at once, restored",
+        ),
+        (
+            "run.two_booted_pss",
+            "PSS of one of two rvmm run VMs up at once, booted",
+        ),
+        (
+            "run.two_booted_rss",
+            "RSS of one of two rvmm run VMs up at once, booted",
+        ),
+    ]);
+    let mut rss = mib_figures(&[
         ("run.vm_rss_idle", "shared VM RSS, idle"),
         (
             "run.vm_rss_holding",
@@ -47,19 +67,19 @@ pub fn run_step(ctx: &Ctx) -> Result<(Vec<Figure>, Option<String>), RunError> {
             "run.vm_rss_freed",
             "shared VM RSS, 10 s after the container freed it",
         ),
-    ];
-    let mut rss: Vec<Figure> = rss_titles
-        .iter()
-        .map(|(id, t)| Figure::new(id, t, "MiB", Better::Lower))
-        .collect();
+    ]);
     let none = "no plain process or QEMU run containers here";
     let starts = [&mut fresh, &mut restored, &mut shared];
     for fig in starts.into_iter().chain(rss.iter_mut()) {
         fig.skipped(Variant::Process, none);
         fig.skipped(Variant::Qemu, none);
     }
-    for fig in rss.iter_mut() {
+    for fig in rss.iter_mut().chain(pair.iter_mut()) {
         fig.skipped(Variant::Container, "a crun container has no VM of its own");
+    }
+    for fig in pair.iter_mut() {
+        fig.skipped(Variant::Process, none);
+        fig.skipped(Variant::Qemu, none);
     }
     let podman = podman(ctx);
     let image = podman
@@ -93,6 +113,22 @@ pub fn run_step(ctx: &Ctx) -> Result<(Vec<Figure>, Option<String>), RunError> {
         });
         put(fig, Variant::Rvmm, samples)?;
     }
+    for (figs, options) in [(0, &[][..]), (2, &["--no-snapshot"][..])] {
+        progress(&format!(
+            "run: two rvmm run VMs at once {}",
+            options.join(" ")
+        ));
+        let mem = rvmm
+            .clone()
+            .and_then(|image| two_at_once(&ctx.tools.rvmm, &image, options));
+        for (i, fig) in pair[figs..figs + 2].iter_mut().enumerate() {
+            put(
+                fig,
+                Variant::Rvmm,
+                mem.as_ref().map(|m| vec![m[i]]).map_err(Clone::clone),
+            )?;
+        }
+    }
     progress("run: rvmm run --vm in a shared VM");
     let vm = rvmm.and_then(|image| SharedVm::start(ctx, image));
     let samples = vm
@@ -107,6 +143,7 @@ pub fn run_step(ctx: &Ctx) -> Result<(Vec<Figure>, Option<String>), RunError> {
         put(fig, Variant::Rvmm, samples)?;
     }
     let mut figures = vec![fresh, restored, shared];
+    figures.extend(pair);
     figures.extend(rss);
     Ok((figures, Some(NOTE.into())))
 }
@@ -116,7 +153,18 @@ const NOTE: &str = "run: a busybox root (a rootfs tar for rvmm, imported into th
     `sh -c 'echo'` on stdout, after one unrecorded run (which, for `rvmm run` from a \
     snapshot, makes the snapshot if the cache has none). The shared VM: `rvmm vm start \
     --network none --memory 1024`, up before its runs. Its RSS is the VM process's VmRSS; the \
-    container writes 200 MiB to its root (tmpfs in the guest), then deletes it.";
+    container writes 200 MiB to its root (tmpfs in the guest), then deletes it. Two VMs at \
+    once: two `rvmm run -i` whose containers wait on stdin, each run's process tree (rvmm run \
+    and its VM) measured from /proc/PID/smaps_rollup once both said they were ready; the mean \
+    of the two.";
+
+/// One memory figure (MiB, lower is better) per (id, title).
+fn mib_figures(titles: &[(&str, &str)]) -> Vec<Figure> {
+    titles
+        .iter()
+        .map(|(id, t)| Figure::new(id, t, "MiB", Better::Lower))
+        .collect()
+}
 
 fn rvmm_ok(ctx: &Ctx) -> Result<(), String> {
     ctx.kvm.clone()?;
@@ -207,24 +255,7 @@ impl SharedVm {
             HOLD_MIB << 20
         );
         let mut cmd = self.command(&["run", "--vm", VM, "-i"]);
-        let mut child = cmd
-            .args(["sh", "-c", &script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("rvmm run: {e}"))?;
-        // Lines come through a channel, so that a container that never says them is a skip
-        // reason after TIMEOUT, not a bench that waits forever.
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
+        let (mut child, rx) = spawn_piped(cmd.args(["sh", "-c", &script]))?;
         let expect = |want: &str| match rx.recv_timeout(TIMEOUT) {
             Ok(Ok(line)) if line == want => {
                 progress(&format!("run: the container says {want}"));
@@ -234,7 +265,7 @@ impl SharedVm {
         };
         let held = expect("filled").and_then(|()| self.rss_mib());
         let freed = held.and_then(|held| {
-            let mut stdin = child.stdin.take().ok_or("no stdin")?;
+            let mut stdin = child.0.stdin.take().ok_or("no stdin")?;
             stdin.write_all(b"go\n").map_err(|e| e.to_string())?;
             expect("freed")?;
             let freed_at = Instant::now();
@@ -245,10 +276,75 @@ impl SharedVm {
             }
             Ok([idle, held, lowest])
         });
-        let _ = child.kill();
-        let _ = child.wait();
+        drop(child);
         freed
     }
+}
+
+/// Spawns `cmd` with its stdin and stdout piped. Its stdout lines come through a channel, so
+/// that a process that never says what is waited for is a skip reason after [`TIMEOUT`], not
+/// a bench that waits forever.
+fn spawn_piped(cmd: &mut Command) -> Result<(Killed, Receiver<std::io::Result<String>>), String> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("rvmm run: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    Ok((Killed(child), lines(stdout)))
+}
+
+fn lines(stdout: ChildStdout) -> Receiver<std::io::Result<String>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// A child process killed and reaped however the measurement ends.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Memory of two `rvmm run` VMs up at once (`options` added), each with a container that
+/// waits: the mean over the two of (PSS, RSS) in MiB of one run's process tree, rvmm run and
+/// its VM. VMs restored from one snapshot share its clean pages through the page cache.
+fn two_at_once(rvmm: &Path, image: &Path, options: &[&str]) -> Result<[f64; 2], String> {
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let mut cmd = Command::new(rvmm);
+        cmd.args(["run", "--network", "none", "-i"])
+            .args(options)
+            .arg(image)
+            .args(["--", "sh", "-c", "echo ready; read x"]);
+        runs.push(spawn_piped(&mut cmd)?);
+    }
+    for (_, rx) in &runs {
+        match rx.recv_timeout(TIMEOUT) {
+            Ok(Ok(line)) if line == "ready" => {}
+            other => return Err(format!("the container said {other:?}, not \"ready\"")),
+        }
+    }
+    let samples: Vec<_> = runs
+        .iter()
+        .map(|(c, _)| procmem::tree(c.0.id(), 0))
+        .collect();
+    let mean = |kib: u64| kib as f64 / 1024.0 / samples.len() as f64;
+    Ok([
+        mean(samples.iter().map(|s| s.pss_kib).sum()),
+        mean(samples.iter().map(|s| s.rss_kib).sum()),
+    ])
 }
 
 impl Drop for SharedVm {

@@ -14,7 +14,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rvmm_agent::protocol::{Message, Resume};
 use sha2::{Digest, Sha256};
@@ -170,8 +170,10 @@ fn build(l: &VmLaunch, dir: &Path, timeout: Duration) -> Result<(), WarmError> {
 /// Restores a VM like `l` from `dir` and resumes its agent, which connects again once the
 /// transport reset has ended its connection of the snapshot.
 fn restore(l: &VmLaunch, dir: &Path, timeout: Duration) -> Result<(VmProcess, Session), WarmError> {
+    let started = Instant::now();
     let mut vm = VmProcess::launch(l, Origin::Restore(dir))?;
     let mut session = vm.connect(timeout)?;
+    log::debug!("restored guest: agent back after {:?}", started.elapsed());
     let realtime_ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
@@ -182,6 +184,7 @@ fn restore(l: &VmLaunch, dir: &Path, timeout: Duration) -> Result<(VmProcess, Se
     session.set_timeout(Some(RESUME_TIMEOUT))?;
     match session.ask(&Message::Resume(resume))? {
         Message::Done => {
+            log::debug!("restored guest: resumed after {:?}", started.elapsed());
             session.set_timeout(None)?;
             Ok((vm, session))
         }
