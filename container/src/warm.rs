@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rvmm_agent::protocol::{Message, Resume};
+use rvmm_vmm::error_chain;
 use sha2::{Digest, Sha256};
 
 use crate::session::{Session, SessionError};
@@ -70,13 +71,16 @@ pub fn start(l: &VmLaunch, cache: &Path, timeout: Duration) -> Option<(VmProcess
     let dir = match snapshot_dir(l, cache) {
         Ok(dir) => dir,
         Err(e) => {
-            log::warn!("cannot use start-up snapshots: {}", chain(&e));
+            log::warn!("cannot use start-up snapshots: {}", error_chain(&e));
             return None;
         }
     };
     if !dir.is_dir() {
         if let Err(e) = build(l, &dir, timeout) {
-            log::warn!("cannot make a start-up snapshot: {}; booting", chain(&e));
+            log::warn!(
+                "cannot make a start-up snapshot: {}; booting",
+                error_chain(&e)
+            );
             return None;
         }
     }
@@ -87,22 +91,12 @@ pub fn start(l: &VmLaunch, cache: &Path, timeout: Duration) -> Option<(VmProcess
                 "cannot restore the start-up snapshot {}: {}; booting instead (the snapshot is \
                  removed)",
                 dir.display(),
-                chain(&e)
+                error_chain(&e)
             );
             let _ = fs::remove_dir_all(&dir);
             None
         }
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    text
 }
 
 /// `<cache>/<key>`, the key a digest of what the snapshot depends on.
