@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::container::{container_guest, run_dirs, write_images};
+use common::container::{container_guest, run_dirs, write_images, RunEnv};
 use common::{assemble_program, linux_kvm_or_skip, processes_with};
 use rvmm_agent::bundle::{config_json, runtime_spec, BundleParams};
 use rvmm_agent::protocol::{ExitStatus, RunRequest};
@@ -212,45 +212,15 @@ fn agent_timeout_fails_cleanly() {
     assert!(disks >= 1);
 }
 
-/// What an `rvmm run` test needs: the one-VM lock, the container guest, a scratch directory
-/// and the test image as a docker save tar; None where the test is skipped.
-struct RunTest {
-    _one: std::sync::MutexGuard<'static, ()>,
-    guest: PathBuf,
-    dir: TempDir,
-    docker: PathBuf,
-}
-
-impl RunTest {
-    fn new(test: &str) -> Option<RunTest> {
-        let one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        if !linux_kvm_or_skip(test) {
-            return None;
-        }
-        let guest = container_guest(test)?;
-        let dir = TempDir::new().unwrap();
-        let (docker, _) = write_images(dir.as_path())?;
-        Some(RunTest {
-            _one: one,
-            guest,
-            dir,
-            docker,
-        })
-    }
-}
-
 /// `rvmm run` starts from a snapshot of a booted guest: the first run makes it, later runs
 /// restore it and fill its empty image slot (their consoles show no boot, only the slot's new
 /// size), each with the host's time and random numbers of its own. A snapshot that fails its
 /// checksum is removed, with a warning, and the run boots.
 #[test]
 fn run_starts_from_a_snapshot_of_a_booted_guest() {
-    let Some(RunTest {
-        _one,
-        guest,
-        dir,
-        docker,
-    }) = RunTest::new("run_starts_from_a_snapshot_of_a_booted_guest")
+    let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(RunEnv { guest, docker, dir }) =
+        RunEnv::new("run_starts_from_a_snapshot_of_a_booted_guest", false)
     else {
         return;
     };
@@ -331,12 +301,9 @@ fn run_starts_from_a_snapshot_of_a_booted_guest() {
 /// volume refuses writes; no virtiofsd outlives the run.
 #[test]
 fn run_mounts_host_directories_as_volumes() {
-    let Some(RunTest {
-        _one,
-        guest,
-        dir,
-        docker,
-    }) = RunTest::new("run_mounts_host_directories_as_volumes")
+    let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(RunEnv { guest, docker, dir }) =
+        RunEnv::new("run_mounts_host_directories_as_volumes", false)
     else {
         return;
     };

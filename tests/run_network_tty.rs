@@ -8,10 +8,8 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::container::{
-    container_guest, output_within, run_dirs, wait_within, write_images, Reaped,
-};
-use common::{http_get, linux_kvm_or_skip, passt_or_skip, processes_with};
+use common::container::{output_within, run_dirs, wait_within, Reaped, RunEnv};
+use common::{http_get, passt_or_skip, processes_with};
 use vmm_sys_util::tempdir::TempDir;
 
 const RVMM: &str = env!("CARGO_BIN_EXE_rvmm");
@@ -39,12 +37,7 @@ struct NetRun {
 impl NetRun {
     fn new(test: &str) -> Option<NetRun> {
         let one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        if !linux_kvm_or_skip(test) || !passt_or_skip(test) {
-            return None;
-        }
-        let guest = container_guest(test)?;
-        let dir = TempDir::new().unwrap();
-        let (docker, _) = write_images(dir.as_path())?;
+        let RunEnv { guest, docker, dir } = RunEnv::new(test, true)?;
         Some(NetRun {
             _one: one,
             guest,

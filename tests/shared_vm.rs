@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::container::{container_guest, output_within, wait_within, write_images, Reaped};
-use common::{http_get, linux_kvm_or_skip, passt_or_skip, processes_with};
+use common::container::{output_within, wait_within, Reaped, RunEnv};
+use common::{http_get, processes_with};
 use vmm_sys_util::tempdir::TempDir;
 
 const RVMM: &str = env!("CARGO_BIN_EXE_rvmm");
@@ -94,16 +94,11 @@ impl Env {
 
 fn setup(test: &str) -> Option<Env> {
     let one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    if !linux_kvm_or_skip(test) || !passt_or_skip(test) {
-        return None;
-    }
-    let guest = container_guest(test)?;
-    let dir = TempDir::new().unwrap();
-    let (image, _) = write_images(dir.as_path())?;
+    let RunEnv { guest, docker, dir } = RunEnv::new(test, true)?;
     Some(Env {
         _one: one,
         guest,
-        image,
+        image: docker,
         dir,
     })
 }

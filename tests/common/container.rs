@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use rvmm_container::image::testimage::TestImage;
 use rvmm_container::vm::GuestFiles;
+use vmm_sys_util::tempdir::TempDir;
 
 /// The container guest, or a skip (a failure under RVMM_REQUIRE_KVM=1).
 pub fn container_guest(test: &str) -> Option<PathBuf> {
@@ -23,6 +24,27 @@ pub fn container_guest(test: &str) -> Option<PathBuf> {
     }
     eprintln!("SKIPPED {test}: no container guest in {}", dir.display());
     None
+}
+
+/// What an `rvmm run` test needs: a real KVM (and passt where `passt`), the container guest,
+/// and the test image as a docker save tar in a scratch directory; None where the test is
+/// skipped.
+pub struct RunEnv {
+    pub guest: PathBuf,
+    pub docker: PathBuf,
+    pub dir: TempDir,
+}
+
+impl RunEnv {
+    pub fn new(test: &str, passt: bool) -> Option<RunEnv> {
+        if !super::linux_kvm_or_skip(test) || (passt && !super::passt_or_skip(test)) {
+            return None;
+        }
+        let guest = container_guest(test)?;
+        let dir = TempDir::new().unwrap();
+        let (docker, _) = write_images(dir.as_path())?;
+        Some(RunEnv { guest, docker, dir })
+    }
 }
 
 /// The test image as a docker save tar and an OCI layout, in `dir`.
