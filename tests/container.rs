@@ -273,7 +273,8 @@ fn run_starts_from_a_snapshot_of_a_booted_guest() {
     let booted = |console: &str| console.contains("Linux version");
     let slot_filled = |console: &str| console.contains("detected capacity change from 0");
 
-    let (first, _, console) = run();
+    let (first, stderr, console) = run();
+    assert!(stderr.is_empty(), "the warm-up container ran: {stderr}");
     assert_eq!(snapshots().len(), 1, "made on first use");
     assert!(!booted(&console) && slot_filled(&console), "{console}");
     let (second, stderr, console) = run();

@@ -189,7 +189,10 @@ pub enum Message {
     /// restored later, maybe many times over. The connection's end no longer powers the guest
     /// off: in each restored VM it ends (the transport reset), the agent connects to
     /// [`AGENT_PORT`] again, and the host sends [`Message::Resume`] first; a
-    /// [`Message::Shutdown`] powers the guest off. Answered [`Message::Done`].
+    /// [`Message::Shutdown`] powers the guest off. First the agent runs one throwaway
+    /// container, so that what a container start needs is in the snapshot's memory. Answered
+    /// [`Message::Done`], or [`Message::Failed`] when that container failed (parked all the
+    /// same).
     Park,
     /// host → agent, first on the connection of a VM restored from a parked snapshot;
     /// answered [`Message::Done`] or [`Message::Failed`].

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use image::disk::{DiskCache, DiskError};
-use image::{Image, ImageError};
+use image::ImageError;
 use network::{Network, NetworkError};
 use request::{run_request, Overrides, RequestError};
 use rvmm_agent::protocol::{ExecRequest, ExitStatus, Message, RunRequest};
@@ -201,9 +201,9 @@ fn prepare(
     volumes: &[rvmm_agent::protocol::Volume],
     host_network: bool,
 ) -> Result<Prepared, RunError> {
-    let image = Image::open(&args.image, &cache.scratch())?;
+    let (disk, settings) = cache.image_disk(&args.image)?;
     let mut request = run_request(
-        &image.settings,
+        &settings,
         &Overrides {
             command: &args.command,
             env: &args.env,
@@ -215,7 +215,6 @@ fn prepare(
     )?;
     request.name = args.name.clone();
     request.detach = args.detach;
-    let disk = cache.disk_for(&image)?;
     Ok(Prepared { disk, request })
 }
 

@@ -4,6 +4,7 @@
 //! Every blob is checked against its digest before anything from it is used.
 
 pub mod disk;
+mod known;
 pub mod layer;
 pub mod testimage;
 
@@ -47,7 +48,7 @@ pub enum ImageError {
 }
 
 /// What the image config says about running it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Settings {
     pub env: Vec<String>,
     pub entrypoint: Vec<String>,
