@@ -63,6 +63,12 @@ fn triple_fault_ends_rvmm_with_zero() -> TestResult {
     let mut vm = boot_tiny("bad_insn", &[])?;
     let status = vm.wait_exit(LIMIT)?;
     assert_eq!(status.code(), Some(0), "stderr: {}", vm.stderr());
+    let said = vm.stderr();
+    assert!(
+        said.contains("rvmm: warn: the guest reset itself by a triple fault")
+            && said.contains("rip="),
+        "stderr: {said}"
+    );
     Ok(())
 }
 

@@ -16,8 +16,11 @@ const SYSTEM_EVENT_RESET: u32 = 2;
 pub enum Flow {
     /// Re-enter the guest.
     Continue,
-    /// The guest asked to reset (i8042 pulse, triple fault, system event): rvmm ends.
+    /// The guest asked to reset (i8042 pulse, system event): rvmm ends.
     Reset,
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN): a reset too, but never one a guest asks
+    /// for with `reboot=k`, so rvmm says so before it ends.
+    TripleFault,
     /// The guest powered off or halted for good: rvmm ends.
     Shutdown,
 }
@@ -73,7 +76,7 @@ pub fn handle_exit(exit: VcpuExit<'_>, buses: &Buses) -> Result<Flow, ExitError>
         VcpuExit::IoapicEoi(_) => Ok(Flow::Continue),
         // With the in-kernel local APICs HLT stays in KVM; one that reaches us can never wake.
         VcpuExit::Hlt => Ok(Flow::Shutdown),
-        VcpuExit::Shutdown => Ok(Flow::Reset),
+        VcpuExit::Shutdown => Ok(Flow::TripleFault),
         VcpuExit::SystemEvent(SYSTEM_EVENT_RESET, _) => Ok(Flow::Reset),
         VcpuExit::SystemEvent(SYSTEM_EVENT_SHUTDOWN, _) => Ok(Flow::Shutdown),
         VcpuExit::InternalError => Err(ExitError::InternalError),
@@ -159,7 +162,7 @@ mod tests {
             handle_exit(VcpuExit::IoapicEoi(0x21), &b),
             Ok(Flow::Continue)
         );
-        assert_eq!(handle_exit(VcpuExit::Shutdown, &b), Ok(Flow::Reset));
+        assert_eq!(handle_exit(VcpuExit::Shutdown, &b), Ok(Flow::TripleFault));
         assert_eq!(
             handle_exit(VcpuExit::SystemEvent(SYSTEM_EVENT_RESET, &[]), &b),
             Ok(Flow::Reset)

@@ -196,6 +196,13 @@ impl Vcpu {
             match result {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Reset) => break Some(Outcome::Reset),
+                Ok(Flow::TripleFault) => {
+                    log::warn!(
+                        "the guest reset itself by a triple fault\n{}",
+                        self.dump_state()
+                    );
+                    break Some(Outcome::Reset);
+                }
                 Ok(Flow::Shutdown) => break Some(Outcome::Shutdown),
                 Err(e) => break Some(Outcome::Error(format!("{e}\n{}", self.dump_state()))),
             }
