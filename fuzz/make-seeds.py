@@ -131,6 +131,12 @@ def net_rx_seeds():
     for i in range(8):
         g.chain(0, [(0x1000 + i * 0x1000, 12, WRITE), (0x1000 + i * 0x1000 + 12, 0xFF4, WRITE)])
     write(t, "merged-split", g.bytes())
+    # 0x20: the TAP reads straight into guest buffers; sixteen chains over one 8 KiB region
+    # hold the largest frame, so frames take that path.
+    g = Guest(QSIZE_16 | 0x08 | 0x20 | EVENT_IDX)
+    for i in range(16):
+        g.chain(0, [(0x4000, 0x2000, WRITE)])
+    write(t, "merged-scatter", g.bytes())
     g = Guest()
     g.chain(0, [(0x1000, 8, WRITE)])
     g.chain(0, [(0x2000, 0x800, 0)])

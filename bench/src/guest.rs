@@ -118,12 +118,16 @@ fn parse(console: &str) -> Printed {
         values.push(("disk.randread", iops / 1000.0));
         values.push(("disk.seqread", kib_s / 1024.0));
     }
-    if let Some(bps) = console
-        .split("RVMM-BENCH iperf3-begin")
-        .nth(1)
-        .and_then(|rest| iperf_bps(rest.split("RVMM-BENCH iperf3-end").next()?))
-    {
-        values.push(("net.tcp", bps / 1e9));
+    for (id, marker) in [("net.tcp", "iperf3"), ("net.tcp_rx", "iperf3-reverse")] {
+        let between = |console: &str| -> Option<f64> {
+            let rest = console
+                .split(&format!("RVMM-BENCH {marker}-begin"))
+                .nth(1)?;
+            iperf_bps(rest.split(&format!("RVMM-BENCH {marker}-end")).next()?)
+        };
+        if let Some(bps) = between(console) {
+            values.push((id, bps / 1e9));
+        }
     }
     if let Some(v) = field(console, "RVMM-BENCH rr usec=") {
         values.push(("net.rr", v));
@@ -486,13 +490,16 @@ mod tests {
                        3;fio-3.33;seqread;0;0;3763200;1253564;1224;3002;90\n\
                        RVMM-BENCH iperf3-begin\n{\n\t\"end\":\t{\n\t\t\"sum_received\":\t{\n\
                        \t\t\t\"bits_per_second\":\t651402017.839475\n\t\t}\n\t}\n}\n\
-                       RVMM-BENCH iperf3-end\nRVMM-BENCH rr usec=527.214\nRVMM-BENCH-GUEST done\n";
+                       RVMM-BENCH iperf3-end\nRVMM-BENCH iperf3-reverse-begin\n{\n\t\"end\":\t{\n\
+                       \t\t\"sum_received\":\t{\n\t\t\t\"bits_per_second\":\t802000000.5\n\t\t}\n\t}\n}\n\
+                       RVMM-BENCH iperf3-reverse-end\nRVMM-BENCH rr usec=527.214\nRVMM-BENCH-GUEST done\n";
         let got = parse(console);
         let want = [
             ("cpu.matmul", 76.652),
             ("disk.randread", 5.467),
             ("disk.seqread", 1253564.0 / 1024.0),
             ("net.tcp", 0.651402017839475),
+            ("net.tcp_rx", 0.8020000005),
             ("net.rr", 527.214),
         ];
         assert_eq!(got.values.len(), want.len(), "{got:?}");

@@ -230,7 +230,7 @@ pub fn server(args: &[&str]) -> Result<Group, RunError> {
     Ok(g)
 }
 
-pub fn net(ctx: &Ctx) -> Result<[Figure; 2], RunError> {
+pub fn net(ctx: &Ctx) -> Result<[Figure; 3], RunError> {
     let agent = ctx.tools.agent.display().to_string();
     let _rr = server(&[&agent, "rr-server", RR_PORT])?;
     let _iperf = match &ctx.tools.iperf3 {
@@ -254,22 +254,16 @@ pub fn net(ctx: &Ctx) -> Result<[Figure; 2], RunError> {
             )),
         }
     };
-    let iperf_setup = |v: Variant| {
+    // `-R`: the host sends and the client receives.
+    let iperf_setup = |v: Variant, reverse: bool| {
         let iperf = ctx.tools.iperf3.as_ref().ok_or("iperf3 is not installed")?;
         let (ip, ns) = peer(v)?;
-        let args = [
-            &iperf.display().to_string(),
-            "-c",
-            ip,
-            "-p",
-            IPERF_PORT,
-            "-t",
-            "2",
-            "-i",
-            "0",
-            "-J",
-        ];
-        Ok((args.iter().map(|s| s.to_string()).collect(), None, ns))
+        let mut args = vec![iperf.display().to_string(), "-c".into(), ip.into()];
+        args.extend(["-p", IPERF_PORT, "-t", "2", "-i", "0", "-J"].map(String::from));
+        if reverse {
+            args.push("-R".into());
+        }
+        Ok((args, None, ns))
     };
     let rr_setup = |v: Variant| {
         let (ip, ns) = peer(v)?;
@@ -282,9 +276,21 @@ pub fn net(ctx: &Ctx) -> Result<[Figure; 2], RunError> {
         "Gbit/s",
         Better::Higher,
     )];
-    measure(ctx, &mut tcp, "net tcp", &iperf_setup, &|out| {
-        Some([iperf_bps(out)? / 1e9])
-    })?;
+    let bps = |out: &str| Some([iperf_bps(out)? / 1e9]);
+    measure(ctx, &mut tcp, "net tcp", &|v| iperf_setup(v, false), &bps)?;
+    let mut tcp_rx = [Figure::new(
+        "net.tcp_rx",
+        "net: TCP throughput (iperf3) from the host",
+        "Gbit/s",
+        Better::Higher,
+    )];
+    measure(
+        ctx,
+        &mut tcp_rx,
+        "net tcp from the host",
+        &|v| iperf_setup(v, true),
+        &bps,
+    )?;
     let mut rr = [Figure::new(
         "net.rr",
         "net: TCP 1-byte request/response",
@@ -294,8 +300,8 @@ pub fn net(ctx: &Ctx) -> Result<[Figure; 2], RunError> {
     measure(ctx, &mut rr, "net rr", &rr_setup, &|out| {
         Some([field(out, "usec=")?])
     })?;
-    let ([tcp], [rr]) = (tcp, rr);
-    Ok([tcp, rr])
+    let ([tcp], [tcp_rx], [rr]) = (tcp, tcp_rx, rr);
+    Ok([tcp, tcp_rx, rr])
 }
 
 #[cfg(test)]

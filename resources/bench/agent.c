@@ -267,6 +267,10 @@ static int guest_init(void) {
         printf("RVMM-BENCH iperf3-begin\n");
         run((char *const[]){"/bin/iperf3", "-c", host_ip, "-t", "2", "-i", "0", "-J", 0});
         printf("RVMM-BENCH iperf3-end\n");
+        // The other way: the host sends, the guest receives (its receive queue).
+        printf("RVMM-BENCH iperf3-reverse-begin\n");
+        run((char *const[]){"/bin/iperf3", "-c", host_ip, "-R", "-t", "2", "-i", "0", "-J", 0});
+        printf("RVMM-BENCH iperf3-reverse-end\n");
         rr_client(host_ip, 5299, 2000);
     }
     if (strstr(steps, "fs")) guest_fs();

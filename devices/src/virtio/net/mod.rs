@@ -177,6 +177,15 @@ pub(crate) mod test_utils {
             Some(unsafe { super::tap::writev(self.sock.as_raw_fd(), iov) })
         }
 
+        fn scatter_reads(&self) -> bool {
+            self.vectored
+        }
+
+        unsafe fn read_frame_iovecs(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+            // SAFETY: the caller vouches for the buffers.
+            unsafe { super::tap::readv(self.sock.as_raw_fd(), iov) }
+        }
+
         fn set_offload(&mut self, flags: u32) -> io::Result<()> {
             self.offload.store(flags, Ordering::SeqCst);
             Ok(())

@@ -7,6 +7,11 @@
 //! spread over as many chains as it needs and `num_buffers` in its header says how many;
 //! without, it needs one chain big enough for all of it. A frame already read but still short of
 //! buffers is held (one at most) until the driver posts more.
+//!
+//! Where the host side can read into many buffers at once (a TAP: readv) and the chains taken
+//! for the next frame can hold any frame (with merged buffers, as many chains as that takes),
+//! the frame is read straight into them: no host buffer and no copy. Otherwise it is read into
+//! the host buffer and copied.
 
 use std::io;
 use std::sync::atomic::{fence, Ordering};
@@ -16,12 +21,15 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap}
 
 use super::{TapIo, ETH_HLEN, HDR_LEN, MAX_PACKET_LEN, NUM_BUFFERS_OFFSET, QUEUE_SIZE};
 use crate::virtio::drain::{pop_chain, DrainError};
+use crate::virtio::iovec::{guest_iovecs, IovecList};
 use crate::virtio::sg::{SgError, SgList};
 use crate::{warn_once, LogOnce, Problem};
 
 /// Most frames delivered per call: bounds the event loop's time here while the driver keeps
 /// posting buffers; level-triggered epoll brings the loop back for the rest.
 const RX_BUDGET: usize = 64;
+/// The most buffers one readv takes (the kernel's UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
 
 /// Errors while receiving; the queue-level ones end a [`Receiver::pump`], the others cost one
 /// chain or one frame and are only logged.
@@ -111,6 +119,8 @@ enum Gathered {
 enum Read {
     /// A frame of this many bytes (header included) is pending.
     Frame(usize),
+    /// A frame was read straight into the reserved chains and returned to the driver.
+    Delivered,
     /// Nothing queued in the TAP.
     Empty,
     /// One frame was lost.
@@ -128,6 +138,10 @@ pub struct Receiver {
     reserved: Vec<Reserved>,
     /// (head, length) of one frame's chains, published together.
     used: Vec<(u16, u32)>,
+    /// The reserved chains' buffers by host address, for a read straight into them.
+    iovecs: IovecList,
+    /// Frames read into `packet` and copied to the guest, not read straight into its buffers.
+    copied: u64,
     mergeable: bool,
     guest_csum: bool,
     frames: u64,
@@ -149,6 +163,8 @@ impl Receiver {
             pending: None,
             reserved: Vec::new(),
             used: Vec::new(),
+            iovecs: IovecList::default(),
+            copied: 0,
             mergeable: false,
             guest_csum: false,
             frames: 0,
@@ -187,6 +203,11 @@ impl Receiver {
         self.frames
     }
 
+    /// Frames that went through the host buffer (none from a TAP into merged buffers).
+    pub fn copied(&self) -> u64 {
+        self.copied
+    }
+
     /// Frames read from the TAP and lost so far.
     pub fn dropped(&self) -> u64 {
         self.dropped
@@ -223,10 +244,14 @@ impl Receiver {
                     if self.reserved.is_empty() && !self.reserve(mem, queue)? {
                         return Ok(RxNext::WaitForBuffers);
                     }
-                    match self.read(tap) {
+                    let read = match self.direct_iovecs(mem, queue, tap)? {
+                        true => self.read_direct(mem, queue, tap)?,
+                        false => self.read(tap),
+                    };
+                    match read {
                         Read::Frame(len) => len,
                         Read::Empty => return Ok(RxNext::Watch),
-                        Read::Dropped => continue,
+                        Read::Delivered | Read::Dropped => continue,
                         Read::Failed => return Ok(RxNext::Stop),
                     }
                 }
@@ -279,16 +304,90 @@ impl Receiver {
         }
     }
 
+    /// Whether the next frame can be read straight into the reserved chains, which then hold
+    /// any frame (with merged buffers more are reserved, as far as the ring has them); if so,
+    /// `iovecs` lists their buffers.
+    fn direct_iovecs(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+        tap: &dyn TapIo,
+    ) -> Result<bool, RxError> {
+        if !tap.scatter_reads() {
+            return Ok(false);
+        }
+        let max = MAX_PACKET_LEN as u64;
+        let chains = if self.mergeable {
+            let mut room: u64 = self.reserved.iter().map(|r| r.sg.len).sum();
+            while room < max {
+                if self.reserved.len() >= usize::from(queue.size()) || !self.reserve(mem, queue)? {
+                    return Ok(false);
+                }
+                room += self.reserved.last().map_or(0, |r| r.sg.len);
+            }
+            self.chains_for(max)
+        } else if self.reserved[0].sg.len >= max {
+            1
+        } else {
+            return Ok(false);
+        };
+        self.iovecs.0.clear();
+        let buffers = self.reserved[..chains].iter().flat_map(|r| &r.sg.list);
+        let spans = buffers.map(|b| (b.addr, b.len as usize));
+        let listed = guest_iovecs(mem, spans, &mut self.iovecs.0);
+        // Buffers that cannot be listed take the copy, which reports them.
+        Ok(listed.is_ok() && self.iovecs.0.len() <= IOV_MAX)
+    }
+
+    /// Reads one frame into the reserved chains that `iovecs` lists, completes its header
+    /// there and returns the chains that hold it.
+    fn read_direct(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+        tap: &mut dyn TapIo,
+    ) -> Result<Read, RxError> {
+        let result = loop {
+            // SAFETY: the iovecs name guest memory inside its regions (checked by SgList and
+            // guest_iovecs), mapped for as long as `mem` lives.
+            match unsafe { tap.read_frame_iovecs(&self.iovecs.0) } {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        let len = match self.classify(result, tap) {
+            Read::Frame(len) => len,
+            other => return Ok(other),
+        };
+        let count = self.chains_for(len as u64);
+        let first = &self.reserved[0].sg;
+        let mut hdr = [0u8; HDR_LEN];
+        let fixed = first.read_into(mem, &mut hdr).and_then(|()| {
+            complete_header(&mut hdr, count, self.guest_csum);
+            first.write_from(mem, &hdr).map(drop)
+        });
+        self.return_chains(mem, queue, count, len, fixed.err())?;
+        Ok(Read::Delivered)
+    }
+
     /// Reads one frame from the TAP into `packet`.
     fn read(&mut self, tap: &mut dyn TapIo) -> Read {
-        let err = loop {
+        let result = loop {
             match tap.read_frame(&mut self.packet) {
-                Ok(len) if len >= HDR_LEN + ETH_HLEN => return Read::Frame(len),
-                Ok(len) => break RxError::Runt(len),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Read::Empty,
-                Err(e) => break RxError::Tap(e),
+                other => break other,
             }
+        };
+        self.classify(result, tap)
+    }
+
+    /// What one read of a frame from `tap` came to.
+    fn classify(&mut self, result: io::Result<usize>, tap: &dyn TapIo) -> Read {
+        let err = match result {
+            Ok(len) if len >= HDR_LEN + ETH_HLEN => return Read::Frame(len),
+            Ok(len) => RxError::Runt(len),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Read::Empty,
+            Err(e) => RxError::Tap(e),
         };
         // The TAP reports a frame too big for the buffer with EFAULT or EINVAL and discards
         // it; other errors (EBADFD: interface deleted) will not go away.
@@ -330,18 +429,20 @@ impl Receiver {
             }
             room += self.reserved.last().map_or(0, |r| r.sg.len);
         }
-        // The fewest chains that hold the frame; later ones wait for the next frame.
+        Ok(Gathered::Enough(self.chains_for(len)))
+    }
+
+    /// The fewest reserved chains that hold `len` bytes; later ones wait for the next frame.
+    fn chains_for(&self, len: u64) -> usize {
         let mut before = 0;
-        let count = self
-            .reserved
+        self.reserved
             .iter()
             .take_while(|r| {
                 let fits = before >= len;
                 before += r.sg.len;
                 !fits
             })
-            .count();
-        Ok(Gathered::Enough(count))
+            .count()
     }
 
     fn drop_pending(&mut self, err: RxError) -> Gathered {
@@ -364,23 +465,35 @@ impl Receiver {
     ) -> Result<(), RxError> {
         let len = self.pending.take().unwrap_or_default();
         let packet = &mut self.packet[..len];
-        // At most the queue size.
-        let num_buffers = count as u16;
-        packet[NUM_BUFFERS_OFFSET..HDR_LEN].copy_from_slice(&num_buffers.to_le_bytes());
-        if !self.guest_csum {
-            // virtio 1.1, 5.1.6.4.1: flags must be zero unless GUEST_CSUM was negotiated (the
-            // TAP may still mark frames DATA_VALID).
-            packet[0] = 0;
-        }
-        self.used.clear();
+        complete_header(packet, count, self.guest_csum);
         let mut rest = &packet[..];
         let mut failed = None;
-        for chain in self.reserved.drain(..count) {
+        for chain in &self.reserved[..count] {
             let n = usize::try_from(chain.sg.len).map_or(rest.len(), |room| room.min(rest.len()));
             if let Err(e) = chain.sg.write_from(mem, &rest[..n]) {
                 failed = Some(e);
             }
             rest = &rest[n..];
+        }
+        self.copied += 1;
+        self.return_chains(mem, queue, count, len, failed)
+    }
+
+    /// Returns the first `count` reserved chains, which hold a frame of `len` bytes (header
+    /// included), or, where writing it `failed`, return them empty and count the frame lost.
+    fn return_chains(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+        count: usize,
+        len: usize,
+        failed: Option<GuestMemoryError>,
+    ) -> Result<(), RxError> {
+        self.used.clear();
+        let mut rest = len;
+        for chain in self.reserved.drain(..count) {
+            let n = usize::try_from(chain.sg.len).map_or(rest, |room| room.min(rest));
+            rest -= n;
             // At most MAX_PACKET_LEN.
             self.used.push((chain.head, n as u32));
         }
@@ -400,6 +513,17 @@ impl Receiver {
             }
         }
         publish(mem, queue, &self.used)
+    }
+}
+
+/// Fills in the header fields the device owns: how many chains the frame takes (at most the
+/// queue size) and, unless the driver asked for checksum offload, no flags.
+fn complete_header(hdr: &mut [u8], chains: usize, guest_csum: bool) {
+    hdr[NUM_BUFFERS_OFFSET..HDR_LEN].copy_from_slice(&(chains as u16).to_le_bytes());
+    if !guest_csum {
+        // virtio 1.1, 5.1.6.4.1: flags must be zero unless GUEST_CSUM was negotiated (the
+        // TAP may still mark frames DATA_VALID).
+        hdr[0] = 0;
     }
 }
 
@@ -544,6 +668,75 @@ mod tests {
         // The fifth chain stays with the device for the next frame.
         assert_eq!(queue.next_avail(), 5);
         assert_eq!(rx.reserved.len(), 1);
+    }
+
+    /// Merged buffers that together hold the largest frame several times over: 16 chains of
+    /// 8000 bytes, 8 KiB apart. Two frames come from the TAP: 20000 bytes marked DATA_VALID, then 100.
+    fn big_merged_ring(vectored: bool) -> Received {
+        let mem = mem();
+        let mut driver = Driver::new(&mem, 0);
+        for i in 0..16 {
+            driver.post(&[(BUF + i * 0x2000, 8000, W)]);
+        }
+        let mut queue = driver.queue();
+        let (mut tap, peer) = FakeTap::new();
+        tap.vectored = vectored;
+        let p = packet(VIRTIO_NET_HDR_F_DATA_VALID as u8, 20000, 5);
+        let q = packet(0, 100, 6);
+        peer.send(&p);
+        peer.send(&q);
+        let mut rx = Receiver::new();
+        rx.set_features(true, false);
+        let got = rx.pump(&mem, &mut queue, &mut tap).unwrap();
+        assert_eq!(got, pumped(RxNext::Watch, true));
+        let first = gathered(
+            &mem,
+            &[(BUF, 8000), (BUF + 0x2000, 8000), (BUF + 0x4000, 4012)],
+        );
+        Received {
+            used: driver.used(),
+            first,
+            second: guest(&mem, BUF + 0x6000, 112),
+            rx,
+        }
+    }
+
+    /// What [`big_merged_ring`] saw: the used entries and the two frames in guest memory.
+    struct Received {
+        rx: Receiver,
+        used: Vec<(u32, u32)>,
+        first: Vec<u8>,
+        second: Vec<u8>,
+    }
+
+    #[test]
+    fn frames_go_straight_into_merged_buffers_that_hold_any_frame() {
+        let Received {
+            rx,
+            used,
+            first,
+            second,
+        } = big_merged_ring(true);
+        assert_eq!(used, vec![(0, 8000), (1, 8000), (2, 4012), (3, 112)]);
+        // The device completes the header in guest memory: chains taken, no flags.
+        let mut p = with_num_buffers(&packet(VIRTIO_NET_HDR_F_DATA_VALID as u8, 20000, 5), 3);
+        p[0] = 0;
+        assert_eq!(first, p);
+        assert_eq!(second, with_num_buffers(&packet(0, 100, 6), 1));
+        assert_eq!((rx.frames(), rx.copied(), rx.dropped()), (2, 0, 0));
+        // Nine chains (72000 bytes) wait for the next frame, whatever its size.
+        assert_eq!(rx.reserved.len(), 9);
+    }
+
+    #[test]
+    fn a_host_side_without_scatter_reads_gets_the_same_frames_by_copy() {
+        let direct = big_merged_ring(true);
+        let copied = big_merged_ring(false);
+        assert_eq!(
+            (&copied.used, &copied.first, &copied.second),
+            (&direct.used, &direct.first, &direct.second)
+        );
+        assert_eq!((copied.rx.frames(), copied.rx.copied()), (2, 2));
     }
 
     #[test]

@@ -31,6 +31,19 @@ pub trait TapIo: AsRawFd + Send {
         let _ = iov;
         None
     }
+    /// Whether [`TapIo::read_frame_iovecs`] can put a frame straight into guest buffers.
+    fn scatter_reads(&self) -> bool {
+        false
+    }
+    /// Reads one frame into `iov` (guest buffers, by host address) as [`TapIo::read_frame`]
+    /// does, with no host buffer in between; only called where [`TapIo::scatter_reads`].
+    ///
+    /// # Safety
+    /// Every entry of `iov` must name writable memory that stays mapped during the call.
+    unsafe fn read_frame_iovecs(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let _ = iov;
+        Err(io::ErrorKind::Unsupported.into())
+    }
     /// Tells the kernel which offloads (`TUN_F_*`) the reader handles, i.e. which partially
     /// checksummed and segmentation-offload frames it may hand out.
     fn set_offload(&mut self, flags: u32) -> io::Result<()>;
@@ -181,6 +194,18 @@ pub(super) unsafe fn writev(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize>
     usize::try_from(ret).map_err(|_| io::Error::last_os_error())
 }
 
+/// readv(2) of one frame into `iov`.
+///
+/// # Safety
+/// Every entry of `iov` must name writable memory that stays mapped during the call.
+pub(super) unsafe fn readv(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
+    // The receiver gives at most IOV_MAX entries.
+    let count = iov.len() as libc::c_int;
+    // SAFETY: the kernel writes only into the buffers, which the caller vouches for.
+    let ret = unsafe { libc::readv(fd, iov.as_ptr(), count) };
+    usize::try_from(ret).map_err(|_| io::Error::last_os_error())
+}
+
 /// TUNSETIFF: attaches `file` to the interface `name` with `flags`.
 pub(super) fn set_iff(file: &File, name: &CString, flags: libc::c_int) -> io::Result<()> {
     let mut req = ifreq(name);
@@ -214,6 +239,15 @@ impl TapIo for Tap {
     unsafe fn write_frame_iovecs(&mut self, iov: &[libc::iovec]) -> Option<io::Result<usize>> {
         // SAFETY: the caller vouches for the buffers.
         Some(unsafe { writev(self.file.as_raw_fd(), iov) })
+    }
+
+    fn scatter_reads(&self) -> bool {
+        true
+    }
+
+    unsafe fn read_frame_iovecs(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: the caller vouches for the buffers.
+        unsafe { readv(self.file.as_raw_fd(), iov) }
     }
 
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
