@@ -1,5 +1,5 @@
 //! virtio-net receive: the guest's receive queue comes from the input, and a TAP stand-in
-//! delivers frames of several sizes (minimum, MTU, jumbo, segmentation-offload maximum) into
+//! delivers frames of several sizes (minimum, segmentation-offload maximum, MTU, jumbo) into
 //! whatever buffers it posted. Control bit 3 negotiates merged receive buffers, bit 4 guest
 //! checksum offload; bit 5 lets the TAP read straight into guest buffers, as a real one does.
 // `cargo test` builds every binary as a test harness, which brings its own `main`.
@@ -13,8 +13,9 @@ use rvmm_devices::virtio::net::rx::Receiver;
 use rvmm_devices::virtio::net::{TapIo, HDR_LEN, MAX_FRAME_LEN};
 use rvmm_fuzz::FuzzGuest;
 
-/// Frame lengths the TAP delivers, in order.
-const FRAMES: [usize; 4] = [60, 1514, 9014, MAX_FRAME_LEN];
+/// Frame lengths the TAP delivers, in order: the frames after the largest may be read straight
+/// into guest buffers.
+const FRAMES: [usize; 4] = [60, MAX_FRAME_LEN, 1514, 9014];
 
 /// Hands out each of [`FRAMES`] once (header first, as a TAP with a vnet header does).
 struct SourceTap {
