@@ -2,8 +2,9 @@
 # Guest side of tests/net.rs: init (init=/net_init.sh) on a copy of rootfs.ext4, whose busybox
 # has every applet. The kernel hands the test's parameters from its command line to init as
 # environment: net_host, net_guest (the /30's two ends), net_port (the host's TCP listener),
-# net_bytes and net_seed (how much of which stream to send, see tests/net.rs), vsock_call (host
-# vsock port), vsock_echo (guest vsock port).
+# net_bytes and net_seed (how much of which stream to send, see tests/net.rs), net_recv_port
+# (the host's TCP sender of the same stream), vsock_call (host vsock port), vsock_echo (guest
+# vsock port).
 # Every result is an "RVMM-NET " line in the kernel log, which the test reads on the console.
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -26,6 +27,8 @@ report "hwrng $(cat /sys/class/misc/hw_random/rng_current)" \
 # transfer ~5x faster on such a host; on hardware KVM they are that big anyway.
 echo 64 >/proc/sys/net/ipv4/tcp_min_tso_segs
 /net_probe send "$net_host" "$net_port" "$net_bytes" "$net_seed"
+# The other way: large frames from the host's TCP go straight into the receive buffers.
+/net_probe recv "$net_host" "$net_recv_port" "$net_seed"
 
 # One after the other, so that the console lines come in a fixed order.
 /net_probe call "$vsock_call" "hello from the guest"

@@ -4,6 +4,9 @@
  *                              connect to HOST:PORT over TCP and send BYTES bytes of the
  *                              xorshift64* stream seeded with SEED (see tests/net.rs), then
  *                              close; the host checks what arrived
+ *   net_probe recv HOST PORT SEED
+ *                              connect to HOST:PORT over TCP, read to EOF and compare what
+ *                              arrived with the same stream (the host sends it)
  *   net_probe echo PORT        listen on vsock PORT, echo one connection's bytes until EOF
  *   net_probe call PORT MSG    connect to the host (CID 2) at vsock PORT, send MSG and a
  *                              newline, read one line back
@@ -241,14 +244,71 @@ static int tcp_send(const char *host, const char *port, const char *bytes, const
     return 0;
 }
 
+/* The byte at `pos` of the stream, given its words in order: xorshift64* outputs as
+ * little-endian words. */
+static unsigned char stream_byte(uint64_t *state, uint64_t *word, unsigned long long pos)
+{
+    if (pos % 8 == 0) {
+        *state ^= *state >> 12;
+        *state ^= *state << 25;
+        *state ^= *state >> 27;
+        *word = *state * 0x2545F4914F6CDD1DULL;
+    }
+    return (unsigned char)(*word >> (8 * (pos % 8)));
+}
+
+static int tcp_recv(const char *host, const char *port, const char *seed)
+{
+    topic = "tcp";
+    struct sockaddr_in addr = {.sin_family = AF_INET};
+    addr.sin_port = htons((uint16_t)strtoul(port, NULL, 10));
+    if (inet_pton(AF_INET, host, &addr.sin_addr) != 1) {
+        errno = EINVAL;
+        return fail("host address");
+    }
+    int sock = socket(AF_INET, SOCK_STREAM, 0);
+    if (sock < 0)
+        return fail("socket");
+    /* A fixed source port, as for sending. */
+    struct sockaddr_in local = {.sin_family = AF_INET, .sin_port = htons(SOURCE_PORT + 1)};
+    if (bind(sock, (struct sockaddr *)&local, sizeof local) < 0)
+        return fail("bind");
+    if (connect(sock, (struct sockaddr *)&addr, sizeof addr) < 0)
+        return fail("connect");
+    static unsigned char buf[CHUNK];
+    uint64_t state = strtoull(seed, NULL, 10) | 1, word = 0;
+    unsigned long long got = 0, first_bad = ~0ULL;
+    for (;;) {
+        ssize_t n = read(sock, buf, sizeof buf);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return fail("read");
+        if (n == 0)
+            break;
+        for (ssize_t i = 0; i < n; i++, got++)
+            if (buf[i] != stream_byte(&state, &word, got) && first_bad == ~0ULL)
+                first_bad = got;
+    }
+    close(sock);
+    if (first_bad != ~0ULL)
+        report("received %llu bytes, not the stream from byte %llu\n", got, first_bad);
+    else
+        report("received %llu bytes of the stream\n", got);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 6 && !strcmp(argv[1], "send"))
         return tcp_send(argv[2], argv[3], argv[4], argv[5]);
+    if (argc == 5 && !strcmp(argv[1], "recv"))
+        return tcp_recv(argv[2], argv[3], argv[4]);
     if (argc == 3 && !strcmp(argv[1], "echo"))
         return echo(argv[2]);
     if (argc == 4 && !strcmp(argv[1], "call"))
         return call(argv[2], argv[3]);
-    report("usage: net_probe send HOST PORT BYTES SEED | echo PORT | call PORT MSG\n");
+    report("usage: net_probe send HOST PORT BYTES SEED | recv HOST PORT SEED | echo PORT | "
+           "call PORT MSG\n");
     return 2;
 }

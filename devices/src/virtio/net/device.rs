@@ -70,6 +70,11 @@ pub struct NetCounters {
     pub dropped_rx: u64,
     /// Frames the guest sent that were dropped (malformed chains, TAP refusals).
     pub dropped_tx: u64,
+    /// Received frames that went through the device's host buffer rather than straight into
+    /// the guest's buffers.
+    pub rx_copied: u64,
+    /// Sent frames gathered into a host buffer (for a host side that takes whole frames).
+    pub tx_copied: u64,
 }
 
 /// A virtio-net device on a TAP or a stream.
@@ -163,6 +168,8 @@ impl Net {
             tx_frames: self.tx.frames(),
             dropped_rx: self.rx.dropped(),
             dropped_tx: self.tx.dropped(),
+            rx_copied: self.rx.copied(),
+            tx_copied: self.tx.copied(),
         }
     }
 
@@ -435,6 +442,21 @@ impl VirtioDevice for Net {
             .ok_or(SnapshotError::Busy("virtio-net"))?;
         rx.0 = rx.0.wrapping_sub(held);
         Ok(positions)
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let c = self.counters();
+        log::debug!(
+            "virtio-net: {} frames received ({} copied, {} lost), {} sent ({} copied, {} dropped)",
+            c.rx_frames,
+            c.rx_copied,
+            c.dropped_rx,
+            c.tx_frames,
+            c.tx_copied,
+            c.dropped_tx
+        );
     }
 }
 

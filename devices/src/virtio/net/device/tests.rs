@@ -223,6 +223,8 @@ fn frames_flow_both_ways_through_the_event_loop() {
         tx_frames: 1,
         dropped_rx: 0,
         dropped_tx: 0,
+        rx_copied: 3,
+        tx_copied: 0,
     };
     assert_eq!(rig.counters(), want);
 }
