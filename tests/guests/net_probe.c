@@ -54,6 +54,13 @@ static int fail(const char *what)
     return 1;
 }
 
+/* fail() for what returns a file descriptor. */
+static int fail_fd(const char *what)
+{
+    fail(what);
+    return -1;
+}
+
 static struct sockaddr_vm vsock_addr(unsigned cid, const char *port)
 {
     struct sockaddr_vm addr = {.svm_family = AF_VSOCK, .svm_cid = cid};
@@ -190,29 +197,38 @@ static int send_buffer(struct sender *s, int i, const char *buf, size_t len)
     return 0;
 }
 
-static int tcp_send(const char *host, const char *port, const char *bytes, const char *seed)
+/* A TCP connection to HOST:PORT from local port `source_port`; -1 after a report. A fixed
+ * source port: the first ephemeral port the kernel picks fills a 256 KiB perturbation table
+ * with random bytes, ~15 s of an emulated guest kernel's time. */
+static int tcp_connect(const char *host, const char *port, uint16_t source_port)
 {
     topic = "tcp";
     struct sockaddr_in addr = {.sin_family = AF_INET};
     addr.sin_port = htons((uint16_t)strtoul(port, NULL, 10));
     if (inet_pton(AF_INET, host, &addr.sin_addr) != 1) {
         errno = EINVAL;
-        return fail("host address");
+        return fail_fd("host address");
     }
-    struct sender s = {.sock = socket(AF_INET, SOCK_STREAM, 0)};
+    int sock = socket(AF_INET, SOCK_STREAM, 0);
+    if (sock < 0)
+        return fail_fd("socket");
+    struct sockaddr_in local = {.sin_family = AF_INET, .sin_port = htons(source_port)};
+    if (bind(sock, (struct sockaddr *)&local, sizeof local) < 0)
+        return fail_fd("bind");
+    if (connect(sock, (struct sockaddr *)&addr, sizeof addr) < 0)
+        return fail_fd("connect");
+    return sock;
+}
+
+static int tcp_send(const char *host, const char *port, const char *bytes, const char *seed)
+{
+    struct sender s = {.sock = tcp_connect(host, port, SOURCE_PORT)};
     if (s.sock < 0)
-        return fail("socket");
+        return 1;
     /* Copying from user memory is most of an emulated guest kernel's work per frame (16 MiB
      * took 78 s copied, 13-23 s zero-copy): with zero-copy, frames point at these pages. */
     int one = 1;
     s.zerocopy = !setsockopt(s.sock, SOL_SOCKET, SO_ZEROCOPY, &one, sizeof one);
-    /* A fixed source port: the first ephemeral port the kernel picks fills a 256 KiB
-     * perturbation table with random bytes, ~15 s of an emulated guest kernel's time. */
-    struct sockaddr_in local = {.sin_family = AF_INET, .sin_port = htons(SOURCE_PORT)};
-    if (bind(s.sock, (struct sockaddr *)&local, sizeof local) < 0)
-        return fail("bind");
-    if (connect(s.sock, (struct sockaddr *)&addr, sizeof addr) < 0)
-        return fail("connect");
     char *bufs = mmap(NULL, NBUF * CHUNK, PROT_READ | PROT_WRITE,
                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     if (bufs == MAP_FAILED)
@@ -259,22 +275,9 @@ static unsigned char stream_byte(uint64_t *state, uint64_t *word, unsigned long 
 
 static int tcp_recv(const char *host, const char *port, const char *seed)
 {
-    topic = "tcp";
-    struct sockaddr_in addr = {.sin_family = AF_INET};
-    addr.sin_port = htons((uint16_t)strtoul(port, NULL, 10));
-    if (inet_pton(AF_INET, host, &addr.sin_addr) != 1) {
-        errno = EINVAL;
-        return fail("host address");
-    }
-    int sock = socket(AF_INET, SOCK_STREAM, 0);
+    int sock = tcp_connect(host, port, SOURCE_PORT + 1);
     if (sock < 0)
-        return fail("socket");
-    /* A fixed source port, as for sending. */
-    struct sockaddr_in local = {.sin_family = AF_INET, .sin_port = htons(SOURCE_PORT + 1)};
-    if (bind(sock, (struct sockaddr *)&local, sizeof local) < 0)
-        return fail("bind");
-    if (connect(sock, (struct sockaddr *)&addr, sizeof addr) < 0)
-        return fail("connect");
+        return 1;
     static unsigned char buf[CHUNK];
     uint64_t state = strtoull(seed, NULL, 10) | 1, word = 0;
     unsigned long long got = 0, first_bad = ~0ULL;
